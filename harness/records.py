@@ -1,0 +1,225 @@
+"""The records every stage hands to the next, and their JSON form.
+
+One JSON file per run (a `RunRecord`) is the unit of evidence: a sweep table, a report and an emitted config
+are all derived from these, so every field says what it measured and in which unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------- client side
+
+
+@dataclass
+class RequestResult:
+    """One request as the client saw it. Times are seconds on the monotonic clock; `send` is the origin."""
+
+    ok: bool
+    send_s: float  # when the request was sent, relative to the start of the measured run
+    prompt_tokens: int
+    output_tokens: int  # from the server's `usage`
+    ttft_s: float = 0.0  # send -> first chunk carrying content
+    e2e_s: float = 0.0  # send -> last byte
+    itl_s: list[float] = field(default_factory=list)  # gap before each content chunk after the first
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens carried by each content chunk
+    error: str | None = None
+    warmup: bool = False
+    replica: int = 0
+
+
+@dataclass
+class LatencyStats:
+    """Summary of one latency distribution, milliseconds; percentiles by numpy's linear interpolation."""
+
+    mean: float
+    std: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    max: float
+    count: int
+
+
+@dataclass
+class SLO:
+    """Service-level objectives in milliseconds; None means no limit on that metric."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+    percentile: float = 99.0  # the percentile a capacity search holds to the limits
+
+
+@dataclass
+class RunMetrics:
+    """What a measured run achieved, with definitions identical to `vllm bench serve`."""
+
+    duration_s: float
+    completed: int
+    failed: int
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float  # completed requests / s
+    output_throughput: float  # output tokens / s
+    total_token_throughput: float  # (input + output) tokens / s
+    goodput: float | None  # requests / s that met every SLO (None when no SLO was given)
+    ttft_ms: LatencyStats | None
+    tpot_ms: LatencyStats | None
+    itl_ms: LatencyStats | None
+    e2e_ms: LatencyStats | None
+    # Tails with failed requests counted as infinitely slow: a config that drops requests cannot hide it.
+    error_adjusted_p99_e2e_ms: float | None = None
+    slo_attainment: float | None = None  # fraction of sent requests that met every SLO
+
+
+@dataclass
+class ClientCheck:
+    """Did the client, not the server, limit the run? A run that fails these checks is not a server number."""
+
+    requested_rate: float | None  # requests / s asked for (None for closed loop)
+    achieved_rate: float  # requests / s actually sent
+    dispatch_lag_p99_ms: float  # how late requests left compared with their schedule
+    client_cpu_percent: float  # CPU of the client process over the run (100 = one core)
+    valid: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- server side
+
+
+@dataclass
+class GpuUsage:
+    index: int
+    name: str
+    memory_total_mib: float
+    memory_peak_mib: float
+    memory_mean_mib: float
+    util_mean_percent: float
+    power_mean_w: float
+
+
+@dataclass
+class MemoryUsage:
+    """Device memory during the run (NVML on GPUs) and the server process tree's RSS (always)."""
+
+    gpus: list[GpuUsage] = field(default_factory=list)
+    peak_gpu_memory_mib: float | None = None  # highest single-GPU peak
+    rss_peak_mib: float | None = None
+    rss_mean_mib: float | None = None
+
+
+@dataclass
+class ServerStats:
+    """From vLLM itself: its log (capacity) and its Prometheus /metrics (usage during the run)."""
+
+    kv_cache_tokens: int | None = None  # "GPU KV cache size: N tokens" (CPU build reports it the same way)
+    kv_cache_blocks: int | None = None
+    max_concurrency: float | None = None  # vLLM's "Maximum concurrency for L tokens per request"
+    peak_kv_usage: float | None = None  # 0..1, sampled
+    preemptions: int | None = None
+    prefix_cache_hit_rate: float | None = None  # 0..1
+
+
+@dataclass
+class Failure:
+    """Why a server did not start or died. `kind` is one of FAILURE_KINDS."""
+
+    kind: str
+    message: str
+    log_tail: str = ""
+    max_fitting_len: int | None = None  # vLLM's "estimated maximum model length" when the KV cache is too small
+    exit_code: int | None = None
+
+
+FAILURE_KINDS = ("oom", "kv_too_small", "bad_arg", "start_timeout", "crash", "infeasible", "client_invalid")
+
+
+@dataclass
+class RunRecord:
+    """One measured (or failed) run of one configuration under one workload."""
+
+    run_id: str
+    created: str  # ISO 8601, UTC
+    model: str
+    settings: dict[str, Any]  # every setting the harness passed, by the user's key names
+    workload: dict[str, Any]
+    arrival: dict[str, Any]
+    slo: SLO | None
+    argv: list[list[str]]  # one argv per replica
+    metrics: RunMetrics | None = None
+    client: ClientCheck | None = None
+    memory: MemoryUsage | None = None
+    server: ServerStats | None = None
+    failure: Failure | None = None
+    plan: dict[str, Any] | None = None  # the planner's estimates, to compare with `server`
+    env: dict[str, Any] = field(default_factory=dict)
+    log_paths: list[str] = field(default_factory=list)
+    startup_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.metrics is not None
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON-ready structures."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def from_dict(cls: type, data: Any) -> Any:
+    """Plain structures -> dataclass `cls`, recursively, following the type hints."""
+    if data is None:
+        return None
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is not type(None):
+                return _convert(arg, value)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value)
+    if origin is list:
+        (arg,) = typing.get_args(hint) or (Any,)
+        return [_convert(arg, v) for v in value]
+    return value
+
+
+def save_record(record: RunRecord, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_dict(record), indent=2, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_record(path: Path) -> RunRecord:
+    return from_dict(RunRecord, json.loads(Path(path).read_text()))

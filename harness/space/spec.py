@@ -1,0 +1,111 @@
+"""A search space file: knobs, fixed settings and conditions (see search_spaces/*.yaml)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import yaml
+
+from harness.errors import UserError
+from harness.space.conditions import Condition, parse_condition
+from harness.space.knobs import Knob, parse_knob
+
+SPACE_KEYS = ("name", "description", "fixed", "knobs", "conditions")
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    source: str
+    knobs: dict[str, Knob]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    conditions: list[Condition] = field(default_factory=list)
+    description: str = ""
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Settings for one trial: the fixed ones plus one value per knob."""
+        settings = dict(self.fixed)
+        for knob in self.knobs.values():
+            settings[knob.name] = knob.suggest(trial)
+        return settings
+
+    def violations(self, settings: dict[str, Any]) -> list[str]:
+        """The conditions this candidate breaks, as the text the user wrote."""
+        return [c.text for c in self.conditions if not c.holds(settings)]
+
+    def grid(self) -> Iterator[dict[str, Any]]:
+        """Every combination of knob values (fixed settings included), conditions not applied."""
+        names = list(self.knobs)
+        for combo in itertools.product(*(self.knobs[n].values() for n in names)):
+            yield {**self.fixed, **dict(zip(names, combo))}
+
+    def grid_size(self) -> int:
+        size = 1
+        for knob in self.knobs.values():
+            size *= len(knob.values())
+        return size
+
+    def search_space_for_grid(self) -> dict[str, list[Any]]:
+        return {n: k.values() for n, k in self.knobs.items()}
+
+    def setting_keys(self) -> set[str]:
+        return set(self.fixed) | set(self.knobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "fixed": self.fixed,
+                "knobs": {n: {k: v for k, v in vars(kn).items() if v not in (None, (), False) and k != "name"}
+                          for n, kn in self.knobs.items()},
+                "conditions": [c.text for c in self.conditions]}
+
+
+def resolve_space_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a shipped space in search_spaces/ (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    for candidate in (SPACES_DIR / f"{name_or_path}.yaml", SPACES_DIR / str(name_or_path)):
+        if candidate.exists():
+            return candidate
+    shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    raise UserError(f"no such search space file; shipped spaces: {shipped}", source=str(name_or_path))
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    path = resolve_space_path(name_or_path)
+    source = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', exc)}", source=source) from None
+    return parse_space(data, source, default_name=path.stem)
+
+
+def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSpace:
+    if not isinstance(data, dict):
+        raise UserError(f"a search space is a mapping with keys {list(SPACE_KEYS)}", source=source)
+    unknown = set(data) - set(SPACE_KEYS)
+    if unknown:
+        raise UserError(f"unknown key(s) {sorted(unknown)}; allowed: {list(SPACE_KEYS)}", source=source)
+    knobs_data = data.get("knobs") or {}
+    if not isinstance(knobs_data, dict):
+        raise UserError("must be a mapping of setting name -> knob", source=source, key="knobs")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise UserError("must be a mapping of setting name -> value", source=source, key="fixed")
+    both = set(fixed) & set(knobs_data)
+    if both:
+        raise UserError(f"{sorted(both)} are both fixed and knobs; keep one", source=source, key="fixed")
+    knobs = {str(name): parse_knob(str(name), spec, source) for name, spec in knobs_data.items()}
+    conds = data.get("conditions") or []
+    if not isinstance(conds, list):
+        raise UserError("must be a list of expressions", source=source, key="conditions")
+    conditions = [parse_condition(text, source, i) for i, text in enumerate(conds)]
+    return SearchSpace(name=str(data.get("name") or default_name), source=source, knobs=knobs, fixed=dict(fixed),
+                       conditions=conditions, description=str(data.get("description") or ""))
