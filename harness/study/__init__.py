@@ -1,0 +1,1 @@
+"""Optuna studies: one per (model, hardware, workload, objective), with baselines, constraints and confirmation."""

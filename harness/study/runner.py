@@ -1,0 +1,235 @@
+"""One Optuna study per (model, hardware, workload, objective): baselines first, then the sampler, then confirm.
+
+Optuna owns the search and the storage; this module only turns an `Evaluation` into what Optuna records
+(values, constraints, user attributes) so the dashboard, the table and the report read the same facts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.errors import UserError
+from harness.records import to_dict
+from harness.study.evaluate import Evaluation, StudyContext, evaluate
+
+BASELINE_DEFAULTS = "vllm-defaults"
+BASELINE_COMMITTED = "committed-config"
+HEARTBEAT_S = 20  # a worker silent for GRACE_S is presumed dead; its trial is failed and retried
+GRACE_S = 60
+MAX_RETRY = 2
+
+
+def constraints_of(trial: FrozenTrial) -> list[float]:
+    """Optuna `constraints_func`: stored by the objective; a trial that never reported one is infeasible."""
+    return list(trial.user_attrs.get("constraints") or [1.0])
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeats, so a killed worker's trial is failed and retried rather than left RUNNING."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+    except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open the study storage: {first}", source=_redact(url), key="storage") from None
+
+
+def _redact(url: str) -> str:
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def make_sampler(kind: str, objective_kind: str, space: Any, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+    if kind == "auto":
+        kind = "nsga2" if objective_kind == "pareto" else "tpe"
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_of, multivariate=True,
+                                          n_startup_trials=max(2, min(10, n_trials // 3)))
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_of,
+                                             population_size=max(4, min(50, n_trials // 3)))
+    if kind == "grid":
+        return optuna.samplers.GridSampler(space.search_space_for_grid(), seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(name: str, storage: optuna.storages.BaseStorage, directions: list[str],
+               sampler: optuna.samplers.BaseSampler, identity: dict[str, Any]) -> optuna.Study:
+    """Create or resume; refuse to mix trials from a different space, workload or objective into one study."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+    except ValueError as exc:
+        raise UserError(f"study {name!r} exists with other directions: {exc}", key="objective") from None
+    existing = study.user_attrs.get("identity")
+    if existing is None:
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("identity", identity)
+    elif json.dumps(existing, sort_keys=True, default=str) != json.dumps(identity, sort_keys=True, default=str):
+        diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+        raise UserError(f"study {name!r} was created with a different {', '.join(diff)}; use a new results "
+                        f"dir / storage or restore the original files (nothing was changed)", key=diff[0])
+    return study
+
+
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]]) -> None:
+    """Baselines are trials 0 and 1: measured exactly like candidates, so every win is over something real."""
+    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.FAIL or t.user_attrs.get("baseline")}
+    seen: list[dict[str, Any]] = []
+    for label, settings in baselines.items():
+        if label in present or settings in seen:
+            continue
+        seen.append(settings)
+        study.enqueue_trial({}, user_attrs={"baseline": label, "settings": settings})
+
+
+@dataclass
+class Progress:
+    """Trial k/N, the current settings, the best so far, and an ETA, one line per event on stderr."""
+
+    total: int
+    out: Any = field(default=sys.stderr)
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+
+    def start(self, number: int, label: str, settings: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+        print(f"[{self.done + 1}/{self.total}] trial #{number} ({label}): {shown}", file=self.out, flush=True)
+
+    def end(self, study: optuna.Study, trial: FrozenTrial, note: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * max(self.total - self.done, 0)
+        best = best_feasible(study)
+        best_txt = (f"best so far: #{best.number} {fmt_values(best.values)}" if best is not None
+                    else "no feasible trial yet")
+        print(f"    -> {note} | {best_txt} | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
+              file=self.out, flush=True)
+
+
+def fmt_values(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    return " / ".join("inf" if math.isinf(v) else f"{v:.4g}" for v in values)
+
+
+def feasible_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if all(c <= 0 for c in constraints_of(t))]
+
+
+def best_feasible(study: optuna.Study) -> FrozenTrial | None:
+    """Single objective: the highest value. Pareto: the highest throughput on the feasible front."""
+    trials = feasible_trials(study)
+    if not trials:
+        return None
+    return max(trials, key=lambda t: (t.values[0], -t.number))
+
+
+def make_objective(ctx: StudyContext, progress: Progress) -> Callable[[optuna.Trial], Any]:
+    def objective(trial: optuna.Trial) -> Any:
+        baseline = trial.user_attrs.get("baseline")
+        if baseline:
+            settings = dict(trial.user_attrs["settings"])
+        else:
+            settings = ctx.space.suggest(trial)
+            trial.set_user_attr("settings", settings)
+        label = f"trial{trial.number:03d}"
+        progress.start(trial.number, baseline or "sampled", settings)
+        start_rate = None
+        best = best_feasible(trial.study) if ctx.objective.kind == "capacity" else None
+        if best is not None and best.values[0] > 0:
+            start_rate = best.values[0]  # start where the incumbent is: one step tells if this one is better
+        ev = evaluate(ctx, settings, label, start_rate=start_rate)
+        record_trial(trial, ev)
+        if ev.values is None:
+            raise optuna.TrialPruned(ev.pruned_reason)
+        return ev.values if len(ev.values) > 1 else ev.values[0]
+
+    return objective
+
+
+def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
+    """Everything the dashboard, the table and the report need, as user attributes (JSON-safe)."""
+    trial.set_user_attr("constraints", ev.constraints or [1.0])
+    trial.set_user_attr("metrics", _json_safe(ev.summary()))
+    trial.set_user_attr("records", ev.record_paths)
+    trial.set_user_attr("device_seconds", round(ev.device_seconds, 1))
+    if ev.plan is not None:
+        trial.set_user_attr("plan", _json_safe(ev.plan))
+    if ev.curve:
+        trial.set_user_attr("curve", _json_safe(ev.curve))
+    if ev.pruned_reason:
+        trial.set_user_attr("outcome", "pruned")
+        trial.set_user_attr("reason", ev.pruned_reason)
+    elif ev.failure is not None:
+        trial.set_user_attr("outcome", f"failed:{ev.failure.kind}")
+        trial.set_user_attr("reason", ev.failure.message[:500])
+        if ev.failure.max_fitting_len is not None:
+            trial.set_user_attr("max_fitting_len", ev.failure.max_fitting_len)
+    else:
+        ok = all(c <= 0 for c in ev.constraints)
+        trial.set_user_attr("outcome", "ok" if ok else "slo_violated")
+        if not ok:
+            trial.set_user_attr("reason", "SLO not met: violations " + ", ".join(f"{c:+.2f}" for c in ev.constraints))
+
+
+def _json_safe(obj: Any) -> Any:
+    obj = to_dict(obj)
+    if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def describe(trial: FrozenTrial) -> str:
+    outcome = trial.user_attrs.get("outcome", trial.state.name.lower())
+    reason = trial.user_attrs.get("reason")
+    if trial.state == TrialState.COMPLETE:
+        return f"{outcome}: {fmt_values(trial.values)}" + (f" ({reason})" if reason else "")
+    return f"{outcome}" + (f": {reason}" if reason else "")
+
+
+def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: int, out: Any = sys.stderr) -> None:
+    """Run until `target` trials have finished (complete or pruned), across reruns; Ctrl-C propagates."""
+    remaining = target - len(finished(study))
+    if remaining <= 0:
+        print(f"study {study.study_name}: {target} trials already finished; nothing to run", file=out)
+        return
+    progress = Progress(total=remaining, out=out)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def callback(st: optuna.Study, trial: FrozenTrial) -> None:
+        progress.end(st, trial, describe(trial))
+
+    study.optimize(make_objective(ctx, progress), n_trials=remaining, n_jobs=parallel, callbacks=[callback],
+                   catch=(Exception,), gc_after_trial=False)
+    logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, len(finished(study)))

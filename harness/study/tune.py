@@ -1,0 +1,199 @@
+"""Tune one model end to end: study -> trials -> confirm -> configs/<model>.yaml and results/<study>/.
+
+This is the body of `python -m harness.sweep`, one call per model in the sweep file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from harness.emit import EmittedConfig, read_config, write_config
+from harness.errors import UserError
+from harness.study import naming
+from harness.study.confirm import Confirmation, confirm
+from harness.study.evaluate import StudyContext
+from harness.study.runner import (BASELINE_COMMITTED, BASELINE_DEFAULTS, best_feasible, enqueue_baselines,
+                                  make_sampler, make_storage, open_study, run_trials)
+from harness.study.slots import SlotPool
+from harness.study.sweepfile import ModelEntry, Sweep
+from harness.study.table import write_table
+
+
+@dataclass
+class ModelOutcome:
+    model: str
+    study_name: str
+    config_path: Path | None
+    table_path: Path
+    confirmation: Confirmation | None
+    message: str
+
+
+def ensure_model(entry: ModelEntry) -> str:
+    """A local model that the sweep may build (the demo's tiny model); hub names pass through untouched."""
+    path = Path(entry.model)
+    if entry.build and not (path / "config.json").exists():
+        from harness.models import build_model
+
+        print(f"building model '{entry.build}' into {path} ...", file=sys.stderr, flush=True)
+        build_model(entry.build, path)
+    if path.exists():
+        return str(path.resolve())
+    if entry.model.startswith((".", "/")) or entry.build:
+        raise UserError("no such model directory", source=entry.model, key="models[].model")
+    return entry.model
+
+
+def _load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as exc:  # offline hub name, broken dir: say which model and why, in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the tokenizer: {first}", source=model, key="models[].model") from None
+
+
+def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, parallel: int,
+                  results_dir: Path) -> tuple[StudyContext, str]:
+    from harness.launch.vllm_args import load_argspec
+    from harness.load.prompts import build_requests
+    from harness.load.workload import load_workload
+    from harness.plan import load_model_facts
+    from harness.space import load_space
+
+    space = load_space(sweep.space)
+    space.fixed.update(entry.fixed)
+    argspec = load_argspec()
+    argspec.check(dict(space.fixed), space.source)
+    argspec.check({k: None for k in space.knobs}, space.source)
+    workload = load_workload(sweep.workload)
+    facts = load_model_facts(model)
+    tokenizer = _load_tokenizer(model)
+    obj = sweep.objective
+    requests = build_requests(workload, tokenizer, obj.num_requests + workload.warmup_requests, seed=sweep.seed)
+    name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
+    sdir = naming.study_dir(results_dir, name)
+    n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
+    ctx = StudyContext(model=model, model_name=entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
+                       objective=obj, requests=requests, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
+                       slots=SlotPool.for_host(n_gpus, parallel))
+    return ctx, name
+
+
+def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: str | None, parallel: int,
+               out: Any = sys.stderr) -> ModelOutcome:
+    results_dir = Path(sweep.results_dir)
+    model = ensure_model(entry)
+    ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
+    trials = entry.trials or sweep.trials
+    storage = make_storage(storage_url or naming.default_storage(results_dir))
+    identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
+                "objective": sweep.objective.to_dict(), "hardware": _hw_dict(hardware)}
+    study = open_study(name, storage, sweep.objective.directions,
+                       make_sampler(sweep.sampler, sweep.objective.kind, ctx.space, sweep.seed, trials), identity)
+    config_path = Path(sweep.configs_dir) / f"{entry.name}.yaml"
+    baselines = {BASELINE_DEFAULTS: dict(ctx.space.fixed)}
+    if config_path.exists():
+        committed = read_config(config_path)
+        baselines[BASELINE_COMMITTED] = {**ctx.space.fixed, **committed.settings}
+    enqueue_baselines(study, baselines)
+    print(f"== study {name}: {trials} trials, objective {sweep.objective.kind}, space {ctx.space.name} "
+          f"({len(ctx.space.knobs)} knobs), storage {_storage_label(storage_url, results_dir)}", file=out, flush=True)
+    run_trials(study, ctx, trials, parallel, out=out)
+    table = write_table(study, ctx.study_dir)
+    winner = best_feasible(study)
+    if winner is None:
+        msg = (f"no feasible configuration among {len(study.trials)} trials; nothing emitted "
+               f"(see {table} for each trial's reason)")
+        print(msg, file=out)
+        return ModelOutcome(entry.model, name, None, table, None, msg)
+    baseline = next((t for t in study.get_trials(deepcopy=False)
+                     if t.user_attrs.get("baseline") == BASELINE_DEFAULTS and t.values is not None), None)
+    conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out)
+    rec_trial = study.trials[conf.recommended_trial] if conf else winner
+    path = emit(config_path, study, ctx, rec_trial, baseline, conf, hardware)
+    table = write_table(study, ctx.study_dir)
+    msg = (conf.verdict if conf else f"trial #{winner.number} is the best feasible trial (not confirmed)")
+    print(f"== {name}: {msg}\n   config: {path}\n   table:  {table}", file=out, flush=True)
+    return ModelOutcome(entry.model, name, path, table, conf, msg)
+
+
+def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: Any, baseline: Any, repeats: int,
+                       out: Any) -> Confirmation | None:
+    """Run (or reuse, on a rerun) the interleaved confirmation of this winner."""
+    if repeats <= 0:
+        return None
+    key = f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
+    saved = study.user_attrs.get(key)
+    metric = "capacity_rps" if ctx.objective.kind == "capacity" else ctx.objective.kind
+    if saved is None:
+        conf = confirm(ctx, winner, baseline, repeats, metric, log=out)
+        study.set_user_attr(key, conf.to_dict())
+        study.set_user_attr("confirm", conf.to_dict())
+        (ctx.study_dir / "confirm.json").write_text(json.dumps(conf.to_dict(), indent=2))
+        return conf
+    from harness.study.confirm import Spread
+
+    return Confirmation(metric=saved["metric"], winner_trial=saved["winner_trial"],
+                        baseline_trial=saved["baseline_trial"], winner=Spread(saved["winner"]["runs"]),
+                        baseline=Spread(saved["baseline"]["runs"]), recommended_trial=saved["recommended_trial"],
+                        verdict=saved["verdict"], winner_metrics=saved["winner_metrics"],
+                        baseline_metrics=saved["baseline_metrics"])
+
+
+def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baseline: Any,
+         conf: Confirmation | None, hardware: Any) -> Path:
+    from harness.envinfo import environment
+    from harness.launch.vllm_args import load_argspec
+    from harness.settings import split_settings
+
+    settings = dict(trial.user_attrs["settings"])
+    env = environment()
+    provenance: dict[str, Any] = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "date": _dt.date.today().isoformat(),
+        "hardware": _hw_dict(hardware),
+        "vllm_version": env.get("vllm_version"),
+        "harness_commit": env.get("harness_commit"),
+        "workload": ctx.workload.to_dict(),
+        "objective": ctx.objective.to_dict(),
+        "metrics": trial.user_attrs.get("metrics", {}),
+        "baseline_metrics": baseline.user_attrs.get("metrics", {}) if baseline is not None else None,
+        "baseline_settings": baseline.user_attrs.get("settings") if baseline is not None else None,
+    }
+    if conf is not None:
+        provenance["improvement"] = {"metric": conf.metric, "relative": conf.improvement,
+                                     "winner": conf.winner.to_dict(), "baseline": conf.baseline.to_dict(),
+                                     "verdict": conf.verdict}
+    vllm_settings, _ = split_settings(settings)
+    argv_tail = load_argspec().to_argv(vllm_settings)
+    from harness.launch.server import gpu_sets
+
+    tp = int(settings.get("tensor_parallel_size", 1) or 1) * int(settings.get("pipeline_parallel_size", 1) or 1)
+    replicas = int(settings.get("replicas", 1) or 1)
+    sets = gpu_sets(max(hardware.count, tp * replicas), tp, replicas) if replicas > 1 else None
+    header = (f"generated by vllm-tune: study {study.study_name}, trial {trial.number}, "
+              f"{_dt.date.today().isoformat()}\n"
+              f"{conf.verdict if conf else 'best feasible trial (not confirmed)'}")
+    return write_config(path, EmittedConfig(model=ctx.model_name, settings=settings, provenance=provenance,
+                                            header=header), gpu_sets=sets, argv_tail=argv_tail)
+
+
+def _hw_dict(hardware: Any) -> dict[str, Any]:
+    return {"name": hardware.name, "count": hardware.count,
+            "memory_gib": getattr(hardware, "memory_gib", None), "arch": getattr(hardware, "arch", None)}
+
+
+def _storage_label(url: str | None, results_dir: Path) -> str:
+    from harness.study.runner import _redact
+
+    return _redact(url) if url else naming.default_storage(results_dir)
