@@ -1,0 +1,1 @@
+"""Measurement: per-request timings -> metrics (stats), resource samplers, vLLM's own metrics and log."""
