@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.records import Failure, RunRecord, save_record, to_dict
 from harness.study.scoring import capacity_search, metric_value, slo_violations
@@ -28,7 +28,8 @@ class StudyContext:
     space: Any  # harness.space.SearchSpace
     workload: Any  # harness.load.workload.Workload
     objective: Objective
-    requests: list[Any]  # harness.load.prompts.RequestSpec, built once so every trial sends the same prompts
+    requests_for: Callable[[int], list[Any]]  # step k -> RequestSpecs: the same prompts for step k of every trial,
+    # different prompts across the steps of one server, so the prefix cache never replays an earlier step
     study_dir: Path
     start_timeout_s: float
     slots: Any  # harness.study.slots.SlotPool
@@ -115,8 +116,9 @@ def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, start_r
 
                 def measure(arrival_kwargs: dict[str, Any]) -> RunRecord:
                     nonlocal step
-                    record = dep.run(ctx.workload, ctx.requests, slo=obj.slo, plan=ev.plan, **arrival_kwargs)
                     step += 1
+                    record = dep.run(ctx.workload, ctx.requests_for(step), slo=obj.slo, plan=ev.plan,
+                                     **arrival_kwargs)
                     ev.record_paths.append(str(save_record(record, run_dir / f"{label}-step{step}.json")))
                     return record
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from harness.study.evaluate import Evaluation, StudyContext, evaluate
 
 BASELINE_DEFAULTS = "vllm-defaults"
 BASELINE_COMMITTED = "committed-config"
-HEARTBEAT_S = 20  # a worker silent for GRACE_S is presumed dead; its trial is failed and retried
-GRACE_S = 60
+# A worker silent for GRACE_S is presumed dead; its trial is failed and retried (env vars: for tests and slow disks).
+HEARTBEAT_S = int(os.environ.get("VLLM_TUNE_HEARTBEAT_S", "20"))
+GRACE_S = int(os.environ.get("VLLM_TUNE_GRACE_S", "60"))
 MAX_RETRY = 2
 
 
@@ -219,17 +221,34 @@ def describe(trial: FrozenTrial) -> str:
 
 
 def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: int, out: Any = sys.stderr) -> None:
-    """Run until `target` trials have finished (complete or pruned), across reruns; Ctrl-C propagates."""
+    """Run until `target` trials have finished (complete or pruned), counted over every worker and every rerun.
+
+    Several processes (other machines, through a shared storage) may work on the same study: the budget is global
+    (MaxTrialsCallback), so together they overshoot by at most one trial per extra worker thread. Trials of a dead
+    worker are failed by the heartbeat and re-enqueued (RetryFailedTrialCallback); they are run before leaving.
+    Ctrl-C propagates after the running trial's servers are torn down.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     remaining = target - len(finished(study))
-    if remaining <= 0:
+    if remaining <= 0 and not waiting(study):
         print(f"study {study.study_name}: {target} trials already finished; nothing to run", file=out)
         return
-    progress = Progress(total=remaining, out=out)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    progress = Progress(total=max(remaining, len(waiting(study))), out=out)
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
         progress.end(st, trial, describe(trial))
 
-    study.optimize(make_objective(ctx, progress), n_trials=remaining, n_jobs=parallel, callbacks=[callback],
-                   catch=(Exception,), gc_after_trial=False)
+    stop = optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    objective = make_objective(ctx, progress)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, n_jobs=parallel, callbacks=[callback, stop],
+                       catch=(Exception,), gc_after_trial=False)
+    retries = waiting(study)  # re-enqueued trials of workers that died: finish them so every trial is accounted
+    if retries:
+        study.optimize(objective, n_trials=len(retries), n_jobs=min(parallel, len(retries)), callbacks=[callback],
+                       catch=(Exception,), gc_after_trial=False)
     logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, len(finished(study)))
+
+
+def waiting(study: optuna.Study) -> list[FrozenTrial]:
+    return list(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))

@@ -6,6 +6,7 @@ This is the body of `python -m harness.sweep`, one call per model in the sweep f
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -40,10 +41,13 @@ def ensure_model(entry: ModelEntry) -> str:
     """A local model that the sweep may build (the demo's tiny model); hub names pass through untouched."""
     path = Path(entry.model)
     if entry.build and not (path / "config.json").exists():
-        from harness.models import build_model
+        from harness.models import build_from_config, build_tiny
 
         print(f"building model '{entry.build}' into {path} ...", file=sys.stderr, flush=True)
-        build_model(entry.build, path)
+        if entry.build == "tiny":
+            build_tiny(path)
+        else:
+            build_from_config(entry.build, path)
     if path.exists():
         return str(path.resolve())
     if entry.model.startswith((".", "/")) or entry.build:
@@ -78,12 +82,16 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     facts = load_model_facts(model)
     tokenizer = _load_tokenizer(model)
     obj = sweep.objective
-    requests = build_requests(workload, tokenizer, obj.num_requests + workload.warmup_requests, seed=sweep.seed)
+    n_requests = obj.num_requests + workload.warmup_requests
+
+    @functools.lru_cache(maxsize=16)
+    def requests_for(step: int) -> list[Any]:
+        return build_requests(workload, tokenizer, n_requests, seed=sweep.seed * 1000 + step)
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
     ctx = StudyContext(model=model, model_name=entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
-                       objective=obj, requests=requests, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
+                       objective=obj, requests_for=requests_for, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
                        slots=SlotPool.for_host(n_gpus, parallel))
     return ctx, name
 
