@@ -89,7 +89,9 @@ class ClientCheck:
     dispatch_lag_p99_ms: float  # how late requests left compared with their schedule
     client_cpu_percent: float  # CPU of the client process over the run (100 = one core)
     valid: bool
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why the run is invalid
+    warnings: list[str] = field(default_factory=list)  # worth knowing, not enough to discard the run
+    dispatch_lag_mean_ms: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- server side

@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import warnings
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+# Heartbeats and the retry callback are marked experimental; they are what multi-node resilience rests on.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines say what Optuna's INFO would
 
 from harness.errors import UserError
 from harness.records import to_dict
@@ -32,8 +38,8 @@ MAX_RETRY = 2
 
 
 def constraints_of(trial: FrozenTrial) -> list[float]:
-    """Optuna `constraints_func`: stored by the objective; a trial that never reported one is infeasible."""
-    return list(trial.user_attrs.get("constraints") or [1.0])
+    """The trial's constraint values (Optuna: <= 0 is feasible); a trial that never set one is infeasible."""
+    return list(trial.constraints.values()) or [1.0]
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -46,7 +52,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         return optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot open the study storage: {first}", source=_redact(url), key="storage") from None
@@ -64,11 +70,10 @@ def make_sampler(kind: str, objective_kind: str, space: Any, seed: int, n_trials
     if kind == "auto":
         kind = "nsga2" if objective_kind == "pareto" else "tpe"
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_of, multivariate=True,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                           n_startup_trials=max(2, min(10, n_trials // 3)))
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_of,
-                                             population_size=max(4, min(50, n_trials // 3)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n_trials // 3)))
     if kind == "grid":
         return optuna.samplers.GridSampler(space.search_space_for_grid(), seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -101,7 +106,7 @@ def finished(study: optuna.Study) -> list[FrozenTrial]:
 def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]]) -> None:
     """Baselines are trials 0 and 1: measured exactly like candidates, so every win is over something real."""
     present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
-               if t.state != TrialState.FAIL or t.user_attrs.get("baseline")}
+               if t.state != TrialState.FAIL}  # an interrupted baseline is measured again
     seen: list[dict[str, Any]] = []
     for label, settings in baselines.items():
         if label in present or settings in seen:
@@ -177,8 +182,12 @@ def make_objective(ctx: StudyContext, progress: Progress) -> Callable[[optuna.Tr
 
 
 def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
-    """Everything the dashboard, the table and the report need, as user attributes (JSON-safe)."""
-    trial.set_user_attr("constraints", ev.constraints or [1.0])
+    """Constraints for the sampler (Optuna's own), and everything the dashboard, the table and the report need
+    as user attributes (JSON-safe; the dashboard shows user attributes, so the constraints are repeated there)."""
+    constraints = ev.constraints or [1.0]
+    for i, value in enumerate(constraints):
+        trial.set_constraint(f"c{i}", value)
+    trial.set_user_attr("constraints", constraints)
     trial.set_user_attr("metrics", _json_safe(ev.summary()))
     trial.set_user_attr("records", ev.record_paths)
     trial.set_user_attr("device_seconds", round(ev.device_seconds, 1))
@@ -228,7 +237,6 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     worker are failed by the heartbeat and re-enqueued (RetryFailedTrialCallback); they are run before leaving.
     Ctrl-C propagates after the running trial's servers are torn down.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     remaining = target - len(finished(study))
     if remaining <= 0 and not waiting(study):
         print(f"study {study.study_name}: {target} trials already finished; nothing to run", file=out)

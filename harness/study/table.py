@@ -27,7 +27,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         values = t.values if t.state == TrialState.COMPLETE and t.values else [None] * n_values
         for i, v in enumerate(values):
             row["value" if n_values == 1 else f"value{i}"] = None if v is None or math.isinf(v) else v
-        constraints = ua.get("constraints")
+        constraints = list(t.constraints.values())
         row["feasible"] = bool(constraints) and all(c <= 0 for c in constraints) and t.state == TrialState.COMPLETE
         row["reason"] = ua.get("reason", "")
         for key, value in (ua.get("settings") or {}).items():

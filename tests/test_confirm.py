@@ -1,0 +1,68 @@
+"""The confirmation rule: interleaved repeats, spread, and no recommendation inside the noise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+
+from harness.study import confirm as confirm_mod
+from harness.study.confirm import Spread, beats, confirm
+from harness.study.evaluate import Evaluation
+from harness.study.sweepfile import Objective
+
+
+class Ctx:
+    objective = Objective(kind="capacity")
+
+
+def frozen(number: int, value: float, settings: dict[str, Any]) -> optuna.trial.FrozenTrial:
+    return optuna.trial.FrozenTrial(number=number, state=optuna.trial.TrialState.COMPLETE, value=value,
+                                 datetime_start=None, datetime_complete=None, params={}, distributions={},
+                                 user_attrs={"settings": settings}, system_attrs={}, intermediate_values={},
+                                 trial_id=number)
+
+
+def fake_evaluate(values: dict[str, list[float]], calls: list[tuple[str, float | None]]):  # type: ignore[no-untyped-def]
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, start_rate: float | None = None,
+                 max_steps: int | None = None) -> Evaluation:
+        who = settings["who"]
+        calls.append((who, start_rate))
+        return Evaluation(settings=settings, values=[values[who].pop(0)], constraints=[0.0])
+
+    return evaluate
+
+
+def test_interleaved_and_recommended(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.5, 5.2], "b": [4.0, 4.1, 3.9]}, calls))
+    conf = confirm(Ctx(), frozen(7, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 3, "capacity_rps")
+    assert [c[0] for c in calls] == ["w", "b", "w", "b", "w", "b"]  # alternating
+    assert calls[0][1] == 5.0 and calls[1][1] == 4.0  # capacity search starts at each trial's own capacity
+    assert conf.recommended_trial == 7
+    assert conf.improvement == pytest.approx(5.2333333 / 4.0 - 1, rel=1e-4)
+    assert conf.winner.std > 0 and conf.to_dict()["baseline"]["n"] == 3
+
+
+def test_overlap_keeps_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 4.0, 6.0], "b": [4.5, 4.6, 4.4]}, calls))
+    conf = confirm(Ctx(), frozen(3, 6.0, {"who": "w"}), frozen(0, 4.5, {"who": "b"}), 3, "capacity_rps")
+    assert conf.recommended_trial == 0
+    assert "does not beat the baseline" in conf.verdict
+
+
+def test_baseline_is_winner(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.0]}, calls))
+    b = frozen(0, 5.0, {"who": "w"})
+    conf = confirm(Ctx(), b, b, 2, "capacity_rps")
+    assert conf.recommended_trial == 0 and len(calls) == 2 and "kept" in conf.verdict
+
+
+def test_beats_rule() -> None:
+    assert beats([3, 4, 5], [1, 2, 2.9])
+    assert not beats([3, 4, 5], [1, 2, 3])
+    assert not beats([], [1])
+    assert Spread([1.0, 3.0]).std == pytest.approx(1.4142, rel=1e-3)
