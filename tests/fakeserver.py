@@ -249,6 +249,21 @@ class FakeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id (process mode), e.g. to read its CPU time."""
+        return self._proc.pid if self._proc is not None else None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (process mode on Linux), else None."""
+        if self._proc is None:
+            return None
+        try:
+            fields = open(f"/proc/{self._proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def start(self) -> FakeServer:
         if self.process:
             cmd = [sys.executable, os.path.abspath(__file__), "--port", "0",

@@ -1,0 +1,225 @@
+"""How many streamed chunks per second the client sustains on one core, next to `vllm bench serve`'s own client.
+
+Both clients stream the same responses from the zero-delay fake server (`tests/fakeserver.py`), which runs in its
+own process pinned to another CPU, while this process is pinned to one CPU: the number is the client's ceiling, not
+the server's. Responses are byte-identical for both clients (vLLM's request function is given the same
+`stream_options`, continuous usage included, through its `extra_body`), each event its own HTTP chunk as uvicorn
+sends them. vLLM's client is its `async_request_openai_completions` from the installed vllm package, driven the
+way `vllm bench serve` drives it (one aiohttp session with its connector settings, a semaphore of
+`max_concurrency`).
+
+Reported per client: chunks per wall second (median round) and chunks per CPU second of this process (less
+sensitive to other load on a shared machine). This is a measurement, not a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from fakeserver import FakeConfig, FakeServer  # noqa: E402
+
+from harness.load.arrival import Arrival  # noqa: E402
+from harness.load.client import Target, run_load_sync  # noqa: E402
+from harness.load.prompts import RequestSpec  # noqa: E402
+
+N_REQUESTS = 384
+OUTPUT_TOKENS = 128
+CONCURRENCY = 32
+ROUNDS = 5
+STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+CHUNKS = N_REQUESTS * OUTPUT_TOKENS
+
+_RESULTS: dict[str, dict[str, float]] = {}
+VLLM = "vllm bench serve client (asyncio)"
+
+
+def _vllm_request_module() -> ModuleType:
+    """vllm/benchmarks/lib/endpoint_request_func.py, loaded by path: importing the vllm package itself starts
+    its whole engine import (~10 s) and is not needed for this one module (it imports aiohttp, regex, tqdm)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vllm is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "benchmarks" / "lib" / "endpoint_request_func.py"
+    if not path.exists():
+        pytest.skip(f"{path} not found in this vllm version")
+    mod_spec = importlib.util.spec_from_file_location("vllm_endpoint_request_func", path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def _by_idleness(cpus: list[int], sample_s: float = 0.3) -> list[int]:
+    """CPUs ordered from most to least idle over a short sample of /proc/stat (as given when unreadable)."""
+
+    def idle() -> dict[int, int]:
+        out = {}
+        try:
+            for line in Path("/proc/stat").read_text().splitlines():
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit():
+                    out[int(name[3:])] = int(fields[3]) + int(fields[4])  # idle + iowait
+        except (OSError, ValueError, IndexError):
+            pass
+        return out
+
+    a = idle()
+    time.sleep(sample_s)
+    b = idle()
+    if not a or not b:
+        return cpus
+    return sorted(cpus, key=lambda c: -(b.get(c, 0) - a.get(c, 0)))
+
+
+@pytest.fixture(scope="module")
+def pinned(request: pytest.FixtureRequest) -> Any:
+    """Client on one CPU, fake server (own process) on another; prints the comparison table at the end."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    ranked = _by_idleness(cpus)  # on a shared machine, give the client the CPU others use least
+    client_cpu = ranked[0] if ranked else None
+    server_cpu = ranked[1] if len(ranked) > 1 else None
+    if client_cpu is not None:
+        os.sched_setaffinity(0, {client_cpu})
+    server = FakeServer(FakeConfig(record=False), process=True, cpu=server_cpu).start()
+    yield server
+    server.stop()
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or not _RESULTS:
+        return
+    base = _RESULTS.get(VLLM)
+    lines = [
+        "",
+        f"streamed chunks per second, client on one core: {N_REQUESTS} requests x {OUTPUT_TOKENS} chunks, "
+        f"concurrency {CONCURRENCY}, {ROUNDS} rounds (median / best), client CPU {client_cpu}, "
+        f"fake server CPU {server_cpu}",
+        f"{'client':36s} {'wall median':>12s} {'wall best':>12s} {'per CPU-s':>12s} {'x vLLM wall':>12s} "
+        f"{'x vLLM CPU':>11s} {'server busy':>12s}",
+    ]
+    for name, r in _RESULTS.items():
+        wall_x = f"{r['chunks_per_s'] / base['chunks_per_s']:.2f}x" if base else "-"
+        cpu_x = f"{r['chunks_per_cpu_s'] / base['chunks_per_cpu_s']:.2f}x" if base else "-"
+        busy = f"{r['server_busy'] * 100:.0f}%" if r["server_busy"] >= 0 else "-"
+        lines.append(f"{name:36s} {r['chunks_per_s']:12,.0f} {r['chunks_per_s_best']:12,.0f} "
+                     f"{r['chunks_per_cpu_s']:12,.0f} {wall_x:>12s} {cpu_x:>11s} {busy:>12s}")
+    lines.append("wall rates include time this process waited for the CPU (other load on a shared machine); "
+                 "per CPU-s is the client's own cost")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            for line in lines:
+                reporter.write_line(line)
+    else:
+        for line in lines:
+            reporter.write_line(line)
+
+
+def _specs() -> list[RequestSpec]:
+    return [RequestSpec(" ".join(["w"] * 32), None, 32, OUTPUT_TOKENS) for _ in range(N_REQUESTS)]
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+class _Rounds:
+    """Wall, client CPU and server CPU seconds of each round."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.server_cpu: list[float] = []
+
+    def __enter__(self) -> _Rounds:
+        self._w, self._c, self._s = time.perf_counter(), time.process_time(), self.server.cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall.append(time.perf_counter() - self._w)
+        self.cpu.append(time.process_time() - self._c)
+        s1 = self.server.cpu_seconds()
+        self.server_cpu.append(s1 - self._s if s1 is not None and self._s is not None else -1.0)
+
+
+def _record(benchmark: Any, name: str, rounds: _Rounds) -> None:
+    """Median (and best) over the measured rounds; the warmup round is dropped when there was more than one."""
+    k = 1 if len(rounds.wall) > 1 else 0
+    wall, cpu, srv = rounds.wall[k:], rounds.cpu[k:], rounds.server_cpu[k:]
+    result = {
+        "chunks_per_s": CHUNKS / _median(wall),
+        "chunks_per_s_best": CHUNKS / min(wall),
+        "chunks_per_cpu_s": CHUNKS / _median(cpu),
+        "server_busy": _median([s / w for s, w in zip(srv, wall)]) if min(srv) >= 0 else -1.0,
+    }
+    _RESULTS[name] = result
+    benchmark.extra_info.update({k: round(v, 3) for k, v in result.items()})
+    benchmark.extra_info.update({"chunks": CHUNKS, "requests": N_REQUESTS, "concurrency": CONCURRENCY})
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_ours(benchmark: Any, pinned: FakeServer, loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    specs = _specs()
+    rounds = _Rounds(pinned)
+
+    def once() -> None:
+        with rounds:
+            res = run_load_sync([Target(pinned.url)], specs, Arrival(mode="concurrency", max_concurrency=CONCURRENCY),
+                                model="fake", api="completions", warmup=0, timeout_s=60, use_uvloop=loop == "uvloop")
+        got = sum(len(r.chunk_tokens) for r in res.results if r.ok)
+        assert got == CHUNKS, [r.error for r in res.results if not r.ok][:3]
+
+    benchmark.pedantic(once, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(benchmark, f"vllm-tune client ({loop})", rounds)
+
+
+def test_vllm_bench_serve_client(benchmark: Any, pinned: FakeServer) -> None:
+    import aiohttp
+
+    mod = _vllm_request_module()
+    url = pinned.url + "/v1/completions"
+    inputs = [
+        mod.RequestFuncInput(prompt=s.prompt, api_url=url, prompt_len=s.prompt_tokens, output_len=OUTPUT_TOKENS,
+                             model="fake", ignore_eos=True, extra_body={"stream_options": STREAM_OPTIONS})
+        for s in _specs()
+    ]
+    rounds = _Rounds(pinned)
+
+    async def drive() -> int:
+        # as vllm bench serve's benchmark(): one session, its connector settings, a semaphore of max_concurrency
+        connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=CONCURRENCY, ttl_dns_cache=300,
+                                         use_dns_cache=True, keepalive_timeout=60, enable_cleanup_closed=True,
+                                         force_close=False, ssl=False)
+        session = aiohttp.ClientSession(connector=connector, trust_env=True, timeout=mod.AIOHTTP_TIMEOUT)
+        semaphore = asyncio.Semaphore(CONCURRENCY)
+
+        async def limited(inp: Any) -> Any:
+            async with semaphore:
+                return await mod.async_request_openai_completions(request_func_input=inp, session=session, pbar=None)
+
+        outs = await asyncio.gather(*(limited(i) for i in inputs))
+        await session.close()
+        assert all(o.success for o in outs), [o.error for o in outs if not o.success][:3]
+        return sum(len(o.itl) + 1 for o in outs)
+
+    def once() -> None:
+        with rounds:
+            got = asyncio.run(drive())
+        assert got == CHUNKS
+
+    benchmark.pedantic(once, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(benchmark, VLLM, rounds)
