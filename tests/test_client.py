@@ -223,6 +223,16 @@ def test_open_loop_poisson(srv: FakeServer) -> None:
     assert res.client.valid, res.client.reasons
 
 
+def test_open_loop_concurrency_cap(srv: FakeServer) -> None:
+    srv.configure(first_token_delay_s=0.02)
+    res = run(srv, specs(12, max_tokens=2), Arrival(mode="poisson", rate=500.0, max_concurrency=2))
+    assert all(r.ok for r in res.results)
+    spans = [(r.send_s, r.send_s + r.e2e_s) for r in res.results]
+    in_flight = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert in_flight <= 2
+    assert res.client.dispatch_lag_p99_ms < 10.0  # waiting for the cap is not dispatch lag
+
+
 def test_duration_mode_stops_sending(srv: FakeServer) -> None:
     srv.configure(chunk_delay_s=0.01)
     arrival = Arrival(mode="poisson", rate=50.0, duration_s=0.4, seed=2)

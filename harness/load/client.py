@@ -25,8 +25,13 @@ connect time is part of its latency (as in `vllm bench serve`); a closed loop op
 
 Load: several `Target`s are replicas of one configuration; each request goes to the replica with the fewest
 requests in flight. `run_load` runs `warmup` requests first (not measured), then the rest under the `Arrival`,
-and checks itself (`ClientCheck`): dispatch lag against the schedule, achieved vs scheduled rate, and the CPU of
-the client's event-loop thread; a run that fails these checks measured the client, not the server.
+and checks itself (`ClientCheck`): a run is invalid (it measured the client, not the server) when the mean
+dispatch lag reshapes an open-loop arrival process (beyond 10 ms or a tenth of the mean arrival gap), when it sent
+below 95% of the schedule's rate, when the client's event-loop thread used >= 90% of a core, or when a
+duration-limited run ran out of requests; an occasional late send (p99 lag > 10 ms, e.g. the OS scheduling the
+client behind a busy server on a small machine) is a warning, since each latency is measured from the actual send.
+Dispatch lag is the actual send time minus the scheduled one (open loop) or minus the instant the previous
+request's slot freed (closed loop); time held back by a `max_concurrency` cap is not lag.
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ class Target(NamedTuple):
 
 @dataclass
 class LoadResult:
-    """Every request's result (warmup flagged), the measured duration and the client's self-check."""
+    """Every sent request's result in request order (warmup flagged; a duration-limited run may leave later
+    requests unsent, and they are not listed), the measured duration and the client's self-check."""
 
     results: list[RequestResult]
     duration_s: float  # first measured send -> last measured completion
@@ -218,7 +224,6 @@ class _Conn(asyncio.Protocol):
         body = req.body
         assert self.transport is not None
         self.transport.write(b"%b%d\r\n\r\n%b" % (self.ep.head, len(body), body))
-        self.used = True
 
     def data_received(self, data: bytes) -> None:
         ts = perf_ns()
@@ -416,6 +421,7 @@ class _Conn(asyncio.Protocol):
             self.sse = b""
             self._events(tail + b"\n\n", ts, req)
         self.req = None
+        self.used = True  # has served a request: if the server closes it while idle, a resend is safe
         if self.keep_alive and not self.cbuf and not self.closed:
             self.ep.idle.append(self)  # before finish(): a closed loop sends its next request on this connection
         elif self.transport is not None and not self.closed:
@@ -594,15 +600,16 @@ class _Run:
         self.phase_done = self.loop.create_future()
         now = perf_ns()
         self.deadline_ns = now + int(duration_s * 1e9) if duration_s else None
-        for _ in range(min(slots, stop - start)):
-            req = self.reqs[self.next_idx]
-            self.next_idx += 1
-            self.dispatch(req, now)
-        if self.outstanding == 0:
-            return
-        await self.phase_done
-        self.closed_loop_slots = 0
-        self.deadline_ns = None
+        try:
+            for _ in range(min(slots, stop - start)):
+                req = self.reqs[self.next_idx]
+                self.next_idx += 1
+                self.dispatch(req, now)
+            if self.outstanding:
+                await self.phase_done
+        finally:
+            self.closed_loop_slots = 0
+            self.deadline_ns = None
 
     # -- open loop
     async def open_loop(self, start: int, offsets: np.ndarray, cap: int | None) -> None:
@@ -612,6 +619,7 @@ class _Run:
         t0 = perf_ns()
         due_ns = (t0 + np.rint(offsets * 1e9)).astype(np.int64).tolist()
         burst = 0
+        held = 0  # when the dispatcher last resumed after waiting for the concurrency cap
         for k, i in enumerate(range(start, stop)):
             due = due_ns[k]
             now = perf_ns()
@@ -622,14 +630,15 @@ class _Run:
                 burst = 0
                 await asyncio.sleep(0)  # let reads run during a catch-up burst
             burst += 1
-            if cap is not None:
+            if cap is not None and self.outstanding >= cap:
                 while self.outstanding >= cap:
                     self.cap_waits += 1
                     self.slot_free = self.loop.create_future()
                     await self.slot_free
-                due = max(due, perf_ns())  # time spent held by the cap is not dispatch lag
+                held = perf_ns()
+            # time held back by the cap (this request's or an earlier one's) is not dispatch lag
             self.next_idx = i + 1
-            self.dispatch(self.reqs[i], due)
+            self.dispatch(self.reqs[i], max(due, held))
         if self.outstanding:
             await self.phase_done
 
