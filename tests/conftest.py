@@ -16,7 +16,8 @@ def make_tiny_tokenizer(kind: str = "bytelevel", *, chat_template: bool = True, 
     """Train a small BPE tokenizer on generated text and wrap it as transformers' PreTrainedTokenizerFast.
 
     kind "bytelevel" is GPT-2 / Llama-3 / Qwen style (Ġ word marker, no unk), "metaspace" is Llama-2 / Mistral
-    style (▁ marker). Both add a BOS token like real causal-LM tokenizers do.
+    style (▁ marker), "nosplit" is metaspace without word splitting (multi-word tokens). All add a BOS token like
+    real causal-LM tokenizers do.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -34,9 +35,11 @@ def make_tiny_tokenizer(kind: str = "bytelevel", *, chat_template: bool = True, 
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    elif kind == "metaspace":
+    elif kind in ("metaspace", "nosplit"):
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        # nosplit: BPE over whole lines, so it learns tokens that span words (like some recent vocabularies)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                     split=kind == "metaspace")
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     else:

@@ -179,6 +179,31 @@ def test_shared_prefix_tokens_identical(kind: str, api: str, tiny_tokenizer: Any
         assert len(x) == spec.prompt_tokens
 
 
+@pytest.fixture(scope="module")
+def nosplit_tokenizer() -> Any:
+    from conftest import make_tiny_tokenizer
+
+    return make_tiny_tokenizer("nosplit")
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_prompt_lengths_exact_with_multiword_tokens(api: str, nosplit_tokenizer: Any) -> None:
+    """A vocabulary with tokens spanning words: the fast path's proof does not hold, every prompt is counted."""
+    from harness.load.prompts import _vocab
+
+    tok = nosplit_tokenizer
+    assert not _vocab(tok).additive
+    w = parse_workload({"api": api, "input_len": {"dist": "uniform", "min": 60, "max": 300}, "output_len": 4,
+                        "shared_prefix_len": 16, "seed": 2})
+    reqs = build_requests(w, tok, 40)
+    _, want, _ = w.sample_lengths(np.random.default_rng(2), 40)
+    ids = [_server_ids(tok, r) for r in reqs]
+    for spec, n, x in zip(reqs, want, ids):
+        assert spec.prompt_tokens == n == len(x)
+    common = min(next((i for i, (a, b) in enumerate(zip(ids[0], x)) if a != b), len(x)) for x in ids[1:])
+    assert common >= 16
+
+
 def test_prompts_deterministic(tiny_tokenizer: Any) -> None:
     w = load_workload("tiny-cpu")
     a = build_requests(w, tiny_tokenizer, 20)

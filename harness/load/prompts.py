@@ -18,7 +18,8 @@ two ends of a prompt can differ from one token per word (the template or BOS nex
 next to the template's tail), so the tokenizer counts a window of the first and last three words in the request
 form, and the middle adds exactly one token per word. A sample of prompts is still counted in full as a check; a
 mismatch (or a tokenizer that fails the vocabulary test, e.g. one with multi-word tokens) falls back to counting
-every prompt in full.
+every prompt in full. Tokenizers without word-marker tokens fall back to unmarked letter tokens, and vocabularies
+whose tokens span words to any letter tokens, always on the counted-in-full path.
 
 Shared prefix: the same `shared_prefix_len` words start every prompt's content, chosen so that they are exactly
 that many tokens in the request form, so the server's prefix cache sees identical token blocks.
@@ -39,7 +40,7 @@ from harness.load.workload import Workload
 _MAX_FIX_PASSES = 12
 _CANDIDATE_SAMPLE = 8192
 _WINDOW = 3  # words counted at each end of a prompt on the fast path
-_CHECK_SAMPLE = 16  # prompts counted in full after the fast path
+_CHECK_SAMPLE = 16  # prompts counted in full after the fast path (the first and the longest)
 _PLACEHOLDER = "PROMPTPLACEHOLDERXQZ"
 
 
@@ -100,31 +101,43 @@ def _vocab(tokenizer: Any) -> _Vocab:
     except (AttributeError, NotImplementedError):
         pass
 
-    def pick(marked: bool) -> list[int]:
+    def pick(marked: bool | None) -> list[int]:
         out = []
         for tok, idx in vocab.items():
             if idx in excluded:
                 continue
-            if marked:
+            if marked is None:  # loose: letters with word markers anywhere (vocabularies with multi-word tokens)
+                core = tok.replace("\u0120", "").replace("\u2581", "")
+                if core and core.isascii() and core.isalpha():
+                    out.append(idx)
+            elif marked:
                 if len(tok) >= 3 and tok[0] in "\u0120\u2581" and tok[1:].isascii() and tok[1:].isalpha():
                     out.append(idx)
             elif len(tok) >= 2 and tok.isascii() and tok.isalpha():
                 out.append(idx)
         return sorted(out)
 
+    # Best: word-marker tokens that survive decode -> encode next to themselves; then unmarked letter tokens;
+    # last (vocabularies whose tokens span words): any of them that survives decode -> encode alone. Only the
+    # first kind can take the fast path; the others are fitted by counting every prompt in full.
     kept: list[int] = []
     marked_words = False
-    for marked in (True, False):
+    tiers: list[tuple[bool | None, bool | None]] = [(True, True), (False, True), (True, False), (False, False),
+                                                    (None, None)]
+    for marked, paired in tiers:
         cand = pick(marked)
         if len(cand) > _CANDIDATE_SAMPLE:
             cand = sorted(np.random.default_rng(0).choice(cand, _CANDIDATE_SAMPLE, replace=False).tolist())
         if not cand:
             continue
-        pairs = _decode_batch(tokenizer, [[c, c] for c in cand])
-        enc = tokenizer(pairs, add_special_tokens=False)["input_ids"]
-        ok = [c for c, e in zip(cand, enc) if list(e) == [c, c]]
+        if paired is None:
+            ok = cand  # unverified: every prompt is counted in full anyway
+        else:
+            probe = [[c, c] for c in cand] if paired else [[c] for c in cand]
+            enc = tokenizer(_decode_batch(tokenizer, probe), add_special_tokens=False)["input_ids"]
+            ok = [c for c, p, e in zip(cand, probe, enc) if list(e) == p]
         if len(ok) > len(kept):
-            kept, marked_words = ok, marked
+            kept, marked_words = ok, bool(marked and paired)
         if len(ok) >= 64:
             break
     if len(kept) < 16:
@@ -288,7 +301,8 @@ def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None 
         fast = voc.additive and not form.templated
         if fast:
             texts = fit.run({i: s.copy() for i, s in seqs.items()}, targets, fit.window_count)
-            sample = sorted(texts)[:_CHECK_SAMPLE]
+            by_len = sorted(texts, key=lambda i: targets[i])
+            sample = sorted(set(sorted(texts)[: _CHECK_SAMPLE // 2] + by_len[-(_CHECK_SAMPLE // 2) :]))
             full = form.count([texts[i] for i in sample])
             if any(c != targets[i] for i, c in zip(sample, full)):
                 fast = False
