@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from harness.errors import UserError, main_guard
 
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs-dir", help="where recommended configs go (default configs/)")
     p.add_argument("--confirm", type=int, help="confirmation repeats for winner and baseline (default 3)")
     p.add_argument("--model", action="append", help="only these models of the sweep file (by name)")
+    p.add_argument("--max-minutes", type=float,
+                   help="start no new trial after this many minutes (running ones finish); rerun to continue")
     return p.parse_args(argv)
 
 
@@ -59,12 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         raise UserError(f"no model named {args.model}; the sweep has {[m.name for m in sweep.models]}",
                         source=sweep.source, key="--model")
+    if storage:  # a bad URL, an unreachable host or a wrong password: one line, before anything else
+        from harness.study.runner import make_storage
+
+        make_storage(storage).engine.dispose()
     print(f"vllm-tune: {len(models)} model(s) on {hardware.count} x {hardware.name}, parallel {parallel}",
           file=sys.stderr, flush=True)
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise UserError(f"must be > 0, got {args.max_minutes}", key="--max-minutes")
+    deadline = None if args.max_minutes is None else time.monotonic() + args.max_minutes * 60
     failures = 0
     try:
         for entry in models:
-            outcome = tune_model(sweep, entry, hardware=hardware, storage_url=storage, parallel=parallel)
+            outcome = tune_model(sweep, entry, hardware=hardware, storage_url=storage, parallel=parallel,
+                                 deadline=deadline)
             failures += outcome.config_path is None
     except KeyboardInterrupt:
         print("\ninterrupted: servers torn down; run the same command again to resume", file=sys.stderr)

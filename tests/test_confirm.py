@@ -25,10 +25,9 @@ def frozen(number: int, value: float, settings: dict[str, Any]) -> optuna.trial.
 
 
 def fake_evaluate(values: dict[str, list[float]], calls: list[tuple[str, float | None]]):  # type: ignore[no-untyped-def]
-    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, start_rate: float | None = None,
-                 max_steps: int | None = None) -> Evaluation:
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, fixed_rate: float | None = None) -> Evaluation:
         who = settings["who"]
-        calls.append((who, start_rate))
+        calls.append((who, fixed_rate))
         return Evaluation(settings=settings, values=[values[who].pop(0)], constraints=[0.0])
 
     return evaluate
@@ -39,7 +38,7 @@ def test_interleaved_and_recommended(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.5, 5.2], "b": [4.0, 4.1, 3.9]}, calls))
     conf = confirm(Ctx(), frozen(7, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 3, "capacity_rps")
     assert [c[0] for c in calls] == ["w", "b", "w", "b", "w", "b"]  # alternating
-    assert calls[0][1] == 5.0 and calls[1][1] == 4.0  # capacity search starts at each trial's own capacity
+    assert calls[0][1] == 5.0 and calls[1][1] == 5.0  # both measured at the winner's claimed capacity
     assert conf.recommended_trial == 7
     assert conf.improvement == pytest.approx(5.2333333 / 4.0 - 1, rel=1e-4)
     assert conf.winner.std > 0 and conf.to_dict()["baseline"]["n"] == 3

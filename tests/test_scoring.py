@@ -97,9 +97,13 @@ def test_capacity_zero_when_nothing_holds() -> None:
     assert min(calls) >= 0.1 / 2
 
 
-def test_capacity_stops_when_client_is_the_limit() -> None:
+def test_client_limit_bounds_the_search_from_above() -> None:
+    calls: list[float] = []
+
     def measure(rate: float) -> RunRecord:
+        calls.append(rate)
         return record(100, 10, valid=rate < 4)
 
-    res = capacity_search(measure, SLO_, start_rate=1.0, max_steps=10)
-    assert res.limited_by_client and res.capacity == 2.0
+    res = capacity_search(measure, SLO_, start_rate=8.0, max_steps=4, rel_tol=0.01)
+    assert calls == [8.0, 4.0, 2.0, 3.0]  # never above a rate the client could not drive
+    assert res.limited_by_client and res.capacity == 3.0

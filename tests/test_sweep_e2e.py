@@ -81,7 +81,7 @@ def sweep_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # ty
     (root / "configs").mkdir()
     (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(
         {"vllm": {"model_name": str(tiny_model), "max_num_seqs": 8, "tokenizer": str(not_a_tokenizer)}}))
-    sweep = write_sweep(root, tiny_model, trials=3, confirm=1)
+    sweep = write_sweep(root, tiny_model, trials=3, confirm=2)
     t0 = time.monotonic()
     proc = run_sweep(sweep, root)
     elapsed = time.monotonic() - t0

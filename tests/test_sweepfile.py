@@ -15,7 +15,7 @@ from harness.study.sweepfile import DEMO_SWEEP, load_sweep, parse_sweep
 def test_demo_sweep_parses() -> None:
     sweep = load_sweep(None)
     assert sweep.models[0].name == "tiny-llama" and sweep.models[0].build == "tiny"
-    assert sweep.objective.kind == "capacity" and sweep.objective.slo.ttft_ms == 2000
+    assert sweep.objective.kind == "capacity" and sweep.objective.slo.ttft_ms == 250
     assert sweep.trials == DEMO_SWEEP["trials"]
 
 

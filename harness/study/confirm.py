@@ -1,5 +1,8 @@
 """Confirm the winner against the baseline: interleaved repeats, spread reported, no win inside the noise.
 
+Each repeat is a fresh server and one measured load at a fixed offered load (for capacity studies, the winner's
+capacity), scored by goodput for capacity and goodput studies and by the objective's metric otherwise.
+
 The decision rule is a rank test, not a threshold: the winner is recommended only when every one of its repeats
 beats every baseline repeat (with 3 + 3 runs that is a one-sided Mann-Whitney test at p = 0.05) and its mean is
 higher. Otherwise the baseline is kept and the output says so.
@@ -7,13 +10,14 @@ higher. Otherwise the baseline is kept and the output says so.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from optuna.trial import FrozenTrial
 
-from harness.study.evaluate import StudyContext, evaluate
+from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 
 
 @dataclass
@@ -67,26 +71,38 @@ def beats(winner: list[float], baseline: list[float]) -> bool:
 
 def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int,
             metric: str, log: Any = None) -> Confirmation:
-    """Re-measure winner and baseline alternately `repeats` times each (fresh servers every time)."""
-    w_runs: list[float] = []
-    b_runs: list[float] = []
-    w_metrics: list[dict[str, Any]] = []
-    b_metrics: list[dict[str, Any]] = []
+    """Re-measure winner and baseline alternately, `repeats` times each.
+
+    When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
+    the repeats alternate between the two live servers; otherwise every repeat starts a fresh server.
+    """
+    # Capacity studies confirm at the winner's claimed capacity: both configs get that Poisson load and are
+    # scored by goodput, so a baseline that also sustains it ties (and is kept) and one that cannot loses.
+    rate = winner.values[0] if ctx.objective.kind == "capacity" and winner.values[0] > 0 else None
     same = baseline is None or baseline.number == winner.number
-    for i in range(repeats):
-        for who, trial, runs, metrics in (("winner", winner, w_runs, w_metrics),
-                                          ("baseline", baseline, b_runs, b_metrics)):
-            if trial is None or (who == "baseline" and same):
-                continue
-            if log is not None:
-                print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number})", file=log, flush=True)
-            start = trial.values[0] if ctx.objective.kind == "capacity" and trial.values[0] > 0 else None
-            ev = evaluate(ctx, dict(trial.user_attrs["settings"]), f"confirm-{who}{i + 1}", start_rate=start)
-            value = ev.values[0] if ev.values else 0.0
-            runs.append(float(value))
-            metrics.append(ev.summary())
-            if log is not None:
-                print(f"    -> {metric} = {value:.4g}", file=log, flush=True)
+    pairs = [("winner", winner)] + ([] if same else [("baseline", baseline)])
+    runs: dict[str, list[float]] = {"winner": [], "baseline": []}
+    metrics: dict[str, list[dict[str, Any]]] = {"winner": [], "baseline": []}
+    with _live_deployments(ctx, pairs, repeats) as live:
+        for i in range(repeats):
+            for who, trial in pairs:
+                label = f"confirm-{who}{i + 1}"
+                if log is not None:
+                    how = "live server" if live else "fresh server"
+                    print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {how})", file=log, flush=True)
+                settings = dict(trial.user_attrs["settings"])
+                if live:
+                    ev, _ = plan_settings(ctx, settings)
+                    measure_live(ctx, live[who], ev, label, fixed_rate=rate)
+                    ev = finalize(ctx, ev, label)
+                else:
+                    ev = evaluate(ctx, settings, label, fixed_rate=rate)
+                value = ev.values[0] if ev.values else 0.0
+                runs[who].append(float(value))
+                metrics[who].append(ev.summary())
+                if log is not None:
+                    print(f"    -> {metric} = {value:.4g}", file=log, flush=True)
+    w_runs, b_runs = runs["winner"], runs["baseline"]
     if same:
         verdict = "the baseline (vLLM defaults) is the best candidate found; it is kept"
         rec = winner.number
@@ -102,4 +118,42 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     return Confirmation(metric=metric, winner_trial=winner.number,
                         baseline_trial=None if baseline is None else baseline.number, winner=Spread(w_runs),
                         baseline=Spread(b_runs), recommended_trial=rec, verdict=verdict,
-                        winner_metrics=w_metrics, baseline_metrics=b_metrics)
+                        winner_metrics=metrics["winner"], baseline_metrics=metrics["baseline"])
+
+
+@contextlib.contextmanager
+def _live_deployments(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
+                      repeats: int) -> Iterator[dict[str, Any] | None]:
+    """Both configurations started once, on disjoint devices, or None when they cannot be up together."""
+    if len(pairs) < 2 or getattr(ctx, "slots", None) is None:
+        yield None
+        return
+    from harness.bench import deploy
+    from harness.launch.server import ServerStartError
+    from harness.study.slots import Slot
+
+    needs = []
+    for _, trial in pairs:
+        ev, n = plan_settings(ctx, dict(trial.user_attrs["settings"]))
+        if ev.pruned_reason:
+            yield None
+            return
+        needs.append(n)
+    with contextlib.ExitStack() as stack:
+        deps: dict[str, Any] = {}
+        try:
+            for (who, trial), n in zip(pairs, needs):
+                if ctx.slots.gpu_ids:
+                    slot = stack.enter_context(ctx.slots.acquire(n, timeout_s=0))
+                else:
+                    slot = Slot()  # CPU: only one of the two is under load at any time
+                deps[who] = stack.enter_context(deploy(ctx.model, dict(trial.user_attrs["settings"]), slot=slot,
+                                                       log_dir=ctx.study_dir / "logs" / f"confirm-{who}",
+                                                       start_timeout_s=ctx.start_timeout_s))
+        except (TimeoutError, ValueError, ServerStartError):
+            deps = {}
+        if not deps:
+            stack.close()
+            yield None
+            return
+        yield deps

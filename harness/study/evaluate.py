@@ -6,6 +6,7 @@ the same code measures a confirmation repeat.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,74 +88,98 @@ def _plan(ctx: StudyContext, settings: dict[str, Any]) -> Any:
     return plan_candidate(ctx.facts, ctx.hardware, settings)
 
 
-def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, start_rate: float | None = None,
-             max_steps: int | None = None) -> Evaluation:
-    """Plan, then (if feasible) launch and measure `settings` under the study's objective."""
+def plan_settings(ctx: StudyContext, settings: dict[str, Any]) -> tuple[Evaluation, int]:
+    """Conditions and planner; returns the evaluation so far (pruned when impossible) and the GPUs needed."""
     ev = Evaluation(settings=dict(settings))
     broken = ctx.space.violations(settings)
     if broken:
         ev.pruned_reason = "violates " + "; ".join(broken)
-        return ev
+        return ev, 0
     plan = _plan(ctx, settings)
     ev.plan = plan.to_dict()
     if not plan.feasible:
         ev.pruned_reason = plan.reason()
+    return ev, max(int(plan.gpus_needed or 0), 0)
+
+
+def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, start_rate: float | None = None,
+             max_steps: int | None = None, fixed_rate: float | None = None) -> Evaluation:
+    """Plan, then (if feasible) launch and measure `settings` under the study's objective.
+
+    `fixed_rate` replaces a capacity search by one load step at that Poisson rate, scored by goodput: what a
+    confirmation repeat measures at the winner's claimed capacity.
+    """
+    ev, n_devices = plan_settings(ctx, settings)
+    if ev.pruned_reason:
         return ev
 
     from harness.bench import deploy
     from harness.launch.server import ServerStartError
 
-    obj = ctx.objective
-    run_dir = ctx.study_dir / "runs"
-    n_devices = max(int(plan.gpus_needed or 0), 0)
     t0 = time.monotonic()
     with ctx.slots.acquire(n_devices) as slot:
         try:
             with deploy(ctx.model, settings, slot=slot, log_dir=ctx.study_dir / "logs" / label,
                         start_timeout_s=ctx.start_timeout_s) as dep:
-                step = 0
-
-                def measure(arrival_kwargs: dict[str, Any]) -> RunRecord:
-                    nonlocal step
-                    step += 1
-                    record = dep.run(ctx.workload, ctx.requests_for(step), slo=obj.slo, plan=ev.plan,
-                                     **arrival_kwargs)
-                    ev.record_paths.append(str(save_record(record, run_dir / f"{label}-step{step}.json")))
-                    return record
-
-                if obj.kind == "capacity":
-                    result = capacity_search(
-                        lambda rate: measure({"rate": rate, "burstiness": obj.burstiness,
-                                              "num_requests": obj.num_requests}),
-                        obj.slo, start_rate=start_rate or obj.start_rate, max_steps=max_steps or obj.max_steps,
-                        min_rate=obj.min_rate)
-                    ev.capacity = result.capacity
-                    ev.curve = result.curve()
-                    ev.record = result.best or result.steps[-1].record
-                    ev.values = [result.capacity]
-                    ev.constraints = [0.0 if result.capacity > 0 else 1.0]
-                else:
-                    load = ({"concurrency": obj.concurrency} if obj.concurrency else
-                            {"rate": obj.rate, "burstiness": obj.burstiness})
-                    record = measure({**load, "num_requests": obj.num_requests, "duration_s": obj.duration_s})
-                    ev.record = record
-                    ev.constraints = slo_violations(record, obj.slo)
-                    ev.values = objective_values(obj, record)
+                measure_live(ctx, dep, ev, label, start_rate=start_rate, max_steps=max_steps,
+                             fixed_rate=fixed_rate)
         except ServerStartError as exc:
             ev.failure = exc.failure
         finally:
             ev.device_seconds = (time.monotonic() - t0) * max(n_devices, 1)
+    return finalize(ctx, ev, label)
+
+
+def measure_live(ctx: StudyContext, dep: Any, ev: Evaluation, label: str, *, start_rate: float | None = None,
+                 max_steps: int | None = None, fixed_rate: float | None = None) -> Evaluation:
+    """Score a running deployment under the study's objective; each load step is saved as a RunRecord."""
+    obj = ctx.objective
+    run_dir = ctx.study_dir / "runs"
+    step = 0
+
+    def measure(arrival_kwargs: dict[str, Any]) -> RunRecord:
+        nonlocal step
+        step += 1
+        record = dep.run(ctx.workload, ctx.requests_for(step), slo=obj.slo, plan=ev.plan, **arrival_kwargs)
+        ev.record_paths.append(str(save_record(record, run_dir / f"{label}-step{step}.json")))
+        return record
+
+    if obj.kind == "capacity" and fixed_rate is not None:
+        record = measure({"rate": fixed_rate, "burstiness": obj.burstiness, "num_requests": obj.num_requests})
+        ev.record = record
+        ev.constraints = slo_violations(record, obj.slo)
+        ev.values = [float(record.metrics.goodput or 0.0) if record.metrics else 0.0]
+    elif obj.kind == "capacity":
+        result = capacity_search(
+            lambda rate: measure({"rate": rate, "burstiness": obj.burstiness, "num_requests": obj.num_requests}),
+            obj.slo, start_rate=start_rate or obj.start_rate, max_steps=max_steps or obj.max_steps,
+            min_rate=obj.min_rate)
+        ev.capacity = result.capacity
+        ev.curve = result.curve()
+        ev.record = result.best or result.steps[-1].record
+        ev.values = [result.capacity]
+        ev.constraints = [0.0 if result.capacity > 0 else 1.0]
+    else:
+        load = ({"concurrency": obj.concurrency} if obj.concurrency else
+                {"rate": obj.rate, "burstiness": obj.burstiness})
+        record = measure({**load, "num_requests": obj.num_requests, "duration_s": obj.duration_s})
+        ev.record = record
+        ev.constraints = slo_violations(record, obj.slo)
+        ev.values = objective_values(obj, record)
+    return ev
+
+
+def finalize(ctx: StudyContext, ev: Evaluation, label: str) -> Evaluation:
+    """A server that failed to start or died under load: worst values, a violation, and a failure file."""
     if ev.record is not None and ev.record.failure is not None and ev.failure is None:
         ev.failure = ev.record.failure  # the server died during the load
     if ev.failure is not None:
-        ev.values = worst_values(obj)
+        ev.values = worst_values(ctx.objective)
         ev.constraints = [1.0]
-        fail_path = run_dir / f"{label}-failure.json"
+        fail_path = ctx.study_dir / "runs" / f"{label}-failure.json"
         fail_path.parent.mkdir(parents=True, exist_ok=True)
-        import json
-
-        fail_path.write_text(json.dumps({"settings": settings, "failure": to_dict(ev.failure), "plan": ev.plan},
-                                        indent=2))
+        fail_path.write_text(json.dumps({"settings": ev.settings, "failure": to_dict(ev.failure),
+                                         "plan": ev.plan}, indent=2))
         ev.record_paths.append(str(fail_path))
     return ev
 

@@ -43,19 +43,31 @@ def constraints_of(trial: FrozenTrial) -> list[float]:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeats, so a killed worker's trial is failed and retried rather than left RUNNING."""
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
+    """RDB storage with heartbeats, so a killed worker's trial is failed and retried rather than left RUNNING.
+
+    Connects at once: a bad URL, an unreachable host or a wrong password is a one-line UserError here, before any
+    study is touched."""
+    from harness.study.workers import storage_url
+
     try:
+        sa_url, engine_kwargs = storage_url(url)
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            sa_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open the study storage: {first}", source=_redact(url), key="storage") from None
+        raise UserError(f"cannot open the study storage: {_first_line(exc)}", source=_redact(url),
+                        key="storage") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's reason without SQLAlchemy's '(psycopg2.OperationalError)' prefix and background links."""
+    import re
+
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = " ".join(lines[:2]) if lines and lines[0].endswith("failed:") else (lines[0] if lines else "")
+    line = re.sub(r"^\([\w.]+\)\s*", "", line)
+    return line or type(exc).__name__
 
 
 def _redact(url: str) -> str:
@@ -158,8 +170,15 @@ def best_feasible(study: optuna.Study) -> FrozenTrial | None:
     return max(trials, key=lambda t: (t.values[0], -t.number))
 
 
-def make_objective(ctx: StudyContext, progress: Progress) -> Callable[[optuna.Trial], Any]:
+def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) -> Callable[[optuna.Trial], Any]:
     def objective(trial: optuna.Trial) -> Any:
+        if budget is not None and budget.surplus(trial.study, trial.number):
+            from harness.study.workers import Surplus
+
+            trial.set_user_attr("outcome", "surplus")
+            trial.set_user_attr("reason", "the other workers' trials already fill the budget; nothing was run")
+            trial.study.stop()
+            raise Surplus(f"trial #{trial.number} is beyond the study's budget of {budget.target}")
         baseline = trial.user_attrs.get("baseline")
         if baseline:
             settings = dict(trial.user_attrs["settings"])
@@ -229,33 +248,46 @@ def describe(trial: FrozenTrial) -> str:
     return f"{outcome}" + (f": {reason}" if reason else "")
 
 
-def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: int, out: Any = sys.stderr) -> None:
+def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: int, out: Any = sys.stderr,
+               timeout_s: float | None = None) -> None:
     """Run until `target` trials have finished (complete or pruned), counted over every worker and every rerun.
 
     Several processes (other machines, through a shared storage) may work on the same study: the budget is global
-    (MaxTrialsCallback), so together they overshoot by at most one trial per extra worker thread. Trials of a dead
-    worker are failed by the heartbeat and re-enqueued (RetryFailedTrialCallback); they are run before leaving.
-    Ctrl-C propagates after the running trial's servers are torn down.
+    (`workers.Budget`: finished, running and queued trials of every worker count). Trials of a dead worker are
+    failed by the heartbeat and re-queued (RetryHeartbeatStaleTrialCallback); before leaving, a worker waits until
+    no trial runs anywhere and runs the re-queued ones (`workers.drain`), so every trial is accounted for.
+    `timeout_s`: start no trial after that many seconds (running ones finish). Ctrl-C propagates after the running
+    trial's servers are torn down.
     """
+    from harness.study.workers import Budget, drain
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    budget = Budget(target)
     remaining = target - len(finished(study))
-    if remaining <= 0 and not waiting(study):
+    if remaining <= 0 and not waiting(study) and not running(study):
         print(f"study {study.study_name}: {target} trials already finished; nothing to run", file=out)
         return
-    progress = Progress(total=max(remaining, len(waiting(study))), out=out)
+    progress = Progress(total=max(remaining, len(waiting(study)), 1), out=out)
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
         progress.end(st, trial, describe(trial))
 
-    stop = optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    objective = make_objective(ctx, progress)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, n_jobs=parallel, callbacks=[callback, stop],
+    objective = make_objective(ctx, progress, budget)
+    if remaining > 0 and budget.taken(study) < target:
+        study.optimize(objective, n_trials=remaining, n_jobs=parallel, callbacks=[callback, budget.callback],
+                       catch=(Exception,), gc_after_trial=False, timeout=timeout_s)
+
+    def run_waiting(n: int) -> None:  # re-queued trials of workers that died: finish them before leaving
+        study.optimize(objective, n_trials=n, n_jobs=min(parallel, n), callbacks=[callback],
                        catch=(Exception,), gc_after_trial=False)
-    retries = waiting(study)  # re-enqueued trials of workers that died: finish them so every trial is accounted
-    if retries:
-        study.optimize(objective, n_trials=len(retries), n_jobs=min(parallel, len(retries)), callbacks=[callback],
-                       catch=(Exception,), gc_after_trial=False)
+
+    drain(study, run_waiting, poll_s=min(HEARTBEAT_S, 5), out=out, deadline=deadline)
     logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, len(finished(study)))
+
+
+def running(study: optuna.Study) -> list[FrozenTrial]:
+    return list(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def waiting(study: optuna.Study) -> list[FrozenTrial]:

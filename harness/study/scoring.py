@@ -118,14 +118,14 @@ def capacity_search(measure: Callable[[float], RunRecord], slo: SLO, *, start_ra
         record = measure(rate)
         ok = slo_holds(record, slo)
         if record.client is not None and not record.client.valid:
-            client_limited = True  # the client, not the server, broke: no higher rate can be measured here
+            # The client, not the server, broke: this rate cannot be measured here, so it bounds the search
+            # from above like a failed step, and the result says the client was the limit.
+            client_limited = True
         steps.append(CapacityStep(rate, ok, record))
         if ok:
             lo = rate
         else:
             hi = rate
-        if client_limited:
-            break
         if hi is None:
             rate = rate * 2
         elif lo is None:

@@ -19,7 +19,7 @@ SLO_PERCENTILES = (50, 90, 95, 99)  # the percentiles every RunMetrics carries
 OBJECTIVES = ("capacity", "goodput", "throughput", "pareto")
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
               "configs_dir", "start_timeout_s", "parallel", "sampler", "seed")
-MODEL_KEYS = ("name", "model", "build", "fixed", "trials")
+MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
                   "start_rate", "max_steps", "latency_metric", "min_rate")
 
@@ -29,6 +29,7 @@ class ModelEntry:
     name: str  # slug: configs/<name>.yaml
     model: str  # hub name or local path
     build: str | None = None  # "tiny" or an architecture name: build a random-weight model there if missing
+    model_name: str | None = None  # what the emitted config names (e.g. the hub name a local stand-in copies)
     fixed: dict[str, Any] = field(default_factory=dict)  # per-model settings on top of the space's fixed ones
     trials: int | None = None
 
@@ -84,8 +85,8 @@ DEMO_SWEEP: dict[str, Any] = {
     "models": [{"name": "tiny-llama", "model": "models/tiny-llama", "build": "tiny"}],
     "space": "cpu-demo",
     "workload": "tiny-cpu",
-    "objective": {"kind": "capacity", "slo": {"ttft_ms": 2000, "tpot_ms": 250, "percentile": 90},
-                  "num_requests": 24, "start_rate": 2.0, "max_steps": 4},
+    "objective": {"kind": "capacity", "slo": {"ttft_ms": 250, "tpot_ms": 40, "percentile": 90},
+                  "num_requests": 40, "start_rate": 4.0, "max_steps": 4},
     "trials": 6,
     "confirm": {"repeats": 3},
 }
@@ -177,6 +178,7 @@ def parse_sweep(data: Any, source: str) -> Sweep:
 
         models.append(ModelEntry(name=str(entry.get("name") or model_slug(str(entry["model"]))),
                                  model=str(entry["model"]), build=entry.get("build"),
+                                 model_name=entry.get("model_name"),
                                  fixed=dict(entry.get("fixed") or {}),
                                  trials=_positive(entry.get("trials"), source, f"models[{i}].trials", integer=True)))
     names = [m.name for m in models]

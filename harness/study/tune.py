@@ -9,6 +9,7 @@ import datetime as _dt
 import functools
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from harness.study import naming
 from harness.study.confirm import Confirmation, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.runner import (BASELINE_COMMITTED, BASELINE_DEFAULTS, best_feasible, enqueue_baselines,
+                                  finished,
                                   make_sampler, make_storage, open_study, run_trials)
 from harness.study.slots import SlotPool
 from harness.study.sweepfile import ModelEntry, Sweep
+from harness.study.workers import study_lock
 from harness.study.table import write_table
 
 
@@ -90,14 +93,15 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
-    ctx = StudyContext(model=model, model_name=entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
+    ctx = StudyContext(model=model, model_name=entry.model_name or entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
                        objective=obj, requests_for=requests_for, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
                        slots=SlotPool.for_host(n_gpus, parallel))
     return ctx, name
 
 
 def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: str | None, parallel: int,
-               out: Any = sys.stderr) -> ModelOutcome:
+               out: Any = sys.stderr, deadline: float | None = None) -> ModelOutcome:
+    """`deadline` (time.monotonic()): start no trial or confirmation after it; a rerun resumes."""
     results_dir = Path(sweep.results_dir)
     model = ensure_model(entry)
     ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
@@ -105,18 +109,26 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     storage = make_storage(storage_url or naming.default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
                 "objective": sweep.objective.to_dict(), "hardware": _hw_dict(hardware)}
-    study = open_study(name, storage, sweep.objective.directions,
-                       make_sampler(sweep.sampler, sweep.objective.kind, ctx.space, sweep.seed, trials), identity)
     config_path = Path(sweep.configs_dir) / f"{entry.name}.yaml"
     baselines = {BASELINE_DEFAULTS: dict(ctx.space.fixed)}
     if config_path.exists():
         committed = read_config(config_path)
         baselines[BASELINE_COMMITTED] = {**ctx.space.fixed, **committed.settings}
-    enqueue_baselines(study, baselines)
+    # Workers starting together: one at a time creates or checks the study and queues the missing baselines.
+    with study_lock(storage, name):
+        study = open_study(name, storage, sweep.objective.directions,
+                           make_sampler(sweep.sampler, sweep.objective.kind, ctx.space, sweep.seed, trials), identity)
+        enqueue_baselines(study, baselines)
     print(f"== study {name}: {trials} trials, objective {sweep.objective.kind}, space {ctx.space.name} "
           f"({len(ctx.space.knobs)} knobs), storage {_storage_label(storage_url, results_dir)}", file=out, flush=True)
-    run_trials(study, ctx, trials, parallel, out=out)
+    run_trials(study, ctx, trials, parallel, out=out,
+               timeout_s=None if deadline is None else max(deadline - time.monotonic(), 1.0))
     table = write_table(study, ctx.study_dir)
+    if len(finished(study)) < trials or (deadline is not None and time.monotonic() >= deadline):
+        msg = (f"time budget reached after {len(finished(study))}/{trials} finished trials; "
+               f"run the same command again to continue")
+        print(msg, file=out)
+        return ModelOutcome(entry.model, name, None, table, None, msg)
     winner = best_feasible(study)
     if winner is None:
         msg = (f"no feasible configuration among {len(study.trials)} trials; nothing emitted "
@@ -141,13 +153,23 @@ def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: Any, base
         return None
     key = f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
     saved = study.user_attrs.get(key)
-    metric = "capacity_rps" if ctx.objective.kind == "capacity" else ctx.objective.kind
-    if saved is None:
-        conf = confirm(ctx, winner, baseline, repeats, metric, log=out)
-        study.set_user_attr(key, conf.to_dict())
-        study.set_user_attr("confirm", conf.to_dict())
-        (ctx.study_dir / "confirm.json").write_text(json.dumps(conf.to_dict(), indent=2))
-        return conf
+    metric = (f"goodput_rps_at_{winner.values[0]:.3g}_rps" if ctx.objective.kind == "capacity" else
+              "output_throughput" if ctx.objective.kind in ("throughput", "pareto") else "goodput_rps")
+    while saved is None:  # several workers: one confirms (a claim with a heartbeat), the others wait for its result
+        from harness.study.runner import GRACE_S, HEARTBEAT_S
+        from harness.study.workers import Claim, wait_for
+
+        claim = Claim(study, study._storage, f"{key}:owner", heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
+        if claim.acquire():
+            try:
+                conf = confirm(ctx, winner, baseline, repeats, metric, log=out)
+                study.set_user_attr(key, conf.to_dict())
+                study.set_user_attr("confirm", conf.to_dict())
+            finally:
+                claim.release()
+            (ctx.study_dir / "confirm.json").write_text(json.dumps(conf.to_dict(), indent=2))
+            return conf
+        saved = wait_for(lambda: study.user_attrs.get(key), claim, poll_s=min(HEARTBEAT_S, 5), out=out)
     from harness.study.confirm import Spread
 
     return Confirmation(metric=saved["metric"], winner_trial=saved["winner_trial"],

@@ -1,0 +1,270 @@
+"""Several workers on one Optuna study: the few steps that Optuna leaves to the caller.
+
+Optuna's RDB storage (SQLite on one node, PostgreSQL across nodes) already gives unique trial numbers, atomic
+hand-out of queued (WAITING) trials, heartbeats and the retry of a dead worker's trial. What it leaves open, and
+this module supplies:
+
+- `storage_url()`: a plain `postgresql://` URL is given to the PostgreSQL driver that is installed (SQLAlchemy 2.1
+  defaults to psycopg 3, the test extra installs psycopg2), and a connect timeout so an unreachable host fails fast.
+- `study_lock()`: one short critical section per study (create-or-load, identity check, queueing the baselines),
+  so two workers starting together neither queue the baselines twice nor stamp two identities. PostgreSQL: an
+  advisory lock (released by the server if the worker dies); SQLite (one node): a file lock next to the database.
+- `Budget`: the trial budget is global. A trial counts once it is finished, running (on any worker) or queued, so a
+  worker does not start a trial that the others already cover; `surplus()` catches the rare race.
+- `drain()`: before a worker leaves, it waits until no trial of the study is running anywhere, failing stale ones
+  (Optuna's heartbeat check, which re-queues them through the retry callback) and running the re-queued ones, so
+  the study ends with every trial accounted for and every worker sees the same final best.
+- `Claim`: one worker runs the confirmation of the winner; the others wait for its result. The claim carries a
+  heartbeat like a trial, so a claim of a dead worker is taken over after the grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------------------------- storage URL
+
+
+def storage_url(url: str) -> tuple[str, dict[str, Any]]:
+    """(URL for SQLAlchemy, engine kwargs). Raises ValueError with a one-line reason for an unusable URL."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+        return url, engine_kwargs
+    engine_kwargs["pool_pre_ping"] = True
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"):
+        driver = scheme.partition("+")[2]
+        if not driver:
+            driver = _installed("psycopg2", "psycopg")
+            if driver is None:
+                raise ValueError("no PostgreSQL driver installed: pip install psycopg2-binary")
+            url = f"postgresql+{driver}://" + url.split("://", 1)[1]
+        elif _installed(driver) is None:
+            raise ValueError(f"the URL asks for the {driver} driver, which is not installed: pip install "
+                             f"{'psycopg2-binary' if driver == 'psycopg2' else 'psycopg[binary]'}")
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    return url, engine_kwargs
+
+
+def _installed(*modules: str) -> str | None:
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float = 300.0) -> Iterator[None]:
+    """Mutual exclusion among every worker of study `name` for a few storage calls (never around a trial)."""
+    engine = getattr(storage, "engine", None)
+    dialect = getattr(getattr(engine, "dialect", None), "name", "")
+    if dialect == "postgresql":
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(f"vllm-tune:{name}".encode()).digest()[:8], "big", signed=True)
+        with engine.connect() as conn:  # its own session: the lock dies with the worker's connection
+            conn.execute(sqlalchemy.text(f"SET lock_timeout = {int(timeout_s * 1000)}"))
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    path = _sqlite_path(str(getattr(engine, "url", ""))) if dialect == "sqlite" else None
+    if path is None:  # in-memory SQLite or another database: one process only
+        with _LOCAL_LOCK:
+            yield
+        return
+    import fcntl
+
+    with _LOCAL_LOCK, open(f"{path}.lock", "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"study lock {path}.lock held for more than {timeout_s:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_LOCAL_LOCK = threading.RLock()
+
+
+def _sqlite_path(url: str) -> str | None:
+    rest = url.split(":///", 1)[1] if ":///" in url else ""
+    rest = rest.split("?", 1)[0]
+    return rest if rest and rest != ":memory:" else None
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+
+class Budget:
+    """`target` trials finished (complete or pruned) over every worker; running and queued trials count as taken."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+
+    def taken(self, study: optuna.Study, exclude: int | None = None) -> int:
+        n = 0
+        for t in study.get_trials(deepcopy=False):
+            if t.number == exclude:
+                continue
+            if t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING):
+                n += 1
+        return n
+
+    def callback(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """After each trial: stop this worker's loop when the finished, running and queued trials fill the budget."""
+        if self.taken(study) >= self.target:
+            study.stop()
+
+    def surplus(self, study: optuna.Study, number: int) -> bool:
+        """Trial `number` is a freshly sampled one that the others' trials already cover (two workers asked at the
+        same moment). Queued trials (baselines, retries of a dead worker's trial) are never surplus."""
+        trials = study.get_trials(deepcopy=False)
+        me = next((t for t in trials if t.number == number), None)
+        if me is None or "failed_trial" in me.system_attrs or "fixed_params" in me.system_attrs \
+                or me.user_attrs.get("baseline"):
+            return False
+        taken = sum(1 for t in trials if t.number != number
+                    and (t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING)))
+        return taken >= self.target
+
+
+class Surplus(Exception):
+    """Raised by the objective for a surplus trial: Optuna marks it FAIL and no server is started."""
+
+
+# ---------------------------------------------------------------------------------------------- drain
+
+
+def drain(study: optuna.Study, run_waiting: Callable[[int], None], *, poll_s: float, out: Any = sys.stderr,
+          deadline: float | None = None) -> None:
+    """Wait until no trial of the study is running on any worker; run re-queued (WAITING) trials meanwhile.
+
+    A dead worker's trial is failed by the heartbeat check after the grace period and re-queued by the retry
+    callback (both Optuna's); whichever worker is draining then runs it. Past `deadline` (time.monotonic()) it
+    starts nothing more and returns; a rerun picks the queued trials up.
+    """
+    from optuna.storages import fail_stale_trials
+
+    shown: tuple[int, ...] | None = None
+    while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        if waiting:
+            run_waiting(len(waiting))
+            continue
+        running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
+        if not running:
+            return
+        if running != shown:
+            shown = running
+            print(f"    waiting for trial(s) {', '.join(f'#{n}' for n in running)} running on other workers "
+                  f"(a dead worker's trial is retried after the heartbeat grace period)", file=out, flush=True)
+        time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------------------------------------- claim
+
+
+class Claim:
+    """A study-level job (the confirmation) done by one worker: `acquire()` under the study lock; the owner keeps
+    `<key>.beat` fresh from a thread; a claim whose beat is older than `grace_s` belongs to a dead worker."""
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, key: str, *,
+                 heartbeat_s: float, grace_s: float) -> None:
+        self.study, self.storage, self.key = study, storage, key
+        self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
+        self.me = worker_id()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def owner(self) -> str | None:
+        """The live owner, or None when unclaimed or its owner stopped beating."""
+        claim = self.study.user_attrs.get(self.key)
+        if not claim:
+            return None
+        beat = _dt.datetime.fromisoformat(claim["beat"])
+        if (_dt.datetime.now(_dt.timezone.utc) - beat).total_seconds() > self.grace_s:
+            return None
+        return str(claim["worker"])
+
+    def acquire(self) -> bool:
+        with study_lock(self.storage, self.study.study_name):
+            owner = self.owner()
+            if owner is not None and owner != self.me:
+                return False
+            self._beat()
+        self._thread = threading.Thread(target=self._run, name="claim-heartbeat", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        self.study.set_user_attr(self.key, {"worker": self.me,
+                                            "beat": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - a lost beat only lets another worker take over later
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.study.set_user_attr(self.key, None)
+
+
+def wait_for(get: Callable[[], Any], claim: Claim, *, poll_s: float, out: Any = sys.stderr) -> Any:
+    """Poll `get()` until it returns a value; None when the claim's owner died first (then take over)."""
+    told = False
+    while True:
+        value = get()
+        if value is not None:
+            return value
+        owner = claim.owner()
+        if owner is None:
+            return None
+        if not told:
+            print(f"    worker {owner} is confirming the winner; waiting for its result", file=out, flush=True)
+            told = True
+        time.sleep(poll_s)
