@@ -39,9 +39,9 @@ FAILURE_HINTS = {
 SECTIONS = {
     "history": ("What the tuner tried",
                 "Each point is one trial's objective value, in the order the tuner ran them; the line is the best "
-                "feasible value so far, the dashed line the baseline (vLLM defaults) with its spread over the "
-                "confirmation repeats when they ran. Failed launches sit on zero, pruned trials are marked on the "
-                "axis: neither carries a measurement."),
+                "feasible value so far, the dashed line the baseline (vLLM defaults; with its spread over the "
+                "confirmation repeats when they measured the same metric). Failed launches sit on zero, pruned "
+                "trials are marked on the axis: neither carries a measurement."),
     "pareto": ("Throughput vs latency",
                "Every measured trial placed by latency (x) and throughput (y): up and left is better. Red points are "
                "the Pareto front of the feasible trials; orange ones missed the SLO. Trials with no measurement are "
@@ -54,7 +54,8 @@ SECTIONS = {
                "line is the baseline, the star the recommended configuration."),
     "latency_vs_load": ("Latency vs load",
                         "TTFT and TPOT percentiles of the baseline and the recommended configuration as the offered "
-                        "load grows; the SLO limit and each configuration's capacity are marked."),
+                        "load grows; the SLO limit, each configuration's capacity and the confirmation repeats "
+                        "(diamonds, at the load they served) are marked."),
     "memory": ("Memory",
                "Peak memory per trial against the device's memory, and the KV-cache size vLLM reported next to the "
                "planner's estimate (bars: measured, dashes: planned)."),
