@@ -6,7 +6,6 @@ several checks, so the suite pays for as few server starts as possible.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -40,53 +39,7 @@ def our_servers(root: Path) -> list[psutil.Process]:
     return found
 
 
-def write_sweep(root: Path, model: Path, *, trials: int, confirm: int) -> Path:
-    space = {
-        "name": "e2e",
-        "fixed": {"enforce_eager": True, "max_model_len": 512, "gpu_memory_utilization": 0.2},
-        "knobs": {"max_num_seqs": {"type": "categorical", "choices": [4, 8]}},
-    }
-    (root / "space.yaml").write_text(yaml.safe_dump(space))
-    sweep = {
-        "models": [{"name": "tiny", "model": str(model)}],
-        "space": str(root / "space.yaml"),
-        "workload": "tiny-cpu",
-        "objective": {"kind": "capacity", "slo": {"ttft_ms": 8000, "tpot_ms": 1000, "percentile": 90},
-                      "num_requests": 8, "start_rate": 2.0, "max_steps": 2},
-        "trials": trials,
-        "confirm": {"repeats": confirm},
-        "results_dir": str(root / "results"),
-        "configs_dir": str(root / "configs"),
-        "sampler": "random",
-        "seed": 3,
-        "start_timeout_s": 400,
-    }
-    path = root / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
-
-
-def run_sweep(sweep: Path, cwd: Path, *extra: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "harness.sweep", str(sweep), *extra], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def sweep_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("sweep-e2e")
-    # The user's committed config is a baseline. This one names a tokenizer folder that holds no tokenizer: the
-    # planner cannot know, vLLM refuses at start-up, and the sweep must record that and carry on.
-    not_a_tokenizer = root / "empty-dir"
-    not_a_tokenizer.mkdir()
-    (root / "configs").mkdir()
-    (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(
-        {"vllm": {"model_name": str(tiny_model), "max_num_seqs": 8, "tokenizer": str(not_a_tokenizer)}}))
-    sweep = write_sweep(root, tiny_model, trials=3, confirm=2)
-    t0 = time.monotonic()
-    proc = run_sweep(sweep, root)
-    elapsed = time.monotonic() - t0
-    print(proc.stderr[-4000:])
-    return root, sweep, proc, elapsed
+from conftest import run_sweep, write_sweep  # noqa: E402  (shared with the session fixture)
 
 
 def load(root: Path) -> optuna.Study:
