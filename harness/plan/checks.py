@@ -1,0 +1,369 @@
+"""Each check says, before any GPU time, whether vLLM will accept a candidate, and why not in words a person reads.
+
+A check returns Findings: `error` (vLLM refuses to start or the node cannot hold it: the sweep prunes it),
+`warning` (it runs, but wastes hardware or surprises), `info` (context).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from harness.plan.estimate import Capacity, Memory, Resolved
+from harness.plan.hardware import GIB, Hardware
+from harness.plan.modelfacts import (
+    CHECKPOINT_METHODS,
+    ONLINE_METHODS,
+    ModelFacts,
+    _same_family,
+    quant_family,
+)
+
+SEVERITIES = ("error", "warning", "info")
+HARNESS_ONLY_KEYS = ("model_name", "replicas")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the planner found: how bad, which key, why (with the numbers), and what to change."""
+
+    severity: str  # "error" | "warning" | "info"
+    key: str
+    message: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------- parallelism
+
+
+def check_parallel(facts: ModelFacts, hw: Hardware, r: Resolved) -> list[Finding]:
+    out: list[Finding] = []
+    heads, kv = facts.num_attention_heads, facts.num_kv_heads
+    if heads % r.tp:
+        ok = [t for t in range(1, min(heads, 8 * max(1, hw.count)) + 1) if heads % t == 0 and t <= max(hw.count, 1)]
+        out.append(Finding("error", "tensor_parallel_size",
+                           f"tensor_parallel_size {r.tp} does not divide the model's {heads} attention heads "
+                           f"(vLLM splits whole heads across GPUs and refuses to start)",
+                           f"use a divisor of {heads}: {', '.join(map(str, ok)) or '1'}"))
+    elif (kv >= r.tp and kv % r.tp) or (kv < r.tp and r.tp % kv):
+        out.append(Finding("error", "tensor_parallel_size",
+                           f"tensor_parallel_size {r.tp} and the model's {kv} KV heads: neither divides the other, "
+                           f"so vLLM cannot split or replicate the KV heads evenly",
+                           f"use a TP that divides {kv} or a multiple of it"))
+    if hw.is_cpu:
+        if r.tp * r.pp * r.replicas > 1:
+            out.append(Finding("info", "tensor_parallel_size",
+                               f"CPU host: {r.replicas} replica(s) x TP {r.tp} x PP {r.pp} processes share one "
+                               f"memory node; the plan treats the node as one device"))
+        return out
+    need = r.replicas * r.tp * r.pp
+    if need > hw.count:
+        out.append(Finding("error", "replicas" if r.replicas > 1 else "tensor_parallel_size",
+                           f"replicas {r.replicas} x tensor_parallel_size {r.tp}"
+                           + (f" x pipeline_parallel_size {r.pp}" if r.pp > 1 else "")
+                           + f" = {need} GPUs, but the node has {hw.count} {hw.name}",
+                           f"make replicas x TP x PP <= {hw.count}"))
+    return out
+
+
+def check_tp_over_pcie(facts: ModelFacts, hw: Hardware, r: Resolved, cap: Capacity | None, mem_tp1: Memory | None,
+                       cap_tp1: Capacity | None) -> list[Finding]:
+    """TP across PCIe for a model that fits one GPU: replicas give the same memory without per-layer all-reduces."""
+    if hw.is_cpu or r.tp <= 1 or hw.interconnect == "nvlink" or mem_tp1 is None or cap_tp1 is None:
+        return []
+    if not cap_tp1.fits_one_request:
+        return []
+    params_m = facts.params_total / 1e6
+    size = f"{params_m / 1000:.1f}B" if params_m >= 1000 else f"{params_m:.0f}M"
+    copies = r.tp * r.replicas
+    conc_tp = f"{cap.max_concurrency * r.replicas:.1f}" if cap is not None else "?"
+    return [Finding(
+        "warning", "tensor_parallel_size",
+        f"TP {r.tp} over PCIe for a {size}-parameter model that fits on one {hw.name} "
+        f"({_gib(mem_tp1.weights)} of weights): every layer all-reduces twice per decode step across PCIe "
+        f"({hw.link_gbps:.0f} GB/s, no NVLink). {copies} single-GPU replicas hold "
+        f"{cap_tp1.max_concurrency * copies:.1f} requests of max_model_len {r.max_model_len} in KV cache "
+        f"(this layout: {conc_tp}) and need no all-reduce",
+        f"try tensor_parallel_size 1 with replicas {copies}; keep TP only if one request needs more KV cache than one "
+        f"GPU holds ({cap_tp1.max_fitting_len:,} tokens)")]
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+
+def check_context(facts: ModelFacts, r: Resolved) -> list[Finding]:
+    if r.max_model_len > facts.max_context:
+        scaled = f" x RoPE factor {facts.rope_scaling_factor:g}" if facts.rope_scaling_factor != 1 else ""
+        return [Finding("error", "max_model_len",
+                        f"max_model_len {r.max_model_len} exceeds the longest context {facts.name} allows: "
+                        f"{facts.max_context} ({facts.max_context_key}={facts.max_position_embeddings}{scaled}); "
+                        f"vLLM refuses to start",
+                        f"set max_model_len <= {facts.max_context}")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[Finding]:
+    out: list[Finding] = []
+    where = "the CPU node" if hw.is_cpu else f"each {hw.name}"
+    if hw.is_cpu:
+        out += _cpu_memory(hw, r, mem, cap)
+    else:
+        budget = mem.requested
+        if mem.weights + mem.reserve >= budget and mem.mode == "gpu":
+            more_tp = _next_tp(facts, hw, r)
+            fix = []
+            if more_tp:
+                fix.append(f"tensor_parallel_size {more_tp}")
+            if r.quantization is None and facts.quant is None and hw.arch in ("ada", "hopper"):
+                fix.append("quantization fp8 (halves the weights)")
+            if r.gpu_memory_utilization < 0.95:
+                fix.append("a higher gpu_memory_utilization")
+            out.append(Finding(
+                "error", "tensor_parallel_size" if r.tp < hw.count else "gpu_memory_utilization",
+                f"weights need {_gib(mem.weights)} per GPU and vLLM's runtime reserve ~{_gib(mem.reserve)}, "
+                f"more than gpu_memory_utilization {r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = "
+                f"{_gib(budget)} on {where}: loading fails with CUDA out of memory",
+                "use " + " or ".join(fix) if fix else "use a larger GPU or a smaller model"))
+            return out
+        if hw.free_memory_gib and r.kv_cache_memory_bytes is None:
+            free = min(hw.free_memory_gib[: max(1, r.tp * r.replicas)])
+            if free * GIB < mem.requested:
+                out.append(Finding(
+                    "error", "gpu_memory_utilization",
+                    f"only {free:.2f} GiB is free on a GPU now (other processes hold memory), less than "
+                    f"gpu_memory_utilization {r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = "
+                    f"{_gib(mem.requested)}: vLLM refuses to start",
+                    f"lower gpu_memory_utilization to <= {free / hw.memory_gib - 0.01:.2f} or free the GPU"))
+        elif r.gpu_memory_utilization > 0.97 and r.kv_cache_memory_bytes is None:
+            out.append(Finding(
+                "warning", "gpu_memory_utilization",
+                f"gpu_memory_utilization {r.gpu_memory_utilization:g} leaves "
+                f"{(1 - r.gpu_memory_utilization) * hw.memory_gib:.2f} GiB for the CUDA context and NCCL "
+                f"(allocated before vLLM's budget, typically 0.5-1 GiB); vLLM refuses to start when free memory at "
+                f"start-up is below the request",
+                "keep gpu_memory_utilization <= 0.95"))
+    if mem.kv_budget <= 0 or not cap.fits_one_request:
+        need = cap.blocks_per_request * cap.bytes_per_block
+        fix = (f"set max_model_len <= {cap.max_fitting_len}" if cap.max_fitting_len > 0
+               else "free memory for the KV cache (more TP, quantization, or higher gpu_memory_utilization)")
+        if not hw.is_cpu and r.gpu_memory_utilization < 0.95:
+            fix += f", or raise gpu_memory_utilization above {r.gpu_memory_utilization:g}"
+        out.append(Finding(
+            "error", "max_model_len",
+            f"the KV cache left on {where} ({_gib(max(mem.kv_budget, 0))}, {cap.num_blocks} blocks of "
+            f"{r.block_size}) cannot hold one {r.max_model_len}-token request ({_gib(need)} + one reserved block): "
+            f"vLLM refuses to start", fix))
+    elif cap.max_concurrency < 1.5 and not r.max_model_len_auto:
+        out.append(Finding(
+            "warning", "max_model_len",
+            f"the KV cache holds only {cap.max_concurrency:.2f} requests of max_model_len {r.max_model_len} "
+            f"({cap.tokens:,} tokens): long requests will queue or be preempted",
+            "lower max_model_len, or free memory for the KV cache"))
+    return out
+
+
+def _cpu_memory(hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[Finding]:
+    out: list[Finding] = []
+    avail = hw.available_memory_gib
+    if mem.mode == "cpu-auto":
+        if avail is not None and mem.requested > avail * GIB:
+            out.append(Finding(
+                "error", "gpu_memory_utilization",
+                f"on the CPU build, gpu_memory_utilization is the share of the memory node vLLM claims: "
+                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)}, but only "
+                f"{avail:.2f} GiB is available: vLLM refuses to start",
+                f"lower gpu_memory_utilization to <= {max(0.05, avail / hw.memory_gib - 0.05):.2f}, or set "
+                f"VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache"))
+    elif avail is not None and mem.kv_budget > avail * GIB:
+        out.append(Finding(
+            "error", "VLLM_CPU_KVCACHE_SPACE",
+            f"the fixed KV cache ({_gib(mem.kv_budget)}) is more than the {avail:.2f} GiB available on the memory "
+            f"node: vLLM refuses to start",
+            f"set VLLM_CPU_KVCACHE_SPACE <= {int(avail)}"))
+    return out
+
+
+def _next_tp(facts: ModelFacts, hw: Hardware, r: Resolved) -> int | None:
+    for t in (2, 4, 8, 16):
+        if t > r.tp and t * r.replicas * r.pp <= hw.count and facts.num_attention_heads % t == 0:
+            return t
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+
+
+def check_scheduler(r: Resolved) -> list[Finding]:
+    out: list[Finding] = []
+    if r.max_num_batched_tokens < r.max_num_seqs:
+        out.append(Finding("error", "max_num_seqs",
+                           f"max_num_seqs {r.max_num_seqs} > max_num_batched_tokens {r.max_num_batched_tokens}: "
+                           f"vLLM requires max_num_batched_tokens >= max_num_seqs (every running sequence needs at "
+                           f"least one token per step) and refuses to start",
+                           f"set max_num_seqs <= {r.max_num_batched_tokens} or raise max_num_batched_tokens"))
+    if not r.enable_chunked_prefill and r.max_num_batched_tokens < r.max_model_len:
+        out.append(Finding("error", "max_num_batched_tokens",
+                           f"with chunked prefill off, a prompt is prefilled in one step, so max_num_batched_tokens "
+                           f"{r.max_num_batched_tokens} must be >= max_model_len {r.max_model_len}; vLLM refuses to "
+                           f"start",
+                           f"set max_num_batched_tokens >= {r.max_model_len}, or enable_chunked_prefill: true"))
+    if r.max_num_batched_tokens > r.max_num_seqs * r.max_model_len:
+        out.append(Finding("warning", "max_num_batched_tokens",
+                           f"max_num_batched_tokens {r.max_num_batched_tokens} exceeds max_num_seqs x max_model_len "
+                           f"= {r.max_num_seqs * r.max_model_len}: the surplus can never be scheduled, but vLLM still "
+                           f"reserves activation memory for it",
+                           f"set max_num_batched_tokens <= {r.max_num_seqs * r.max_model_len}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- platform
+
+
+def check_platform(facts: ModelFacts, hw: Hardware, r: Resolved, quant_methods: Iterable[str] | None) -> list[Finding]:
+    out: list[Finding] = []
+    # Block size: FlashAttention / Triton attention on CUDA take multiples of 16; the CPU attention kernel
+    # multiples of 32 (vllm/v1/attention/backends/*: get_supported_kernel_block_sizes).
+    if hw.is_cpu:
+        if r.block_size % 32:
+            out.append(Finding("warning", "block_size",
+                               f"block_size {r.block_size} is not a multiple of 32: vLLM's CPU attention kernel works "
+                               f"in 32-token blocks and warns that this is slow",
+                               "use 32, 64 or 128 (the CPU default)"))
+    elif r.block_size % 16:
+        out.append(Finding("error", "block_size",
+                           f"block_size {r.block_size} is not a multiple of 16, which the CUDA attention backends "
+                           f"(FlashAttention, Triton) require",
+                           "use 16 (the default) or 32"))
+    out += _check_quantization(facts, hw, r, quant_methods)
+    out += _check_kv_dtype(hw, r)
+    if facts.dtype_for("auto") == "float16" and r.dtype == "bfloat16" and "dtype" in r.explicit:
+        out.append(Finding("info", "dtype", "the checkpoint is float16; running it in bfloat16 changes numerics"))
+    return out
+
+
+def _check_quantization(facts: ModelFacts, hw: Hardware, r: Resolved,
+                        quant_methods: Iterable[str] | None) -> list[Finding]:
+    out: list[Finding] = []
+    q = r.quantization
+    ckpt = facts.quant
+    if q is None:
+        return out
+    ql = q.lower()
+    known = list(quant_methods) if quant_methods is not None else None
+    if known is not None and ql not in {m.lower() for m in known}:
+        close = difflib.get_close_matches(ql, known, n=3, cutoff=0.5)
+        hint = "; closest: " + ", ".join(close) if close else ""
+        dropped = " (SqueezeLLM support was removed from vLLM)" if ql == "squeezellm" else ""
+        out.append(Finding("error", "quantization",
+                           f"quantization '{q}' does not exist in the installed vLLM{dropped}{hint}",
+                           "use null (unquantized), fp8 on Ada/Hopper, or awq/gptq with such a checkpoint"))
+        return out
+    if ckpt is not None:
+        if not _same_family(ckpt.method, ql):
+            out.append(Finding("error", "quantization",
+                               f"the checkpoint is quantized with {ckpt.method}, but quantization is '{q}': vLLM "
+                               f"refuses a method that does not match the checkpoint's",
+                               f"set quantization: null (vLLM reads {ckpt.method} from the checkpoint)"))
+            return out
+    elif ql in CHECKPOINT_METHODS or (ql not in ONLINE_METHODS and quant_family(ql) in ("awq", "gptq")):
+        out.append(Finding("error", "quantization",
+                           f"quantization '{q}' needs a checkpoint quantized with {quant_family(ql).upper()} (packed "
+                           f"weights and scales); {facts.name} is an unquantized {facts.config_dtype} checkpoint, so "
+                           f"vLLM fails to load it",
+                           "use an AWQ/GPTQ checkpoint of this model, or quantization: fp8 (quantizes while loading, "
+                           "Ada/Hopper)"))
+        return out
+    fam = quant_family(ql)
+    if fam == "fp8":
+        if hw.is_cpu:
+            out.append(Finding("error", "quantization",
+                               "FP8 quantization needs an NVIDIA GPU (Ada or Hopper FP8 tensor cores, or Ampere's "
+                               "weight-only FP8 Marlin kernels); the CPU build does not run it",
+                               "set quantization: null on CPU"))
+        elif hw.arch == "ampere":
+            out.append(Finding("warning", "quantization",
+                               f"{hw.name} (Ampere) has no FP8 tensor cores: vLLM runs FP8 as weight-only (W8A16 "
+                               f"Marlin), halving weight memory but not computing in FP8",
+                               "fine for memory; for FP8 speed use Ada (L40S, L4) or Hopper (H100, H200)"))
+        elif hw.arch not in ("ada", "hopper"):
+            out.append(Finding("error", "quantization",
+                               f"FP8 needs compute capability >= 8.0 (Ampere weight-only) or 8.9 (Ada/Hopper FP8); "
+                               f"{hw.name} is {hw.compute_capability}",
+                               "set quantization: null"))
+    elif fam in ("awq", "gptq") and hw.is_cpu:
+        out.append(Finding("warning", "quantization",
+                           f"{fam.upper()} on the CPU build runs through its CPU kernels; the planner's memory figures "
+                           f"assume the GPU layout", ""))
+    return out
+
+
+def _check_kv_dtype(hw: Hardware, r: Resolved) -> list[Finding]:
+    if not r.kv_cache_dtype.startswith("fp8"):
+        return []
+    if hw.is_cpu:
+        return [Finding("warning", "kv_cache_dtype",
+                        "an FP8 KV cache on the CPU build is not a tuned path; expect it to be slower than auto",
+                        "use kv_cache_dtype: auto on CPU")]
+    if hw.arch == "ampere":
+        return [Finding("warning", "kv_cache_dtype",
+                        f"{hw.name} (Ampere) lacks FP8 hardware: an FP8 KV cache halves its memory but is converted "
+                        f"on every read, and FlashAttention does not take it there (vLLM picks a slower backend)",
+                        "prefer kv_cache_dtype: auto on Ampere unless KV memory is the limit")]
+    return [Finding("info", "kv_cache_dtype",
+                    "FP8 KV cache: twice the tokens per GiB; without calibrated scales (k_scale/v_scale) vLLM uses "
+                    "1.0, which can cost accuracy")]
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def check_keys(settings: dict[str, Any], argspec: Any, source: str | None = None) -> list[Finding]:
+    """Keys the installed vLLM does not accept, each with the closest valid key (via ArgSpec.check, one at a time)."""
+    from harness.errors import UserError
+
+    out: list[Finding] = []
+    if argspec is None:
+        return out
+    for key, value in settings.items():
+        if key in HARNESS_ONLY_KEYS:
+            continue
+        try:
+            argspec.check({key: value}, source)
+        except UserError as exc:
+            msg = str(exc)
+            prefix = ": ".join(p for p in (source, key) if p)
+            if prefix and msg.startswith(prefix + ": "):
+                msg = msg[len(prefix) + 2:]
+            out.append(Finding("error", key, msg, _key_fix(key, msg, argspec)))
+    return out
+
+
+_KEY_ADVICE = {
+    "use_v2_block_manager": "delete it: the V1 engine has a single block manager (the flag was removed)",
+    "swap_space": "delete it: vLLM's V1 engine recomputes preempted requests instead of swapping KV to CPU; "
+                  "for CPU offload see kv_offloading_size",
+    "max_chunked_prefill_tokens": "use max_num_batched_tokens (the per-step token budget, which is the chunk size "
+                                  "with enable_chunked_prefill)",
+}
+
+
+def _key_fix(key: str, message: str, argspec: Any) -> str:
+    if key in _KEY_ADVICE:
+        advice = _KEY_ADVICE[key]
+        if "kv_offloading_size" in advice and "kv_offloading_size" not in getattr(argspec, "args", {}):
+            advice = advice.split("; for CPU offload")[0]
+        return advice
+    if "closest" in message:
+        return "rename it to the closest valid key named above"
+    return "remove it, or check `vllm serve --help` for the current name"
