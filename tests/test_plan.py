@@ -352,3 +352,50 @@ def test_planning_is_fast(l40s: Hardware) -> None:
     for i in range(500):
         plan_candidate(f, l40s, {"tensor_parallel_size": 1 + i % 2, "max_num_seqs": 64 + i, "max_model_len": 4096})
     assert (time.perf_counter() - t) / 500 < 0.002  # well under 2 ms a candidate
+
+
+def test_utilization_too_close_to_the_whole_card() -> None:
+    f = load_model_facts(MISTRAL)
+    hw = detect_hardware("L40S", 1)
+    # the CUDA context and NCCL (1.12 GiB measured) live outside vLLM's budget
+    assert "gpu_memory_utilization" in keys(plan_candidate(f, hw, {"gpu_memory_utilization": 0.99,
+                                                                   "max_model_len": 4096}), "warning")
+    assert "gpu_memory_utilization" not in keys(plan_candidate(f, hw, {"gpu_memory_utilization": 0.95,
+                                                                       "max_model_len": 4096}), "warning")
+    # vLLM 0.26 captured CUDA graphs outside the budget too: the safe ceiling is lower there
+    old = plan_candidate(f, hw, {"gpu_memory_utilization": 0.97, "max_model_len": 4096},
+                         defaults=defaults_for("0.26.0"))
+    assert "gpu_memory_utilization" in keys(old, "warning")
+
+
+def test_explicit_kv_cache_memory_bytes() -> None:
+    f = load_model_facts(MISTRAL)
+    hw = detect_hardware("L40S", 1)
+    ok = plan_candidate(f, hw, {"kv_cache_memory_bytes": "8Gi", "max_model_len": 4096})
+    assert ok.feasible and ok.kv_budget_gib_per_gpu == pytest.approx(8.0) and ok.memory_mode == "explicit"
+    assert ok.kv_cache_tokens == 8 * GIB // (16 * 131_072) * 16
+    too_big = plan_candidate(f, hw, {"kv_cache_memory_bytes": "40Gi", "max_model_len": 4096})
+    assert "kv_cache_memory_bytes" in keys(too_big)
+
+
+def test_nvml_detection_uses_cuda_visible_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML as seen on this project's H100 host: 81559 MiB total, 480 MiB reserved -> CUDA's 81079 MiB."""
+    import sys
+    import types
+
+    mem = types.SimpleNamespace(total=81559 * 2**20, reserved=480 * 2**20, free=81079 * 2**20, used=0)
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3",
+        nvmlMemory_v2=2, nvmlDeviceGetMemoryInfo=lambda h, version=None: mem,
+        nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0), nvmlDeviceGetNvLinkState=lambda h, link: 1,
+        NVML_NVLINK_MAX_LINKS=18)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hw = detect_hardware()
+    assert (hw.name, hw.count, hw.arch, hw.interconnect, hw.detected) == ("H100-SXM", 2, "hopper", "nvlink", True)
+    assert hw.memory_gib * 1024 == pytest.approx(81079)
+    assert hw.free_memory_gib == (81079 / 1024, 81079 / 1024)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert detect_hardware().count == 1
+    assert detect_hardware(None, 4).count == 4  # --num-gpus overrides the count, keeps the detected model

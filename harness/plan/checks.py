@@ -10,6 +10,7 @@ import difflib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from harness.plan.estimate import CUDA_CONTEXT_GIB as CUDA_CTX_GIB
 from harness.plan.estimate import Capacity, Memory, Resolved
 from harness.plan.hardware import GIB, Hardware
 from harness.plan.modelfacts import (
@@ -129,13 +130,24 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
                 fix.append("quantization fp8 (halves the weights)")
             if r.gpu_memory_utilization < 0.95:
                 fix.append("a higher gpu_memory_utilization")
+            oom = mem.weights + mem.outside_budget > mem.total
             out.append(Finding(
                 "error", "tensor_parallel_size" if r.tp < hw.count else "gpu_memory_utilization",
                 f"weights need {_gib(mem.weights)} per GPU and vLLM's runtime reserve ~{_gib(mem.reserve)}, "
                 f"more than gpu_memory_utilization {r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = "
-                f"{_gib(budget)} on {where}: loading fails with CUDA out of memory",
+                f"{_gib(budget)} on {where}: "
+                + ("loading fails with CUDA out of memory" if oom else
+                   "nothing is left for the KV cache and vLLM refuses to start"),
                 "use " + " or ".join(fix) if fix else "use a larger GPU or a smaller model"))
             return out
+        if mem.mode == "explicit" and mem.requested + mem.outside_budget > mem.total:
+            out.append(Finding(
+                "error", "kv_cache_memory_bytes",
+                f"kv_cache_memory_bytes {_gib(mem.kv_budget)} plus weights {_gib(mem.weights)}, vLLM's runtime "
+                f"reserve ~{_gib(mem.reserve)} and the CUDA context/graphs ~{_gib(mem.outside_budget)} exceed "
+                f"the {hw.memory_gib:.2f} GiB of each {hw.name}: CUDA out of memory at start-up",
+                f"set kv_cache_memory_bytes <= "
+                f"{max(0.0, (mem.total - mem.outside_budget - mem.weights - mem.reserve) / GIB):.1f}Gi"))
         if hw.free_memory_gib and r.kv_cache_memory_bytes is None:
             free = min(hw.free_memory_gib[: max(1, r.tp * r.replicas)])
             if free * GIB < mem.requested:
@@ -144,15 +156,18 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
                     f"only {free:.2f} GiB is free on a GPU now (other processes hold memory), less than "
                     f"gpu_memory_utilization {r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = "
                     f"{_gib(mem.requested)}: vLLM refuses to start",
-                    f"lower gpu_memory_utilization to <= {free / hw.memory_gib - 0.01:.2f} or free the GPU"))
-        elif r.gpu_memory_utilization > 0.97 and r.kv_cache_memory_bytes is None:
+                    f"lower gpu_memory_utilization to <= {free / hw.memory_gib - 0.02:.2f} or free the GPU"))
+        if mem.mode == "gpu" and mem.requested + mem.outside_budget > mem.total:
+            headroom = mem.total - mem.requested
             out.append(Finding(
                 "warning", "gpu_memory_utilization",
-                f"gpu_memory_utilization {r.gpu_memory_utilization:g} leaves "
-                f"{(1 - r.gpu_memory_utilization) * hw.memory_gib:.2f} GiB for the CUDA context and NCCL "
-                f"(allocated before vLLM's budget, typically 0.5-1 GiB); vLLM refuses to start when free memory at "
-                f"start-up is below the request",
-                "keep gpu_memory_utilization <= 0.95"))
+                f"gpu_memory_utilization {r.gpu_memory_utilization:g} leaves {_gib(headroom)} of the "
+                f"{hw.memory_gib:.2f} GiB outside vLLM's budget, but the CUDA context and NCCL (~{CUDA_CTX_GIB:.2f} "
+                f"GiB, taken before the budget)"
+                + (" and the CUDA graphs (captured after the KV cache, outside the budget in this vLLM)"
+                   if mem.outside_budget > CUDA_CTX_GIB * GIB + 1 else "")
+                + f" need ~{_gib(mem.outside_budget)}: start-up may fail on free memory or CUDA out of memory",
+                f"keep gpu_memory_utilization <= {max(0.5, (mem.total - mem.outside_budget) / mem.total - 0.005):.2f}"))
     if mem.kv_budget <= 0 or not cap.fits_one_request:
         need = cap.blocks_per_request * cap.bytes_per_block
         fix = (f"set max_model_len <= {cap.max_fitting_len}" if cap.max_fitting_len > 0

@@ -70,6 +70,9 @@ CUDAGRAPH_MIB_PER_LAYER_GRAPH_MAX = 0.30
 # CPU worker RSS besides weights and activations: Python, torch, vLLM and oneDNN after warm-up. vLLM 0.32's CPU build
 # logged "0.63 GiB memory was consumed by non-kv usages" for the 4.5M-parameter tiny Llama (9 MB of weights).
 CPU_RSS_BASE_GIB = 0.61
+# Allocated before vLLM's start-up snapshot, so outside gpu_memory_utilization: the CUDA context, NCCL and gloo
+# set-up. vLLM 0.26 on the H100 logged "worker init memory snapshot: ... non_torch_memory=1.12GiB" for every model.
+CUDA_CONTEXT_GIB = 1.12
 
 
 @dataclass
@@ -240,6 +243,7 @@ class Memory:
     cudagraph: float
     kv_budget: float
     mode: str  # "gpu" | "cpu-auto" | "cpu-explicit" | "explicit" (kv_cache_memory_bytes)
+    outside_budget: float = 0.0  # GPU memory the instance uses beyond `requested`: CUDA context, NCCL, graphs
 
     @property
     def reserve(self) -> float:
@@ -256,9 +260,10 @@ def activation_peak_bytes(facts: ModelFacts, r: Resolved) -> float:
     return max(forward, sampler)
 
 
-def cudagraph_bytes(facts: ModelFacts, r: Resolved, defaults: VllmDefaults) -> float:
-    """The CUDA-graph memory vLLM subtracts from the KV budget (0 with enforce_eager, or in vLLM 0.26)."""
-    if r.enforce_eager or not defaults.subtracts_cudagraph_estimate:
+def cudagraph_bytes(facts: ModelFacts, r: Resolved, defaults: VllmDefaults, *, captured: bool = False) -> float:
+    """The CUDA-graph memory vLLM subtracts from the KV budget (0 with enforce_eager, or in vLLM 0.26);
+    `captured=True`: what the graphs take when captured, whether or not the budget accounted for it."""
+    if r.enforce_eager or not (captured or defaults.subtracts_cudagraph_estimate):
         return 0.0
     graphs = cudagraph_graph_count(r.max_num_seqs, r.max_num_batched_tokens, defaults)
     per = min(CUDAGRAPH_MIB_PER_LAYER_GRAPH_MAX, CUDAGRAPH_MIB_PER_LAYER_GRAPH_BASE
@@ -287,10 +292,13 @@ def memory(facts: ModelFacts, hw: Hardware, r: Resolved, defaults: VllmDefaults)
     nontorch = base * GIB + (TP_EXTRA_GIB * GIB if r.tp > 1 else 0)
     activation = activation_peak_bytes(facts, r)
     graphs = cudagraph_bytes(facts, r, defaults)
+    outside = CUDA_CONTEXT_GIB * GIB + cudagraph_bytes(facts, r, defaults, captured=True) - graphs
     if r.kv_cache_memory_bytes is not None:
-        return Memory(total, requested, weights, nontorch, activation, graphs, r.kv_cache_memory_bytes, "explicit")
+        used = weights + nontorch + activation + graphs + r.kv_cache_memory_bytes
+        return Memory(total, int(used), weights, nontorch, activation, graphs, r.kv_cache_memory_bytes, "explicit",
+                      outside)
     kv = requested - weights - nontorch - activation - graphs
-    return Memory(total, requested, weights, nontorch, activation, graphs, kv, "gpu")
+    return Memory(total, requested, weights, nontorch, activation, graphs, kv, "gpu", outside)
 
 
 # ---------------------------------------------------------------------------------------------- KV capacity

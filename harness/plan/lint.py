@@ -128,6 +128,10 @@ def lint_target(t: Target, hw: Hardware, *, argspec: Any = None, source: str | N
         findings.append(Finding("error", "model_name", str(exc),
                                 "use a local model directory, a cached hub model, or a shipped model"))
         return TargetResult(t, None, findings)
+    if facts.source.startswith("shipped:") and str(model).startswith((".", "/", "~")):
+        findings.append(Finding("info", "model_name",
+                                f"{model} is not a model directory on this machine; planned with the shipped "
+                                f"architecture facts of {facts.name} (the server needs the directory)"))
     node = hw
     if t.gpu_devices is not None and not hw.is_cpu:
         node = hw.with_count(max(1, len(t.gpu_devices)))
