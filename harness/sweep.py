@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"must be > 0, got {args.max_minutes}", key="--max-minutes")
     deadline = None if args.max_minutes is None else time.monotonic() + args.max_minutes * 60
     failures = 0
+    _stop_servers_on_signals()
     try:
         for entry in models:
             outcome = tune_model(sweep, entry, hardware=hardware, storage_url=storage, parallel=parallel,
@@ -81,6 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: servers torn down; run the same command again to resume", file=sys.stderr)
         return 130
     return 1 if failures else 0
+
+
+def _stop_servers_on_signals() -> None:
+    """Ctrl-C or SIGTERM: mark running trials interrupted, stop every server at once (so trials in worker
+    threads end in seconds), then unwind the main thread with KeyboardInterrupt. A second signal is ignored."""
+    import signal
+    import threading
+
+    from harness.launch.server import stop_all
+    from harness.study.runner import INTERRUPTED
+
+    def handler(signum: int, frame: object) -> None:
+        if INTERRUPTED.is_set():
+            return
+        INTERRUPTED.set()
+        threading.Thread(target=stop_all, name="stop-servers", daemon=True).start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _parallel(value: str | int, hardware: object) -> int:

@@ -126,12 +126,20 @@ _LIVE: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_all_at_exit() -> None:
-    for server in list(_LIVE):
+def stop_all() -> None:
+    """Stop every server this process started, in parallel (Ctrl-C, SIGTERM, interpreter exit)."""
+    live = list(_LIVE)
+    if not live:
+        return
+
+    def stop(server: Server) -> None:
         try:
             server.stop()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit; the reaper covers the rest
+        except Exception:  # noqa: BLE001 - best effort on the way out; the reaper covers the rest
             pass
+
+    with ThreadPoolExecutor(max_workers=len(live)) as pool:
+        list(pool.map(stop, live))
 
 
 # ---------------------------------------------------------------------------------------------- helpers

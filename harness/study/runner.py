@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines s
 from harness.errors import UserError
 from harness.records import to_dict
 from harness.study.evaluate import Evaluation, StudyContext, evaluate
+
+# Set on Ctrl-C / SIGTERM: trials running in worker threads end as FAIL (to be run again), never as a measured
+# failure of the configuration they were testing.
+INTERRUPTED = threading.Event()
+
+
+class TrialInterrupted(Exception):
+    """The sweep was interrupted while this trial ran; Optuna records it as FAIL and a rerun measures it again."""
+
 
 BASELINE_DEFAULTS = "vllm-defaults"
 BASELINE_COMMITTED = "committed-config"
@@ -47,13 +57,14 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
     Connects at once: a bad URL, an unreachable host or a wrong password is a one-line UserError here, before any
     study is touched."""
-    from harness.study.workers import storage_url
+    from harness.study.workers import schema_lock, storage_url
 
     try:
         sa_url, engine_kwargs = storage_url(url)
-        return optuna.storages.RDBStorage(
-            sa_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        with schema_lock(sa_url, engine_kwargs):  # nodes started together on an empty database
+            return optuna.storages.RDBStorage(
+                sa_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
         raise UserError(f"cannot open the study storage: {_first_line(exc)}", source=_redact(url),
                         key="storage") from None
@@ -99,6 +110,10 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, directions: list
                                     load_if_exists=True)
     except ValueError as exc:
         raise UserError(f"study {name!r} exists with other directions: {exc}", key="objective") from None
+    have = [d.name.lower() for d in study.directions]
+    if have != [d.lower() for d in directions]:  # Optuna loads an existing study whatever directions are asked
+        raise UserError(f"study {name!r} exists with other directions ({', '.join(have)}); nothing was changed",
+                        key="objective")
     existing = study.user_attrs.get("identity")
     if existing is None:
         for key, value in identity.items():
@@ -191,7 +206,11 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) ->
         best = best_feasible(trial.study) if ctx.objective.kind == "capacity" else None
         if best is not None and best.values[0] > 0:
             start_rate = best.values[0]  # start where the incumbent is: one step tells if this one is better
+        if INTERRUPTED.is_set():
+            raise TrialInterrupted("the sweep is stopping")
         ev = evaluate(ctx, settings, label, start_rate=start_rate)
+        if INTERRUPTED.is_set():
+            raise TrialInterrupted("interrupted while measuring; a rerun measures this trial again")
         record_trial(trial, ev)
         if ev.values is None:
             raise optuna.TrialPruned(ev.pruned_reason)
@@ -271,18 +290,15 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     progress = Progress(total=max(remaining, len(waiting(study)), 1), out=out)
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
-        progress.end(st, trial, describe(trial))
+        progress.end(st, trial, f"trial #{trial.number} {describe(trial)}")
 
     objective = make_objective(ctx, progress, budget)
     if remaining > 0 and budget.taken(study) < target:
         study.optimize(objective, n_trials=remaining, n_jobs=parallel, callbacks=[callback, budget.callback],
                        catch=(Exception,), gc_after_trial=False, timeout=timeout_s)
 
-    def run_waiting(n: int) -> None:  # re-queued trials of workers that died: finish them before leaving
-        study.optimize(objective, n_trials=n, n_jobs=min(parallel, n), callbacks=[callback],
-                       catch=(Exception,), gc_after_trial=False)
-
-    drain(study, run_waiting, poll_s=min(HEARTBEAT_S, 5), out=out, deadline=deadline)
+    # Re-queued trials of workers that died: wait for the others, run the retries, so every trial is accounted for.
+    drain(study, objective, [callback], poll_s=min(HEARTBEAT_S, 5), out=out, deadline=deadline)
     logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, len(finished(study)))
 
 
