@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
 from harness.errors import UserError, main_guard
 from harness.records import SLO, RunRecord, save_record
+from harness.yamlfile import parse_scalars
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
@@ -130,20 +130,6 @@ def deploy(model: str, settings: dict[str, Any], *, slot: Any = None, log_dir: P
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set max_num_seqs=64 --set enable_prefix_caching=false` -> typed values (YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"expected KEY=VALUE, got {item!r}", key="--set")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            raise UserError(f"cannot read the value of {item!r}", key="--set") from None
-    return out
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,7 +157,7 @@ def _slo(items: list[str]) -> SLO | None:
 
     if not items:
         return None
-    data = parse_set(items)
+    data = parse_scalars(items, "--slo")
     return parse_slo(data, "--slo", key="--slo")
 
 
@@ -233,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = read_config(args.config)
         settings.update(cfg.settings)
         model = model or cfg.model
-    settings.update(parse_set(args.set))
+    settings.update(parse_scalars(args.set, "--set"))
     if not model:
         raise UserError("give --model (a local directory or a hub name) or --config", key="--model")
     if (model.startswith((".", "/")) or Path(model).parent != Path(".")) and not Path(model).exists() \

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from harness.errors import UserError
+from harness.yamlfile import read_yaml
 from harness.settings import HARNESS_KEYS
 
 # The order of the user's VLLMConfig / guide; other keys follow alphabetically.
@@ -78,12 +79,7 @@ def write_config(path: Path, config: EmittedConfig, *, gpu_sets: list[list[int]]
 def read_config(path: str | Path) -> EmittedConfig:
     """Read a config in the user's format (ours or theirs): the `vllm:` block and an optional `vllm_instances:`."""
     path = Path(path)
-    if not path.exists():
-        raise UserError("no such config file", source=str(path))
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"malformed YAML: {getattr(exc, 'problem', exc)}", source=str(path)) from None
+    doc = read_yaml(path, "config")
     if not isinstance(doc, dict) or not isinstance(doc.get("vllm") or (doc.get("vllm_instances") or [None])[0], dict):
         raise UserError("expected a mapping with a 'vllm:' block (or a 'vllm_instances:' list)", source=str(path))
     instances = doc.get("vllm_instances") or []

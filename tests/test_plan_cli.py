@@ -203,7 +203,7 @@ def test_space_sampling_for_large_grids(tmp_path: Path) -> None:
 
 def test_bad_input_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "missing.yaml"), *L40S]) == 2
-    assert "config file not found" in capsys.readouterr().err
+    assert "no such config file" in capsys.readouterr().err
     broken = _write(tmp_path, "broken.yaml", "vllm:\n  model_name: [unclosed\n")
     assert main([broken, *L40S]) == 2
     err = capsys.readouterr().err

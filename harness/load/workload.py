@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from harness.errors import UserError
+from harness.yamlfile import read_yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "data" / "workloads"
 
@@ -247,15 +247,7 @@ def load_workload(name_or_path: str | Path) -> Workload:
                 source=text,
             )
         path = preset
-    if not path.is_file():
-        raise UserError("workload file not found", source=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise UserError(f"malformed YAML{where}: {problem}", source=str(path)) from None
+    data = read_yaml(path, "workload")
     return parse_workload(data, source=str(path), default_name=path.stem)
 
 

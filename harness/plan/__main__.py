@@ -17,9 +17,9 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
-import yaml
 
 from harness.errors import UserError, main_guard
+from harness.yamlfile import parse_scalars
 from harness.plan import Plan, detect_hardware, load_model_facts, plan_candidate
 from harness.plan.checks import Finding
 from harness.plan.hardware import GPU_CATALOG, Hardware
@@ -80,11 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_space(rep, out)
         return 0
     settings = {"model_name": args.model}
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"expected KEY=VALUE, got {item!r}", key="--set")
-        k, v = item.split("=", 1)
-        settings[k.strip()] = yaml.safe_load(v)
+    settings.update(parse_scalars(args.set, "--set"))
     argspec = None if args.no_key_check else _argspec(out)
     plan = plan_candidate(facts, hw, settings, argspec=argspec, source="--set")
     if args.json:

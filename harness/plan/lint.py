@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from harness.errors import UserError
+from harness.yamlfile import read_yaml
 from harness.plan import Plan, plan_candidate
 from harness.plan.checks import Finding
 from harness.plan.hardware import Hardware
@@ -60,15 +60,7 @@ class LintReport:
 
 def read_user_config(path: str | Path, *, user_defaults: bool = True) -> list[Target]:
     """The servers a user config describes. UserError for a missing file, bad YAML or no vllm section."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError("config file not found", source=str(path))
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', exc)}", source=str(path)) from None
+    data = read_yaml(path, "config")
     if not isinstance(data, dict) or not ({"vllm", "vllm_instances"} & set(data)):
         raise UserError("no 'vllm:' block or 'vllm_instances:' list to lint", source=str(path))
     targets: list[Target] = []

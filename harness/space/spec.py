@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import optuna
-import yaml
 
 from harness.errors import UserError
+from harness.yamlfile import read_yaml
 from harness.space.conditions import Condition, parse_condition
 from harness.space.knobs import Knob, parse_knob
 
@@ -77,14 +77,7 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
     path = resolve_space_path(name_or_path)
-    source = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"malformed YAML{where}: {getattr(exc, 'problem', exc)}", source=source) from None
-    return parse_space(data, source, default_name=path.stem)
+    return parse_space(read_yaml(path, "search space"), str(path), default_name=path.stem)
 
 
 def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSpace:

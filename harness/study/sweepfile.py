@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from harness.errors import UserError
+from harness.yamlfile import read_yaml
 from harness.records import SLO
 
 SLO_PERCENTILES = (50, 90, 95, 99)  # the percentiles every RunMetrics carries
@@ -220,11 +220,4 @@ def load_sweep(path: str | Path | None) -> Sweep:
     """Read a sweep file, or the embedded demo when `path` is None."""
     if path is None:
         return parse_sweep(DEMO_SWEEP, "<embedded demo sweep>")
-    p = Path(path)
-    if not p.exists():
-        raise UserError("no such sweep file", source=str(p))
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"malformed YAML: {getattr(exc, 'problem', exc)}", source=str(p)) from None
-    return parse_sweep(data, str(p))
+    return parse_sweep(read_yaml(path, "sweep"), str(path))
