@@ -100,19 +100,17 @@ def test_emitted_config_round_trips_to_the_same_server_settings(sweep_run) -> No
     measured_argv = record.argv[0]
     relaunch_argv = Server(ServerSpec(model=record.model, settings=cfg.settings)).build_argv()
 
-    def strip(argv: list[str]) -> list[str]:  # port and API key are per launch
-        out, skip = [], False
+    def options(argv: list[str]) -> list[tuple[str, ...]]:
+        """argv as sorted (flag, values...) groups: order is free, port and API key are per launch."""
+        groups: list[list[str]] = []
         for a in argv:
-            if skip:
-                skip = False
-                continue
-            if a in ("--port", "--api-key"):
-                skip = True
-                continue
-            out.append(a)
-        return out
+            if a.startswith("--") or not groups:
+                groups.append([a])
+            else:
+                groups[-1].append(a)
+        return sorted(tuple(g) for g in groups if g[0] not in ("--port", "--api-key"))
 
-    assert strip(relaunch_argv) == strip(measured_argv)
+    assert options(relaunch_argv) == options(measured_argv)
 
 
 def test_rerun_resumes_instead_of_starting_over(sweep_run) -> None:  # type: ignore[no-untyped-def]
