@@ -39,6 +39,16 @@ _INT_TYPES = {"int", "human_readable_int", "human_readable_int_or_auto"}
 _FLOAT_TYPES = {"float"}
 
 
+# Keys of older vLLM releases that users still carry in their configs, with what to do instead.
+REMOVED_KEYS: dict[str, str] = {
+    "use_v2_block_manager": "delete it: the V1 engine has a single block manager (the flag was removed)",
+    "swap_space": "delete it: vLLM's V1 engine recomputes preempted requests instead of swapping KV to CPU; "
+                  "for CPU offload see kv_offloading_size",
+    "max_chunked_prefill_tokens": "use max_num_batched_tokens (the per-step token budget, which is the chunk size "
+                                  "with enable_chunked_prefill)",
+}
+
+
 @dataclass(frozen=True)
 class ArgInfo:
     """One vLLM server argument, as its parser defines it."""
@@ -97,6 +107,8 @@ class ArgSpec:
 
     def _unknown_message(self, key: str) -> str:
         msg = f"unknown setting '{key}' (not accepted by vLLM {self.vllm_version})"
+        if key in REMOVED_KEYS:
+            return f"{msg}; {REMOVED_KEYS[key]}"
         normalized = key.strip().lstrip("-").replace("-", "_")
         candidates = sorted(set(self.args) - LAUNCHER_OWNED_DESTS | set(HARNESS_KEYS))
         if normalized != key and normalized in candidates:

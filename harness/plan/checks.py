@@ -10,6 +10,7 @@ import difflib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from harness.launch.vllm_args import REMOVED_KEYS
 from harness.plan.estimate import CUDA_CONTEXT_GIB as CUDA_CTX_GIB
 from harness.plan.estimate import Capacity, Memory, Resolved
 from harness.plan.hardware import GIB, Hardware
@@ -364,13 +365,7 @@ def check_keys(settings: dict[str, Any], argspec: Any, source: str | None = None
     return out
 
 
-_KEY_ADVICE = {
-    "use_v2_block_manager": "delete it: the V1 engine has a single block manager (the flag was removed)",
-    "swap_space": "delete it: vLLM's V1 engine recomputes preempted requests instead of swapping KV to CPU; "
-                  "for CPU offload see kv_offloading_size",
-    "max_chunked_prefill_tokens": "use max_num_batched_tokens (the per-step token budget, which is the chunk size "
-                                  "with enable_chunked_prefill)",
-}
+_KEY_ADVICE = REMOVED_KEYS
 
 
 def _key_fix(key: str, message: str, argspec: Any) -> str:
