@@ -39,6 +39,9 @@ class Plan:
     hardware: str = ""
     model: str = ""
     memory_mode: str = ""
+    # the device (CPU: NUMA node) total the plan multiplied by gpu_memory_utilization; on the CPU build vLLM reads
+    # the node's total again at its own start-up, so compare with the "Auto set (X/TOTAL) GiB" line it logs
+    memory_gib: float | None = None
 
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == "error"]
@@ -131,6 +134,7 @@ def plan_candidate(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], *,
         plan.max_concurrency_at_max_len = cap.max_concurrency
         plan.max_fitting_len = min(cap.max_fitting_len, facts.max_context)
         plan.memory_mode = mem.mode
+        plan.memory_gib = hw.memory_gib
     if roof is not None:
         plan.decode_roofline_tok_s = roof.tok_s_total
     return plan

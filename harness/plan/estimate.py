@@ -67,9 +67,24 @@ TP_EXTRA_GIB = 0.2
 CUDAGRAPH_MIB_PER_LAYER_GRAPH_BASE = 0.10
 CUDAGRAPH_MIB_PER_LAYER_GRAPH_PER_1K_HIDDEN = 0.08
 CUDAGRAPH_MIB_PER_LAYER_GRAPH_MAX = 0.30
-# CPU worker RSS besides weights and activations: Python, torch, vLLM and oneDNN after warm-up. vLLM 0.32's CPU build
-# logged "0.63 GiB memory was consumed by non-kv usages" for the 4.5M-parameter tiny Llama (9 MB of weights).
-CPU_RSS_BASE_GIB = 0.61
+# CPU worker RSS besides weights and activations: Python, torch, vLLM and oneDNN. vLLM 0.32's CPU build sizes the KV
+# cache as ceil(node total x util) - the worker's RSS (vllm/v1/worker/cpu_worker.py determine_available_memory:
+# `psutil.Process(os.getpid()).memory_info().rss`), read after `warming_up_model()`, which with --enforce-eager
+# (CompilationMode.NONE) returns at once (vllm/v1/worker/cpu_model_runner.py warming_up_model: `if mode ==
+# CompilationMode.NONE: return`): no forward pass has run, so the RSS holds no activations and does not depend on
+# max_num_seqs, max_num_batched_tokens, block_size or prefix caching. Measured on the tiny Llama of `python -m
+# harness.models tiny` (4.5M parameters, 8.9 MB of weights), max_model_len 512, util 0.25 and 0.2, nodes of 11.59 to
+# 13.59 GiB: every start-up (14, defaults and max_num_seqs 5-128 x max_num_batched_tokens 256-2048 x block 32-128,
+# prefix caching on and off) logged "0.63 GiB memory was consumed by non-kv usages"; from the KV tokens on the
+# 13.59 GiB node the RSS is 0.6306-0.6311 GiB, i.e. 0.622 GiB besides the weights.
+CPU_RSS_BASE_GIB = 0.622
+# Without --enforce-eager the CPU worker compiles (CompilationMode.DYNAMO_TRACE_ONCE, inductor; vllm/platforms/cpu.py
+# check_and_update_config) and warming_up_model runs profile_run (a forward over max_num_batched_tokens) before the
+# RSS is read. Same tiny model and 13.59 GiB node, defaults, util 0.25: "0.69 GiB memory was consumed by non-kv
+# usages", 1,420,160 tokens (RSS 0.688 GiB) vs 1,450,112 (0.631) eager: 0.057 GiB more, of which the activation term
+# explains 0.009; the rest is Dynamo / Inductor and the compiled code. One start-up: the model-size dependence of
+# this term is not measured.
+CPU_COMPILE_RSS_GIB = 0.048
 # Allocated before vLLM's start-up snapshot, so outside gpu_memory_utilization: the CUDA context, NCCL and gloo
 # set-up. vLLM 0.26 on the H100 logged "worker init memory snapshot: ... non_torch_memory=1.12GiB" for every model.
 CUDA_CONTEXT_GIB = 1.12
@@ -274,7 +289,9 @@ def cudagraph_bytes(facts: ModelFacts, r: Resolved, defaults: VllmDefaults, *, c
 def memory(facts: ModelFacts, hw: Hardware, r: Resolved, defaults: VllmDefaults) -> Memory:
     weights = facts.weight_bytes(r.dtype, r.quantization, r.tp) / r.pp
     if hw.is_cpu:
-        activation = activation_peak_bytes(facts, r)
+        # The CPU worker's warm-up runs the profiling forward pass only when it compiles (cpu_model_runner.py
+        # warming_up_model); with enforce_eager the RSS that vLLM subtracts holds no activations.
+        activation = 0.0 if r.enforce_eager else activation_peak_bytes(facts, r)
         total = hw.memory_bytes
         requested = math.ceil(total * r.gpu_memory_utilization)
         if r.kv_cache_memory_bytes is not None:
@@ -283,9 +300,9 @@ def memory(facts: ModelFacts, hw: Hardware, r: Resolved, defaults: VllmDefaults)
         if hw.cpu_kv_cache_space_gib is not None:
             kv = int(hw.cpu_kv_cache_space_gib * GIB)
             return Memory(total, kv, weights, 0, activation, 0, kv, "cpu-explicit")
-        rss = CPU_RSS_BASE_GIB * GIB + weights + activation
-        return Memory(total, requested, weights, CPU_RSS_BASE_GIB * GIB, activation, 0.0, requested - rss,
-                      "cpu-auto")
+        nontorch = (CPU_RSS_BASE_GIB + (0.0 if r.enforce_eager else CPU_COMPILE_RSS_GIB)) * GIB
+        rss = nontorch + weights + activation
+        return Memory(total, requested, weights, nontorch, activation, 0.0, requested - rss, "cpu-auto")
     total = hw.memory_bytes
     requested = math.ceil(total * r.gpu_memory_utilization)
     base = BASE_EAGER_GIB if r.enforce_eager else BASE_GIB

@@ -300,9 +300,42 @@ def detect_cpu_host(kv_cache_space_gib: float | None = None) -> Hardware:
                 kv_cache_space_gib = float(int(raw))  # vLLM parses it with int(): whole GiB only
             except ValueError:
                 raise UserError(f"must be a whole number of GiB, got {raw!r}", key="VLLM_CPU_KVCACHE_SPACE") from None
+    notes = []
+    system = _system_memory_total()
+    limit = _cgroup_memory()[0]
+    clamped = limit is not None and limit <= total  # a container limit, not a growing node
+    if system is not None and not clamped and total < 0.97 * system and _numa_node_count() == 1:
+        notes.append(
+            f"NUMA node 0 reports {total / GIB:.2f} GiB of the machine's {system / GIB:.2f} GiB (memory still being "
+            f"brought online, e.g. a VM's deferred page init or hot-plug): vLLM reads the node total at its own "
+            f"start-up, so a CPU KV cache can come out up to gpu_memory_utilization x "
+            f"{(system - total) / GIB:.2f} GiB larger than planned; plan right before launching")
     return Hardware(name="CPU", count=1, memory_gib=total / GIB, bandwidth_gbps=None, bf16_tflops=None,
                     fp8_tflops=None, interconnect="none", arch="cpu", compute_capability=None, detected=True,
-                    cpu_kv_cache_space_gib=kv_cache_space_gib, available_memory_gib=available / GIB)
+                    cpu_kv_cache_space_gib=kv_cache_space_gib, available_memory_gib=available / GIB,
+                    notes=tuple(notes))
+
+
+# On the Firecracker VMs this project's CPU sweeps ran on (kernel command line `deferred_init=lazy`), node 0's
+# MemTotal grows as memory is first used, towards /proc/meminfo's MemTotal: vLLM 0.32 logged node totals of 9.71,
+# 11.59, 12.84, 13.09 and 13.59 GiB ("Auto set (2.64/13.09) GiB for KV cache on node 0") over one evening while
+# /proc/meminfo said 23.54 GiB. A sweep planned once at 11.59 GiB then under-predicted later trials by up to 18%
+# although the worker's RSS never moved from 0.63 GiB.
+def _system_memory_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _numa_node_count() -> int:
+    try:
+        return len([p for p in Path("/sys/devices/system/node").glob("node[0-9]*")])
+    except OSError:
+        return 0
 
 
 def _numa_node_memory(node: int = 0) -> tuple[int, int]:
