@@ -26,7 +26,7 @@ from harness.study.runner import (BASELINE_COMMITTED, BASELINE_DEFAULTS, best_fe
                                   make_sampler, make_storage, open_study, run_trials)
 from harness.study.slots import SlotPool
 from harness.study.sweepfile import ModelEntry, Sweep
-from harness.study.workers import study_lock
+from harness.study.workers import study_lock, worker_seed
 from harness.study.table import write_table
 
 
@@ -114,10 +114,13 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     if config_path.exists():
         committed = read_config(config_path)
         baselines[BASELINE_COMMITTED] = {**ctx.space.fixed, **committed.settings}
+    # A shared storage may have other workers: each gets its own sampler seed, or all would propose the same
+    # candidates (one node with the default storage stays reproducible from the sweep's seed).
+    seed = sweep.seed if storage_url is None else worker_seed(sweep.seed)
     # Workers starting together: one at a time creates or checks the study and queues the missing baselines.
     with study_lock(storage, name):
         study = open_study(name, storage, sweep.objective.directions,
-                           make_sampler(sweep.sampler, sweep.objective.kind, ctx.space, sweep.seed, trials), identity)
+                           make_sampler(sweep.sampler, sweep.objective.kind, ctx.space, seed, trials), identity)
         enqueue_baselines(study, baselines)
     print(f"== study {name}: {trials} trials, objective {sweep.objective.kind}, space {ctx.space.name} "
           f"({len(ctx.space.knobs)} knobs), storage {_storage_label(storage_url, results_dir)}", file=out, flush=True)

@@ -6,14 +6,19 @@ this module supplies:
 
 - `storage_url()`: a plain `postgresql://` URL is given to the PostgreSQL driver that is installed (SQLAlchemy 2.1
   defaults to psycopg 3, the test extra installs psycopg2), and a connect timeout so an unreachable host fails fast.
+- `schema_lock()`: workers started together on an empty database create Optuna's tables one at a time.
 - `study_lock()`: one short critical section per study (create-or-load, identity check, queueing the baselines),
   so two workers starting together neither queue the baselines twice nor stamp two identities. PostgreSQL: an
   advisory lock (released by the server if the worker dies); SQLite (one node): a file lock next to the database.
 - `Budget`: the trial budget is global. A trial counts once it is finished, running (on any worker) or queued, so a
   worker does not start a trial that the others already cover; `surplus()` catches the rare race.
 - `drain()`: before a worker leaves, it waits until no trial of the study is running anywhere, failing stale ones
-  (Optuna's heartbeat check, which re-queues them through the retry callback) and running the re-queued ones, so
-  the study ends with every trial accounted for and every worker sees the same final best.
+  (Optuna's heartbeat check, which re-queues them through the retry callback; plus trials that never sent a
+  heartbeat) and running the re-queued ones (`run_queued()`: takes a queued trial or nothing, where
+  `study.optimize` would sample a new trial if another worker took the queued one first), so the study ends with
+  every trial accounted for and every worker sees the same final best.
+- `worker_seed()`: workers sharing a study seed their samplers differently, or they would propose the same
+  candidates.
 - `Claim`: one worker runs the confirmation of the winner; the others wait for its result. The claim carries a
   heartbeat like a trial, so a claim of a dead worker is taken over after the grace period.
 """
@@ -28,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
@@ -36,8 +42,19 @@ from optuna.trial import FrozenTrial, TrialState
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+def rdb(storage: Any) -> Any:
+    """The RDBStorage itself: a study holds it wrapped in Optuna's cache layer (`_CachedStorage._backend`)."""
+    return getattr(storage, "_backend", storage)
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_seed(seed: int) -> int:
+    """The sweep's seed mixed with this worker's identity (host:pid): workers sharing a study sample differently."""
+    digest = hashlib.sha256(f"{seed}:{worker_id()}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 # ---------------------------------------------------------------------------------------------- storage URL
@@ -80,7 +97,7 @@ def _installed(*modules: str) -> str | None:
 @contextlib.contextmanager
 def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float = 300.0) -> Iterator[None]:
     """Mutual exclusion among every worker of study `name` for a few storage calls (never around a trial)."""
-    engine = getattr(storage, "engine", None)
+    engine = getattr(rdb(storage), "engine", None)
     dialect = getattr(getattr(engine, "dialect", None), "name", "")
     if dialect == "postgresql":
         import sqlalchemy
@@ -101,9 +118,16 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float
         with _LOCAL_LOCK:
             yield
         return
+    with _LOCAL_LOCK, _file_lock(f"{path}.lock", timeout_s):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
+    """SQLite is one node: an flock next to the database file serializes its local workers."""
     import fcntl
 
-    with _LOCAL_LOCK, open(f"{path}.lock", "a+") as fh:
+    with open(path, "a+") as fh:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -111,7 +135,7 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"study lock {path}.lock held for more than {timeout_s:g} s") from None
+                    raise TimeoutError(f"lock {path} held for more than {timeout_s:g} s") from None
                 time.sleep(0.05)
         try:
             yield
@@ -120,6 +144,43 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float
 
 
 _LOCAL_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
+    """Serialize Optuna's table creation: workers creating the schema of an empty database at the same moment
+    collide (PostgreSQL: 'duplicate key value violates unique constraint pg_type_typname_nsp_index'; SQLite:
+    'UNIQUE constraint failed: alembic_version.version_num')."""
+    if url.startswith("sqlite"):
+        path = _sqlite_path(url)
+        if path is None:
+            yield
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(f"{path}.lock", 300.0):
+            yield
+        return
+    if not url.startswith(("postgresql", "postgres")):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+_SCHEMA_KEY = int.from_bytes(hashlib.sha256(b"vllm-tune:optuna-schema").digest()[:8], "big", signed=True)
 
 
 def _sqlite_path(url: str) -> str | None:
@@ -171,34 +232,120 @@ class Surplus(Exception):
 # ---------------------------------------------------------------------------------------------- drain
 
 
-def drain(study: optuna.Study, run_waiting: Callable[[int], None], *, poll_s: float, out: Any = sys.stderr,
-          deadline: float | None = None) -> None:
+def drain(study: optuna.Study, objective: Callable[[optuna.Trial], Any], callbacks: list[Callable[..., None]], *,
+          poll_s: float, out: Any = sys.stderr, deadline: float | None = None, settle_s: float = 2.0) -> None:
     """Wait until no trial of the study is running on any worker; run re-queued (WAITING) trials meanwhile.
 
     A dead worker's trial is failed by the heartbeat check after the grace period and re-queued by the retry
-    callback (both Optuna's); whichever worker is draining then runs it. Past `deadline` (time.monotonic()) it
-    starts nothing more and returns; a rerun picks the queued trials up.
+    callback (both Optuna's); whichever worker is draining then runs it. The study counts as drained after two
+    empty looks `settle_s` apart: between failing a stale trial and queueing its retry, another worker's check
+    sees neither. Past `deadline` (time.monotonic()) it starts nothing more and returns; a rerun picks up the rest.
     """
     from optuna.storages import fail_stale_trials
 
     shown: tuple[int, ...] | None = None
+    empty_since: float | None = None
     while True:
         if deadline is not None and time.monotonic() >= deadline:
             return
         fail_stale_trials(study)
+        fail_silent_trials(study)
         trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
-        waiting = [t for t in trials if t.state == TrialState.WAITING]
-        if waiting:
-            run_waiting(len(waiting))
+        if any(t.state == TrialState.WAITING for t in trials):
+            empty_since = None
+            run_queued(study, objective, callbacks)
             continue
         running = tuple(t.number for t in trials if t.state == TrialState.RUNNING)
         if not running:
-            return
+            if empty_since is not None and time.monotonic() - empty_since >= settle_s:
+                return
+            empty_since = empty_since or time.monotonic()
+            time.sleep(settle_s)
+            continue
+        empty_since = None
         if running != shown:
             shown = running
             print(f"    waiting for trial(s) {', '.join(f'#{n}' for n in running)} running on other workers "
                   f"(a dead worker's trial is retried after the heartbeat grace period)", file=out, flush=True)
         time.sleep(poll_s)
+
+
+def run_queued(study: optuna.Study, objective: Callable[[optuna.Trial], Any],
+               callbacks: list[Callable[..., None]]) -> bool:
+    """Take one WAITING trial and run it as `study.optimize` would (heartbeat, tell, callbacks); False if none.
+
+    `study.optimize` would do the same, except when another worker takes the queued trial first: then its
+    `ask()` samples a new trial, beyond the budget. Here the trial is taken the way `ask()` takes it (an atomic
+    WAITING -> RUNNING update), and nothing else is created."""
+    storage = study._storage
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        trial = optuna.Trial(study, frozen._trial_id)
+        try:
+            from optuna.storages._heartbeat import get_heartbeat_thread
+
+            beat: Any = get_heartbeat_thread(trial._trial_id, storage)
+        except Exception:  # noqa: BLE001 - Optuna moved it: run without; the trial then cannot be retried
+            beat = contextlib.nullcontext()
+        values: Any = None
+        state: TrialState | None = None
+        error: BaseException | None = None
+        with beat:
+            try:
+                values = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except (Exception, KeyboardInterrupt) as exc:
+                state, error = TrialState.FAIL, exc
+        if state is None:
+            done = study.tell(trial, values)
+        else:
+            done = study.tell(trial, state=state)
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        if error is not None:
+            print(f"    trial #{trial.number} failed: {error!r}", file=sys.stderr, flush=True)
+        for cb in callbacks:
+            cb(study, done)
+        return True
+    return False
+
+
+def fail_silent_trials(study: optuna.Study) -> None:
+    """Fail (and re-queue) RUNNING trials that never sent a heartbeat although they started more than the grace
+    period ago: a worker that died between taking the trial and its first heartbeat, a window Optuna's stale check
+    does not cover (it skips trials without a heartbeat row)."""
+    storage = study._storage  # Optuna's cache layer in front of the RDB storage: state changes go through it
+    backend = rdb(storage)
+    grace = getattr(backend, "grace_period", None)
+    if grace is None or getattr(backend, "heartbeat_interval", None) is None:
+        return
+    try:  # Optuna's own table of heartbeats; if its layout changes, fall back to Optuna's check alone
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        with backend.engine.connect() as conn:
+            beating = {row[0] for row in conn.execute(sqlalchemy.select(models.TrialHeartbeatModel.trial_id))}
+    except Exception:
+        return
+    now = _dt.datetime.now()
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial._trial_id in beating or trial.datetime_start is None:
+            continue
+        if (now - trial.datetime_start).total_seconds() <= 2 * grace:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if callback is not None:
+            callback(study, storage.get_trial(trial._trial_id))
 
 
 # ---------------------------------------------------------------------------------------------- claim
