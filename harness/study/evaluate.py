@@ -83,9 +83,14 @@ class Evaluation:
 
 
 def _plan(ctx: StudyContext, settings: dict[str, Any]) -> Any:
-    from harness.plan import plan_candidate
+    from harness.plan import detect_hardware, plan_candidate
 
-    return plan_candidate(ctx.facts, ctx.hardware, settings)
+    hardware = ctx.hardware
+    if getattr(hardware, "arch", "") == "cpu":
+        # vLLM's CPU build sizes its KV cache from the NUMA node's memory at launch, and on some VMs that grows
+        # as memory is first touched: read it again right before each launch (it is a cheap /sys read).
+        hardware = detect_hardware(None, None)
+    return plan_candidate(ctx.facts, hardware, settings)
 
 
 def plan_settings(ctx: StudyContext, settings: dict[str, Any]) -> tuple[Evaluation, int]:
