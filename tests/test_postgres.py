@@ -225,6 +225,28 @@ def test_claim_is_exclusive_and_taken_over_when_its_owner_stops_beating(pg: Post
     assert study.user_attrs["job"] is None
 
 
+def test_budget_counts_every_workers_trials(tmp_path: Path) -> None:
+    """Finished, running and queued trials of all workers fill the budget; a trial sampled beyond it is surplus,
+    a queued one (baseline, retry) never is. No PostgreSQL needed: the rule is the same on SQLite."""
+    from harness.study.workers import Budget
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'b.db'}")
+    budget = Budget(3)
+    for _ in range(2):
+        study.tell(study.ask(), 1.0)
+    running_elsewhere = study.ask()
+    assert budget.taken(study) == 3
+    mine = study.ask()  # asked at the same moment as the other worker's: beyond the budget
+    assert budget.surplus(study, mine.number)
+    study.tell(mine, state=optuna.trial.TrialState.FAIL)
+    study.tell(running_elsewhere, state=optuna.trial.TrialState.FAIL)  # e.g. Ctrl-C: does not count
+    assert budget.taken(study) == 2
+    study.enqueue_trial({}, user_attrs={"baseline": "vllm-defaults"})
+    queued = study.ask()  # takes the queued trial
+    assert not budget.surplus(study, queued.number)
+    assert not Budget(1).surplus(study, queued.number)  # even over the budget, a queued trial runs
+
+
 def test_drain_retries_a_dead_workers_trials_and_creates_nothing_else(pg: Postgres) -> None:
     """A RUNNING trial whose heartbeat stopped, and one that never sent any (its worker died at once): both are
     failed and re-queued, the retries run here, and no new trial is sampled."""
