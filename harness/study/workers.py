@@ -9,7 +9,7 @@ this module supplies:
 - `schema_lock()`: workers started together on an empty database create Optuna's tables one at a time.
 - `study_lock()`: one short critical section per study (create-or-load, identity check, queueing the baselines),
   so two workers starting together neither queue the baselines twice nor stamp two identities. PostgreSQL: an
-  advisory lock (released by the server if the worker dies); SQLite (one node): a file lock next to the database.
+  advisory lock (released by the server if the worker dies); SQLite (one node): a file lock in the temp dir.
 - `Budget`: the trial budget is global. A trial counts once it is finished, running (on any worker) or queued, so a
   worker does not start a trial that the others already cover; `surplus()` catches the rare race.
 - `drain()`: before a worker leaves, it waits until no trial of the study is running anywhere, failing stale ones
@@ -118,8 +118,18 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float
         with _LOCAL_LOCK:
             yield
         return
-    with _LOCAL_LOCK, _file_lock(f"{path}.lock", timeout_s):
+    with _LOCAL_LOCK, _file_lock(_lock_path(path, "study"), timeout_s):
         yield
+
+
+def _lock_path(db_path: str, what: str) -> str:
+    """A lock file per SQLite database in the temp dir (SQLite is one machine), not beside the results."""
+    import tempfile
+
+    d = Path(tempfile.gettempdir()) / "vllm-tune-locks"
+    d.mkdir(exist_ok=True)
+    key = hashlib.sha256(str(Path(db_path).resolve()).encode()).hexdigest()[:16]
+    return str(d / f"{key}.{what}.lock")
 
 
 @contextlib.contextmanager
@@ -157,7 +167,7 @@ def schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
             yield
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(f"{path}.lock", 300.0):
+        with _file_lock(_lock_path(path, "schema"), 300.0):
             yield
         return
     if not url.startswith(("postgresql", "postgres")):
