@@ -127,7 +127,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     run_trials(study, ctx, trials, parallel, out=out,
                timeout_s=None if deadline is None else max(deadline - time.monotonic(), 1.0))
     table = write_table(study, ctx.study_dir)
-    if len(finished(study)) < trials or (deadline is not None and time.monotonic() >= deadline):
+    if deadline is not None and time.monotonic() >= deadline and len(finished(study)) < trials:
         msg = (f"time budget reached after {len(finished(study))}/{trials} finished trials; "
                f"run the same command again to continue")
         print(msg, file=out)
