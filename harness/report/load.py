@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import UserError
 from harness.study import naming
+from harness.study.runner import make_storage, redact
 from harness.study.table import trials_table
 
 if TYPE_CHECKING:
@@ -140,28 +141,6 @@ def label_of(trial: FrozenTrial) -> str:
 # ------------------------------------------------------------------------------------------------- storage
 
 
-def _open_storage(url: str) -> optuna.storages.BaseStorage:
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open the study storage: {first}", source=redact(url), key="storage") from None
-
-
-def redact(url: str) -> str:
-    """Hide a password in a storage URL before it is printed or written into a report."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url
-
-
 @dataclass
 class _Location:
     storage_url: str
@@ -216,7 +195,7 @@ def load_studies(path_or_url: str | Path = "results", *, storage: str | None = N
     """
     loc = _locate(path_or_url, storage)
     label = redact(loc.storage_url)
-    store = _open_storage(loc.storage_url)
+    store = make_storage(loc.storage_url)
     names = _study_names(store, label)
     wanted = study.replace("__", "@") if study else loc.only
     if wanted is not None:

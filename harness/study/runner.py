@@ -66,7 +66,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
                 sa_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
-        raise UserError(f"cannot open the study storage: {_first_line(exc)}", source=_redact(url),
+        raise UserError(f"cannot open the study storage: {_first_line(exc)}", source=redact(url),
                         key="storage") from None
 
 
@@ -81,7 +81,8 @@ def _first_line(exc: BaseException) -> str:
     return line or type(exc).__name__
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """Hide a password in a storage URL before it is printed or written into a report."""
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)

@@ -227,6 +227,6 @@ def _hw_dict(hardware: Any) -> dict[str, Any]:
 
 
 def _storage_label(url: str | None, results_dir: Path) -> str:
-    from harness.study.runner import _redact
+    from harness.study.runner import redact
 
-    return _redact(url) if url else naming.default_storage(results_dir)
+    return redact(url) if url else naming.default_storage(results_dir)
