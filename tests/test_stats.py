@@ -12,9 +12,8 @@ import pytest
 from harness.measure.stats import (
     itl_values,
     latency_stats,
-    load_point,
-    meets_slo,
     percentile_with_failures,
+    stat_at,
     summarize,
     tpot_s,
 )
@@ -148,23 +147,12 @@ def test_all_failed_and_empty() -> None:
     assert empty.completed == 0 and empty.request_throughput == 0.0 and empty.error_adjusted_p99_e2e_ms is None
 
 
-def test_meets_slo_and_load_point() -> None:
-    results = [ok(0.01 * (i + 1), 1.0, 11) for i in range(100)]  # ttft 10..1000 ms, tpot 99..0 ms
-    m = summarize(results, 10.0, SLO(ttft_ms=1000))
-    assert meets_slo(m, SLO(ttft_ms=1000, percentile=99))
-    assert not meets_slo(m, SLO(ttft_ms=500, percentile=99))
-    assert meets_slo(m, SLO(ttft_ms=510, percentile=50))
-    # 2% failures break a p99 objective whatever the latencies
-    m_fail = summarize(results + [failed(), failed(), failed()], 10.0)
-    assert not meets_slo(m_fail, SLO(ttft_ms=10_000, percentile=99))
-    assert meets_slo(m_fail, SLO(ttft_ms=10_000, percentile=95))
+def test_stat_at_reads_the_summary() -> None:
+    results = [ok(0.01 * (i + 1), 1.0, 11) for i in range(100)]  # ttft 10..1000 ms
+    m = summarize(results, 10.0)
+    assert stat_at(m.ttft_ms, 99) == pytest.approx(m.ttft_ms.p99)  # type: ignore[union-attr]
+    assert stat_at(m.ttft_ms, 50) == pytest.approx(m.ttft_ms.p50)  # type: ignore[union-attr]
+    assert stat_at(None, 99) is None
+    with pytest.raises(ValueError, match="not summarized"):
+        stat_at(m.ttft_ms, 97)
 
-    class Arr:
-        def to_dict(self) -> dict[str, object]:
-            return {"mode": "poisson", "rate": 4.0, "max_concurrency": None}
-
-    p = load_point(m, Arr())
-    assert p.offered_rate == 4.0 and p.mode == "poisson"
-    assert p.request_throughput == pytest.approx(10.0)
-    assert p.ttft_p99_ms == pytest.approx(m.ttft_ms.p99)  # type: ignore[union-attr]
-    assert p.client_valid is None

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from harness.records import SLO, ClientCheck, LatencyStats, RequestResult, RunMetrics
+from harness.records import SLO, LatencyStats, RequestResult, RunMetrics
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 
@@ -172,67 +170,3 @@ def stat_at(stats: LatencyStats | None, percentile: float) -> float | None:
     if float(percentile) not in table:
         raise ValueError(f"percentile {percentile} not summarized; use one of 50, 90, 95, 99, 100")
     return table[float(percentile)]
-
-
-def meets_slo(metrics: RunMetrics, slo: SLO) -> bool:
-    """Whether the run holds every SLO limit at `slo.percentile`, failed requests counted as infinitely slow.
-
-    A run with more failures than the percentile allows (e.g. > 1% at p99) does not meet it.
-    """
-    sent = metrics.completed + metrics.failed
-    if sent == 0:
-        return False
-    if metrics.failed / sent > (100.0 - slo.percentile) / 100.0:
-        return False
-    for limit, stats in ((slo.ttft_ms, metrics.ttft_ms), (slo.tpot_ms, metrics.tpot_ms), (slo.e2e_ms, metrics.e2e_ms)):
-        if limit is None:
-            continue
-        value = stat_at(stats, slo.percentile)
-        if value is None or value > limit:
-            return False
-    return True
-
-
-@dataclass
-class LoadPoint:
-    """One point of a latency-vs-load curve: the offered load and what it cost."""
-
-    mode: str | None  # arrival mode
-    offered_rate: float | None  # requests / s asked for (open loop)
-    max_concurrency: int | None
-    request_throughput: float
-    output_throughput: float
-    ttft_p50_ms: float | None
-    ttft_p99_ms: float | None
-    tpot_p50_ms: float | None
-    tpot_p99_ms: float | None
-    itl_p99_ms: float | None
-    e2e_p50_ms: float | None
-    e2e_p99_ms: float | None
-    error_adjusted_p99_e2e_ms: float | None
-    goodput: float | None
-    failed: int
-    client_valid: bool | None  # None when no client check was given
-
-
-def load_point(metrics: RunMetrics, arrival: Any = None, client: ClientCheck | None = None) -> LoadPoint:
-    """Flatten a run into a curve point; `arrival` is an `Arrival` or its `to_dict()`."""
-    a = arrival.to_dict() if hasattr(arrival, "to_dict") else (arrival or {})
-    return LoadPoint(
-        mode=a.get("mode"),
-        offered_rate=a.get("rate"),
-        max_concurrency=a.get("max_concurrency"),
-        request_throughput=metrics.request_throughput,
-        output_throughput=metrics.output_throughput,
-        ttft_p50_ms=stat_at(metrics.ttft_ms, 50),
-        ttft_p99_ms=stat_at(metrics.ttft_ms, 99),
-        tpot_p50_ms=stat_at(metrics.tpot_ms, 50),
-        tpot_p99_ms=stat_at(metrics.tpot_ms, 99),
-        itl_p99_ms=stat_at(metrics.itl_ms, 99),
-        e2e_p50_ms=stat_at(metrics.e2e_ms, 50),
-        e2e_p99_ms=stat_at(metrics.e2e_ms, 99),
-        error_adjusted_p99_e2e_ms=metrics.error_adjusted_p99_e2e_ms,
-        goodput=metrics.goodput,
-        failed=metrics.failed,
-        client_valid=None if client is None else client.valid,
-    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from harness.measure.stats import stat_at
 from harness.records import RunMetrics, RunRecord, SLO
 
 MAX_FAILED_FRACTION = 0.01  # a load step that drops more than 1% of its requests does not hold the SLOs
@@ -16,12 +17,10 @@ MAX_FAILED_FRACTION = 0.01  # a load step that drops more than 1% of its request
 
 def slo_percentile_values(metrics: RunMetrics, slo: SLO) -> dict[str, float | None]:
     """The SLO percentile of each limited metric, in ms (None when the run has no such samples)."""
-    attr = f"p{int(slo.percentile)}"
     out: dict[str, float | None] = {}
     for name in ("ttft", "tpot", "e2e"):
         if getattr(slo, f"{name}_ms") is not None:
-            stats = getattr(metrics, f"{name}_ms")
-            out[name] = getattr(stats, attr) if stats is not None else None
+            out[name] = stat_at(getattr(metrics, f"{name}_ms"), slo.percentile)
     return out
 
 
