@@ -294,6 +294,8 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
         progress.end(st, trial, f"trial #{trial.number} {describe(trial)}")
 
     objective = make_objective(ctx, progress, budget)
+    if parallel > 1:
+        _serialize_claims(study)
     if remaining > 0 and budget.taken(study) < target:
         study.optimize(objective, n_trials=remaining, n_jobs=parallel, callbacks=[callback, budget.callback],
                        catch=(Exception,), gc_after_trial=False, timeout=timeout_s)
@@ -301,6 +303,25 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     # Re-queued trials of workers that died: wait for the others, run the retries, so every trial is accounted for.
     drain(study, objective, [callback], poll_s=min(HEARTBEAT_S, 5), out=out, deadline=deadline)
     logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, len(finished(study)))
+
+
+def _serialize_claims(study: optuna.Study) -> None:
+    """Threads of one worker claim queued trials one at a time. On SQLite Optuna's WAITING -> RUNNING check is not
+    atomic between threads (no SELECT ... FOR UPDATE), so two threads could both claim the same queued baseline."""
+    from harness.study.workers import rdb
+
+    backend = rdb(study._storage)
+    if getattr(backend, "_claims_serialized", False):
+        return
+    original = backend.set_trial_state_values
+    lock = threading.Lock()
+
+    def guarded(trial_id: int, state: TrialState, values: Any = None) -> bool:
+        with lock:
+            return original(trial_id, state, values)
+
+    backend.set_trial_state_values = guarded
+    backend._claims_serialized = True
 
 
 def running(study: optuna.Study) -> list[FrozenTrial]:
