@@ -260,7 +260,9 @@ def test_cpu_slots_run_real_servers_side_by_side(tiny_model: Path, tmp_path: Pat
         "start_timeout_s": 600}))
     proc = subprocess.run([sys.executable, "-m", "harness.sweep", str(tmp_path / "sweep.yaml"), "--parallel", "2"],
                           cwd=tmp_path, text=True, capture_output=True, timeout=1100)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # exit 1 is the sweep's answer when no trial met the SLO, which two servers and two clients on 2 cores may not
+    assert proc.returncode == 0 or "no feasible configuration among 2 trials" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "parallel 2" in proc.stderr
     study = optuna.load_study(study_name="tiny@cpu@tiny-cpu@capacity",
                               storage=f"sqlite:///{tmp_path / 'results' / 'studies.db'}")

@@ -115,16 +115,23 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, directions: list
     if have != [d.lower() for d in directions]:  # Optuna loads an existing study whatever directions are asked
         raise UserError(f"study {name!r} exists with other directions ({', '.join(have)}); nothing was changed",
                         key="objective")
+    identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as storage will hand it back
     existing = study.user_attrs.get("identity")
     if existing is None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
         study.set_user_attr("identity", identity)
-    elif json.dumps(existing, sort_keys=True, default=str) != json.dumps(identity, sort_keys=True, default=str):
+    elif existing != identity:
         diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
-        raise UserError(f"study {name!r} was created with a different {', '.join(diff)}; use a new results "
-                        f"dir / storage or restore the original files (nothing was changed)", key=diff[0])
+        shown = "; ".join(f"{k}: was {_brief(existing.get(k))}, now {_brief(identity.get(k))}" for k in diff)
+        raise UserError(f"study {name!r} was created with a different {', '.join(diff)} ({shown}); use a new "
+                        f"results dir / storage or restore the original files (nothing was changed)", key=diff[0])
     return study
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:

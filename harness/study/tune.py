@@ -222,8 +222,14 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baselin
 
 
 def _hw_dict(hardware: Any) -> dict[str, Any]:
+    """The hardware part of a study's identity: what must not change between the runs that share a study.
+
+    A CPU host's memory is left out: on VMs that fault memory in lazily, NUMA node 0's total grows while the host
+    runs (see plan/hardware.py), so it would refuse a resume on the same machine. A GPU's CUDA-visible total is fixed.
+    """
+    arch = getattr(hardware, "arch", None)
     return {"name": hardware.name, "count": hardware.count,
-            "memory_gib": getattr(hardware, "memory_gib", None), "arch": getattr(hardware, "arch", None)}
+            "memory_gib": None if arch == "cpu" else getattr(hardware, "memory_gib", None), "arch": arch}
 
 
 def _storage_label(url: str | None, results_dir: Path) -> str:
