@@ -103,31 +103,39 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
 
-def write_sweep(root: Path, model: Path, *, trials: int, confirm: int) -> Path:
+def write_sweep(root: Path, model: Path, *, trials: int, confirm: int = 0, space_name: str = "e2e",
+                fixed: dict[str, Any] | None = None, choices: list[int] | None = None, max_steps: int = 2,
+                seed: int = 3, dirs: bool = True, start_timeout_s: int = 400) -> Path:
+    """The tiny CPU sweep the end-to-end tests share: one max_num_seqs knob, a loose SLO, `trials` trials.
+
+    `fixed` replaces the default gpu_memory_utilization sizing (e.g. an explicit kv_cache_memory_bytes, the cheapest
+    CPU start); `dirs=False` leaves results/configs dirs to the command line (workers of a shared storage).
+    """
     space = {
-        "name": "e2e",
-        "fixed": {"enforce_eager": True, "max_model_len": 512, "gpu_memory_utilization": 0.2},
-        "knobs": {"max_num_seqs": {"type": "categorical", "choices": [4, 8]}},
+        "name": space_name,
+        "fixed": {"enforce_eager": True, "max_model_len": 512, **(fixed or {"gpu_memory_utilization": 0.2})},
+        "knobs": {"max_num_seqs": {"type": "categorical", "choices": choices or [4, 8]}},
     }
     (root / "space.yaml").write_text(yaml.safe_dump(space))
-    sweep = {
+    sweep: dict[str, Any] = {
         "models": [{"name": "tiny", "model": str(model)}],
         "space": str(root / "space.yaml"),
         "workload": "tiny-cpu",
         "objective": {"kind": "capacity", "slo": {"ttft_ms": 8000, "tpot_ms": 1000, "percentile": 90},
-                      "num_requests": 8, "start_rate": 2.0, "max_steps": 2},
+                      "num_requests": 8, "start_rate": 2.0, "max_steps": max_steps},
         "trials": trials,
         "confirm": {"repeats": confirm},
-        "results_dir": str(root / "results"),
-        "configs_dir": str(root / "configs"),
         "sampler": "random",
-        "seed": 3,
-        "start_timeout_s": 400,
+        "seed": seed,
+        "start_timeout_s": start_timeout_s,
     }
+    if dirs:
+        sweep.update(results_dir=str(root / "results"), configs_dir=str(root / "configs"))
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path

@@ -28,6 +28,7 @@ import psutil
 import pytest
 import yaml
 
+from conftest import write_sweep as shared_sweep
 from pg import Postgres, throwaway_postgres, unavailable_reason
 
 pytestmark = pytest.mark.postgres
@@ -62,28 +63,9 @@ def snapshot(url: str, name: str) -> Any:
 
 
 def write_sweep(root: Path, model: Path, *, trials: int, knobs: list[int] | None = None) -> Path:
-    space = {
-        "name": "pg",
-        # an explicit KV size skips vLLM's CPU warm-up: the cheapest start there is
-        "fixed": {"enforce_eager": True, "max_model_len": 512, "kv_cache_memory_bytes": 64 * 2**20},
-        "knobs": {"max_num_seqs": {"type": "categorical", "choices": knobs or [4, 8]}},
-    }
-    (root / "space.yaml").write_text(yaml.safe_dump(space))
-    sweep = {
-        "models": [{"name": "tiny", "model": str(model)}],
-        "space": str(root / "space.yaml"),
-        "workload": "tiny-cpu",
-        "objective": {"kind": "capacity", "slo": {"ttft_ms": 8000, "tpot_ms": 1000, "percentile": 90},
-                      "num_requests": 8, "start_rate": 2.0, "max_steps": 1},
-        "trials": trials,
-        "confirm": {"repeats": 0},
-        "sampler": "random",
-        "seed": 5,
-        "start_timeout_s": 600,
-    }
-    path = root / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
+    # an explicit KV size skips vLLM's CPU warm-up: the cheapest start there is
+    return shared_sweep(root, model, trials=trials, space_name="pg", fixed={"kv_cache_memory_bytes": 64 * 2**20},
+                        choices=knobs, max_steps=1, seed=5, dirs=False, start_timeout_s=600)
 
 
 def worker(sweep: Path, node: Path, url: str, *extra: str, **popen: Any) -> subprocess.Popen[str]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 
+from conftest import write_sweep
 from harness.bench import replica_placement
 from harness.study import evaluate as evaluate_mod
 from harness.study.slots import Slot, SlotPool, cpu_slots, visible_gpus
@@ -247,17 +247,8 @@ def test_cpu_slots_run_real_servers_side_by_side(tiny_model: Path, tmp_path: Pat
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs at least 2 usable cores")
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
-        "name": "slots",
-        "fixed": {"enforce_eager": True, "max_model_len": 512, "kv_cache_memory_bytes": 64 * 2**20},
-        "knobs": {"max_num_seqs": {"type": "categorical", "choices": [4, 8]}}}))
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
-        "models": [{"name": "tiny", "model": str(tiny_model)}], "space": str(tmp_path / "space.yaml"),
-        "workload": "tiny-cpu", "trials": 2, "confirm": {"repeats": 0}, "sampler": "random", "seed": 3,
-        "objective": {"kind": "capacity", "slo": {"ttft_ms": 8000, "tpot_ms": 1000, "percentile": 90},
-                      "num_requests": 8, "start_rate": 2.0, "max_steps": 1},
-        "results_dir": str(tmp_path / "results"), "configs_dir": str(tmp_path / "configs"),
-        "start_timeout_s": 600}))
+    write_sweep(tmp_path, tiny_model, trials=2, space_name="slots", fixed={"kv_cache_memory_bytes": 64 * 2**20},
+                max_steps=1, start_timeout_s=600)
     proc = subprocess.run([sys.executable, "-m", "harness.sweep", str(tmp_path / "sweep.yaml"), "--parallel", "2"],
                           cwd=tmp_path, text=True, capture_output=True, timeout=1100)
     # exit 1 is the sweep's answer when no trial met the SLO, which two servers and two clients on 2 cores may not

@@ -28,7 +28,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -237,7 +237,32 @@ def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- server
 
 
-class Server:
+class _Running:
+    """`with X(...) as x:` starts, waits until ready, and stops on exit or on a failed start (Server, ServerGroup)."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def wait_ready(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Server(_Running):
     """One vLLM server process (context manager: start + wait_ready on enter, stop on exit)."""
 
     def __init__(self, spec: ServerSpec, argspec: ArgSpec | None = None) -> None:
@@ -502,25 +527,11 @@ class Server:
             text = "\n".join(text.splitlines()[-tail_lines:])
         return text
 
-    # ---- context manager
-
-    def __enter__(self) -> Server:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"Server(model={self.spec.model!r}, url={self.base_url}, pid={self.pid}, ready={self.ready})"
 
 
-class ServerGroup:
+class ServerGroup(_Running):
     """N servers (replicas) started side by side, each on its own port and GPU set, stopped together."""
 
     def __init__(self, specs: list[ServerSpec], argspec: ArgSpec | None = None) -> None:
@@ -575,18 +586,6 @@ class ServerGroup:
     @property
     def argv(self) -> list[list[str]]:
         return [s.argv for s in self.servers]
-
-    def __enter__(self) -> ServerGroup:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------- NVML
