@@ -114,17 +114,35 @@ def deploy(model: str, settings: dict[str, Any], *, slot: Any = None, log_dir: P
 
     Raises `ServerStartError` with a classified failure when any replica fails to start.
     """
-    from harness.launch.server import ServerGroup, ServerSpec
+    with deploy_together(model, [(settings, slot, log_dir)], start_timeout_s=start_timeout_s) as (dep,):
+        yield dep
 
-    placement = replica_placement(settings, slot)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    specs = [ServerSpec(model=model, settings=settings, gpus=p["gpus"], env=p["env"],
-                        log_path=log_dir / f"server{i}.log", start_timeout_s=start_timeout_s)
-             for i, p in enumerate(placement)]
-    group = ServerGroup(specs)
-    with group:
-        yield Deployment(model=model, settings=dict(settings), group=group,
-                         gpu_ids=[g for p in placement for g in (p["gpus"] or [])], startup_s=group.startup_s)
+
+@contextlib.contextmanager
+def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Any, Path]], *,
+                    start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
+    """Several deployments (settings, slot, log dir) started at once: their start-ups (minutes each on GPUs, for
+    torch.compile and CUDA graphs) overlap instead of adding up. All are torn down on exit or on any start failure.
+    """
+    from harness.launch.server import ServerGroup, ServerSpec, stop_groups, wait_all_ready
+
+    groups: list[ServerGroup] = []
+    gpu_ids: list[list[int]] = []
+    for settings, slot, log_dir in jobs:
+        placement = replica_placement(settings, slot)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        groups.append(ServerGroup([ServerSpec(model=model, settings=settings, gpus=p["gpus"], env=p["env"],
+                                              log_path=log_dir / f"server{i}.log", start_timeout_s=start_timeout_s)
+                                   for i, p in enumerate(placement)]))
+        gpu_ids.append([g for p in placement for g in (p["gpus"] or [])])
+    try:
+        for group in groups:
+            group.start()
+        wait_all_ready(groups)
+        yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s)
+               for (settings, _, _), group, ids in zip(jobs, groups, gpu_ids)]
+    finally:
+        stop_groups(groups)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

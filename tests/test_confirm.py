@@ -65,3 +65,61 @@ def test_beats_rule() -> None:
     assert not beats([3, 4, 5], [1, 2, 3])
     assert not beats([], [1])
     assert Spread([1.0, 3.0]).std == pytest.approx(1.4142, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- live servers
+
+
+def _gpu_ctx(n_gpus: int) -> Any:
+    from pathlib import Path
+
+    from harness.study.slots import SlotPool
+
+    ctx = Ctx()
+    ctx.slots = SlotPool(gpu_ids=list(range(n_gpus)), memory_free_check=False)  # type: ignore[attr-defined]
+    ctx.model, ctx.start_timeout_s, ctx.study_dir = "m", 60.0, Path("/nonexistent")  # type: ignore[attr-defined]
+    return ctx
+
+
+def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], gpus_needed: dict[str, int],
+               started: list[list[tuple[str, tuple[int, ...]]]], measured: list[str]) -> None:
+    import contextlib
+
+    def plan_settings(ctx: Any, settings: dict[str, Any]) -> tuple[Evaluation, int]:
+        return Evaluation(settings=settings), gpus_needed[settings["who"]]
+
+    @contextlib.contextmanager
+    def deploy_together(model: str, jobs: list[Any], *, start_timeout_s: float) -> Any:
+        started.append([(settings["who"], slot.gpu_ids) for settings, slot, _ in jobs])
+        yield [settings["who"] for settings, _, _ in jobs]
+
+    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *, fixed_rate: float | None = None) -> Evaluation:
+        measured.append(dep)
+        ev.values = [values[dep].pop(0)]
+        return ev
+
+    monkeypatch.setattr(confirm_mod, "plan_settings", plan_settings)
+    monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
+    monkeypatch.setattr(confirm_mod, "finalize", lambda ctx, ev, label: ev)
+    monkeypatch.setattr("harness.bench.deploy_together", deploy_together)
+
+
+def test_both_configs_start_once_together_on_disjoint_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[tuple[str, tuple[int, ...]]]] = []
+    measured: list[str] = []
+    _fake_live(monkeypatch, {"w": [5.0, 5.1], "b": [4.0, 4.1]}, {"w": 2, "b": 1}, started, measured)
+    monkeypatch.setattr(confirm_mod, "evaluate", lambda *a, **k: pytest.fail("a fresh server was started"))
+    conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
+    assert len(started) == 1 and [who for who, _ in started[0]] == ["w", "b"]  # one start-up, both at once
+    (_, gw), (_, gb) = started[0]
+    assert len(gw) == 2 and len(gb) == 1 and not set(gw) & set(gb)
+    assert measured == ["w", "b", "w", "b"] and conf.recommended_trial == 5
+
+
+def test_too_few_free_gpus_fall_back_to_a_fresh_server_per_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[tuple[str, tuple[int, ...]]]] = []
+    calls: list[tuple[str, float | None]] = []
+    _fake_live(monkeypatch, {}, {"w": 4, "b": 1}, started, [])
+    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.1], "b": [4.0, 4.1]}, calls))
+    conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
+    assert started == [] and [c[0] for c in calls] == ["w", "b", "w", "b"] and conf.recommended_trial == 5

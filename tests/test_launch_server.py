@@ -31,6 +31,7 @@ from harness.launch.server import (
     cpu_bind_sets,
     gpu_sets,
     group_pids,
+    wait_all_ready,
 )
 from harness.launch.vllm_args import ArgSpec
 
@@ -170,6 +171,34 @@ def test_group_of_replicas(fake_python: str, vllm_argspec: ArgSpec, tmp_path: Pa
         envs = [psutil.Process(s.pid).environ().get("CUDA_VISIBLE_DEVICES") for s in group.servers]
         assert envs == ["0,1", "2,3"]
     assert all(not group_pids(p) for p in pgids if p)
+
+
+def test_groups_start_together_and_a_failure_stops_every_group(fake_python: str, vllm_argspec: ArgSpec,
+                                                               tmp_path: Path) -> None:
+    def group(name: str, env: dict[str, str], n: int = 1) -> ServerGroup:
+        return ServerGroup([ServerSpec(model="m", python=fake_python, env=env, log_path=tmp_path / f"{name}{i}.log",
+                                       stop_timeout_s=2) for i in range(n)], vllm_argspec)
+
+    a, b = group("a", {"FAKE_DELAY": "1.5"}, 2), group("b", {"FAKE_DELAY": "1.5"})
+    try:
+        for g in (a, b):
+            g.start()
+        wait_all_ready([a, b])
+        ready = {id(s): s._t_start + s.startup_s for g in (a, b) for s in g.servers}  # type: ignore[operator]
+        starts = [s._t_start for g in (a, b) for s in g.servers]
+        assert max(starts) < min(ready.values())  # every start-up began before any server was ready: overlapped
+        assert a.startup_s and b.startup_s and a.startup_s >= 1.5 and b.startup_s >= 1.5
+    finally:
+        a.stop(), b.stop()
+
+    slow, bad = group("slow", {"FAKE_MODE": "hang"}, 2), group("bad", {"FAKE_MODE": "oom"})
+    for g in (slow, bad):
+        g.start()
+    pgids = [s.pgid for g in (slow, bad) for s in g.servers]
+    with pytest.raises(ServerStartError) as exc:
+        wait_all_ready([slow, bad])
+    assert exc.value.failure.kind == "oom" and exc.value.index == 0
+    assert all(not group_pids(p) for p in pgids if p)  # the hanging group was stopped with the failed one
 
 
 def test_gpu_and_cpu_sets() -> None:

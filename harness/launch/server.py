@@ -554,20 +554,8 @@ class ServerGroup(_Running):
     def wait_ready(self) -> float:
         """Until every server is ready (returns the slowest startup seconds); the first failure stops all and
         raises ServerStartError with that server's index."""
-        t0 = time.monotonic()
-        pending = list(range(len(self.servers)))
-        while pending:
-            for i in list(pending):
-                try:
-                    if self.servers[i].check_ready():
-                        pending.remove(i)
-                except ServerStartError as exc:
-                    self.stop()
-                    raise ServerStartError(exc.failure, exc.log_path, index=i) from exc
-            if pending:
-                time.sleep(POLL_S)
-        self.startup_s = max((s.startup_s or 0.0) for s in self.servers) if self.servers else time.monotonic() - t0
-        return self.startup_s
+        wait_all_ready([self])
+        return self.startup_s or 0.0
 
     def stop(self) -> float:
         """Stop all servers in parallel; returns the wall seconds."""
@@ -586,6 +574,33 @@ class ServerGroup(_Running):
     @property
     def argv(self) -> list[list[str]]:
         return [s.argv for s in self.servers]
+
+
+def wait_all_ready(groups: list[ServerGroup]) -> None:
+    """Until every server of every (started) group is ready, so that their start-ups overlap; the first failure
+    stops every group and raises ServerStartError with that server's index in its group."""
+    pending = [(g, i) for g in groups for i in range(len(g.servers))]
+    while pending:
+        for g, i in list(pending):
+            try:
+                if g.servers[i].check_ready():
+                    pending.remove((g, i))
+            except ServerStartError as exc:
+                stop_groups(groups)
+                raise ServerStartError(exc.failure, exc.log_path, index=i) from exc
+        if pending:
+            time.sleep(POLL_S)
+    for g in groups:
+        g.startup_s = max((s.startup_s or 0.0) for s in g.servers)
+
+
+def stop_groups(groups: list[ServerGroup]) -> None:
+    """Stop several groups at once: each teardown waits for its GPUs' memory to be released."""
+    if len(groups) == 1:
+        groups[0].stop()
+    elif groups:
+        with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+            list(pool.map(lambda g: g.stop(), groups))
 
 
 # ---------------------------------------------------------------------------------------------- NVML

@@ -128,7 +128,7 @@ def _live_deployments(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
     if len(pairs) < 2 or getattr(ctx, "slots", None) is None:
         yield None
         return
-    from harness.bench import deploy
+    from harness.bench import deploy_together
     from harness.launch.server import ServerStartError
     from harness.study.slots import Slot
 
@@ -140,20 +140,17 @@ def _live_deployments(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
             return
         needs.append(n)
     with contextlib.ExitStack() as stack:
-        deps: dict[str, Any] = {}
         try:
+            jobs = []
             for (who, trial), n in zip(pairs, needs):
-                if ctx.slots.gpu_ids:
-                    slot = stack.enter_context(ctx.slots.acquire(n, timeout_s=0))
-                else:
-                    slot = Slot()  # CPU: only one of the two is under load at any time
-                deps[who] = stack.enter_context(deploy(ctx.model, dict(trial.user_attrs["settings"]), slot=slot,
-                                                       log_dir=ctx.study_dir / "logs" / f"confirm-{who}",
-                                                       start_timeout_s=ctx.start_timeout_s))
+                # GPUs: both need free devices now; CPU: only one of the two is under load at any time
+                slot = stack.enter_context(ctx.slots.acquire(n, timeout_s=0)) if ctx.slots.gpu_ids else Slot()
+                jobs.append((dict(trial.user_attrs["settings"]), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
+            deps = stack.enter_context(deploy_together(ctx.model, jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):
-            deps = {}
+            deps = None
         if not deps:
             stack.close()
             yield None
             return
-        yield deps
+        yield {who: dep for (who, _), dep in zip(pairs, deps)}
