@@ -195,6 +195,8 @@ def _print_table(record: RunRecord, out: Any = sys.stdout) -> None:
             if st is not None:
                 rows.append((f"{name[:-3].upper()} mean / p50 / p90 / p99 (ms)",
                              f"{st.mean:.2f} / {st.p50:.2f} / {st.p90:.2f} / {st.p99:.2f}"))
+        if m.prefix_cached_fraction is not None:
+            rows.append(("prompt tokens from the prefix cache", f"{m.prefix_cached_fraction:.1%}"))
     if record.server is not None:
         s = record.server
         rows.append(("KV cache capacity (tokens)", str(s.kv_cache_tokens)))

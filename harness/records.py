@@ -32,6 +32,9 @@ class RequestResult:
     error: str | None = None
     warmup: bool = False
     replica: int = 0
+    # prompt tokens served from vLLM's prefix cache (usage.prompt_tokens_details, which the launcher turns on);
+    # None when the server did not report it
+    cached_tokens: int | None = None
 
 
 @dataclass
@@ -78,6 +81,8 @@ class RunMetrics:
     # Tails with failed requests counted as infinitely slow: a config that drops requests cannot hide it.
     error_adjusted_p99_e2e_ms: float | None = None
     slo_attainment: float | None = None  # fraction of sent requests that met every SLO
+    # completed requests' prompt tokens served from the prefix cache / all their prompt tokens (None: not reported)
+    prefix_cached_fraction: float | None = None
 
 
 @dataclass

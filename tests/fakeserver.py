@@ -53,6 +53,7 @@ class FakeConfig:
     api_key: str | None = None  # require `Authorization: Bearer <key>` (401 otherwise)
     record: bool = True  # keep per-request timings for GET /_log
     model: str = "fake-model"
+    cached_prompt_tokens: int | None = None  # final usage reports prompt_tokens_details.cached_tokens (capped)
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -122,6 +123,8 @@ class _App:
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n_tokens,
                           "completion_tokens": n_tokens},
             }
+            if c.cached_prompt_tokens is not None:  # as vLLM with --enable-prompt-tokens-details
+                final["usage"]["prompt_tokens_details"] = {"cached_tokens": min(c.cached_prompt_tokens, prompt_tokens)}
             tail = b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n"
         out.append(tail + b"data: [DONE]\n\n")
         return out

@@ -131,6 +131,15 @@ def test_without_continuous_usage_counts_one_token_per_chunk(srv: FakeServer) ->
         assert r.ok and r.output_tokens == 6 and r.chunk_tokens == [1, 1]
 
 
+def test_cached_prompt_tokens_from_usage_details(srv: FakeServer) -> None:
+    res = run(srv, specs(3), closed(3))
+    assert all(r.ok and r.cached_tokens is None for r in res.results)  # not reported: unknown
+    srv.configure(cached_prompt_tokens=2)
+    res = run(srv, specs(3), closed(3))  # prompts of 1, 2 and 3 words
+    assert sorted(r.cached_tokens for r in res.results) == [1, 2, 2]
+    assert summarize(res.results, res.duration_s).prefix_cached_fraction == pytest.approx(5 / 6)
+
+
 # ---------------------------------------------------------------------------------------------- failures
 
 

@@ -113,7 +113,7 @@ def test_ready_argv_and_teardown_with_sigkill_escalation(
         assert server.argv[1:] == [
             "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny", "--host", "127.0.0.1",
             "--port", str(server.port), "--api-key", "<redacted>", "--served-model-name", "tiny",
-            "--max-num-seqs", "8", "--no-enable-prefix-caching",
+            "--max-num-seqs", "8", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
         ]  # fmt: skip
         assert len(server.api_key) >= 20 and server.api_key not in json.dumps(server.argv)
         pgid = server.pgid
@@ -326,6 +326,11 @@ def test_real_server_ready_capacity_metrics_and_stop(tiny_model: Path, tmp_path:
             assert chat["usage"]["completion_tokens"] == 8
             comp = _post(server, "/v1/completions", {"model": "tiny", "prompt": "the model", "max_tokens": 8})
             assert comp["usage"]["prompt_tokens"] == 3  # BOS + 2 tokens
+            # the launcher's measurement switch: usage says how many prompt tokens the prefix cache served
+            long = {"model": "tiny", "prompt": " ".join(["the model"] * 60), "max_tokens": 2}
+            cached = [_post(server, "/v1/completions", long)["usage"]["prompt_tokens_details"]["cached_tokens"]
+                      for _ in range(2)]
+            assert isinstance(cached[0], int) and cached[1] >= cached[0]
         stats = scraper.result()
         usage = sampler.result()
         assert stats.kv_cache_tokens == cap.kv_cache_tokens and stats.kv_cache_blocks == 4096

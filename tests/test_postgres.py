@@ -62,10 +62,11 @@ def snapshot(url: str, name: str) -> Any:
     return out
 
 
-def write_sweep(root: Path, model: Path, *, trials: int, knobs: list[int] | None = None) -> Path:
+def write_sweep(root: Path, model: Path, *, trials: int, knobs: list[int] | None = None, confirm: int = 0) -> Path:
     # an explicit KV size skips vLLM's CPU warm-up: the cheapest start there is
-    return shared_sweep(root, model, trials=trials, space_name="pg", fixed={"kv_cache_memory_bytes": 64 * 2**20},
-                        choices=knobs, max_steps=1, seed=5, dirs=False, start_timeout_s=600)
+    return shared_sweep(root, model, trials=trials, confirm=confirm, space_name="pg",
+                        fixed={"kv_cache_memory_bytes": 64 * 2**20}, choices=knobs, max_steps=1, seed=5, dirs=False,
+                        start_timeout_s=600)
 
 
 def worker(sweep: Path, node: Path, url: str, *extra: str, **popen: Any) -> subprocess.Popen[str]:
@@ -275,7 +276,7 @@ def killed_worker_run(pg: Postgres, tiny_model: Path, tmp_path_factory: pytest.T
     """Three workers (nodes a, b, c) on one study of 3 trials; node a is SIGKILLed while its server runs."""
     root = tmp_path_factory.mktemp("pg-workers")
     url = fresh_db(pg, "sweep")
-    sweep = write_sweep(root, tiny_model, trials=3)
+    sweep = write_sweep(root, tiny_model, trials=3, confirm=1)
     procs = {n: worker(sweep, root / n, url) for n in "abc"}
     victim = procs["a"]
     deadline = time.monotonic() + 600
@@ -317,7 +318,6 @@ def test_killed_worker_trial_is_retried_and_study_is_complete(killed_worker_run)
     assert reaped_s < 30
     storage = optuna.storages.RDBStorage(url.replace("postgresql://", "postgresql+psycopg2://", 1))
     trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
-    storage.engine.dispose()
     numbers = [t.number for t in trials]
     assert numbers == list(range(len(trials)))  # unique, no gap
     states = [t.state.name for t in trials]
@@ -335,12 +335,18 @@ def test_killed_worker_trial_is_retried_and_study_is_complete(killed_worker_run)
     assert all(t.values is not None and t.user_attrs.get("outcome") for t in complete)
     ran_on = {n: (root / n / "stderr.log").read_text().count("] trial #") for n in "bc"}
     assert all(ran_on.values()), ran_on  # both surviving workers took trials
-    for n in "bc":
-        config = yaml.safe_load((root / n / "configs" / "tiny.yaml").read_text())
-        assert config["provenance"]["study"] == STUDY
+    # one worker confirms the global best against the baseline; the other waits for its result and emits the same
     best = max((t for t in complete), key=lambda t: (t.values[0], -t.number))
-    assert {yaml.safe_load((root / n / "configs" / "tiny.yaml").read_text())["provenance"]["trial"]
-            for n in "bc"} == {best.number}  # every node ends with the global best
+    confirmed = optuna.load_study(study_name=STUDY, storage=storage).user_attrs["confirm"]
+    storage.engine.dispose()
+    assert confirmed["winner_trial"] == best.number
+    confirmers = [n for n in "bc" if "[confirm 1/1] winner" in (root / n / "stderr.log").read_text()]
+    assert len(confirmers) == 1, confirmers
+    provenance = {n: yaml.safe_load((root / n / "configs" / "tiny.yaml").read_text())["provenance"] for n in "bc"}
+    for p in provenance.values():
+        assert p["study"] == STUDY and p["trial"] == confirmed["recommended_trial"]
+        assert p["improvement"]["verdict"] == confirmed["verdict"]
+        assert p["improvement"]["winner"]["runs"] == confirmed["winner"]["runs"]
     time.sleep(1)
     assert not our_servers(root)
 

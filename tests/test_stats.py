@@ -71,6 +71,17 @@ def test_summary_by_hand() -> None:
     assert m.error_adjusted_p99_e2e_ms is None
 
 
+def test_prefix_cached_fraction_over_requests_that_report_it() -> None:
+    from dataclasses import replace
+
+    results = [replace(ok(0.1, 0.2, 2, prompt=100), cached_tokens=64),
+               replace(ok(0.1, 0.2, 2, prompt=60), cached_tokens=0),
+               ok(0.1, 0.2, 2, prompt=1000),  # not reported: left out of both sums
+               replace(ok(0.1, 0.2, 2, prompt=40), cached_tokens=40, warmup=True), failed()]
+    assert summarize(results, 1.0).prefix_cached_fraction == pytest.approx(64 / 160)
+    assert summarize([ok(0.1, 0.2, 2)], 1.0).prefix_cached_fraction is None  # server did not report: unknown, not 0
+
+
 def test_percentiles_match_numpy_linear() -> None:
     rng = np.random.default_rng(3)
     values = rng.exponential(0.2, size=1001).tolist()

@@ -42,6 +42,9 @@ POLL_S = 0.5
 _HARNESS_ROOT = Path(__file__).resolve().parents[2]
 
 
+MEASUREMENT_SWITCH = "enable_prompt_tokens_details"
+
+
 class ServerStartError(Exception):
     """The server did not become ready; `failure` says why (kind, message, log tail)."""
 
@@ -345,6 +348,10 @@ class Server(_Running):
         if spec.served_model_name and "served_model_name" not in settings:
             argv += ["--served-model-name", spec.served_model_name]
         argv += self.argspec.to_argv(settings)
+        # a measurement switch, not a tuning one: each response's usage then says how many prompt tokens came from
+        # the prefix cache (RequestResult.cached_tokens); it changes nothing in scheduling or memory
+        if MEASUREMENT_SWITCH in self.argspec.args and MEASUREMENT_SWITCH not in settings:
+            argv.append(self.argspec.args[MEASUREMENT_SWITCH].flag)
         argv += list(spec.extra_args)
         return argv
 

@@ -832,7 +832,14 @@ def _result(req: _Req, t0: int) -> RequestResult:
         error=error,
         warmup=req.warmup,
         replica=req.ep.index if req.ep is not None else 0,
+        cached_tokens=_cached_tokens(usage),
     )
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int | None:
+    details = usage.get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return int(value) if isinstance(value, (int, float)) else None
 
 
 def _client_check(

@@ -16,6 +16,9 @@ Definitions (all over measured requests: warmup excluded):
 - Goodput: completed requests per second that meet every SLO limit given (ttft_ms, tpot_ms, e2e_ms; a value equal to
   the limit meets it), vLLM's `--goodput ttft:.. tpot:.. e2el:..`; None without an SLO.
 - slo_attainment: fraction of all measured requests (failed ones count as misses) that met every limit.
+- prefix_cached_fraction: over completed requests that report it (vLLM's usage.prompt_tokens_details, on when the
+  server runs with --enable-prompt-tokens-details), prompt tokens served from the prefix cache / their prompt tokens.
+  Not in `vllm bench serve`; None when no request reported it.
 - error_adjusted_p99_e2e_ms: p99 of E2E where each failed request counts as infinitely slow. When the 99th
   percentile falls among the failures (roughly: more than 1% failed) it is infinite; JSON has no infinity, so it is
   stored as None, meaning "unbounded", never as a number.
@@ -143,6 +146,9 @@ def summarize(
         attainment = good / len(measured) if measured else None
 
     p99_adj = percentile_with_failures(e2es, failed, 99.0)
+    reported = [r for r in done if r.cached_tokens is not None]
+    reported_prompt = sum(r.prompt_tokens for r in reported)
+    cached = sum(r.cached_tokens or 0 for r in reported) / reported_prompt if reported_prompt else None
     return RunMetrics(
         duration_s=duration_s,
         completed=len(done),
@@ -159,6 +165,7 @@ def summarize(
         e2e_ms=latency_stats(e2es),
         error_adjusted_p99_e2e_ms=None if p99_adj is None else p99_adj * 1000.0,
         slo_attainment=attainment,
+        prefix_cached_fraction=cached,
     )
 
 

@@ -60,7 +60,7 @@ class Evaluation:
             m = rec.metrics
             out.update(request_throughput=m.request_throughput, output_throughput=m.output_throughput,
                        total_token_throughput=m.total_token_throughput, goodput=m.goodput,
-                       completed=m.completed, failed=m.failed)
+                       completed=m.completed, failed=m.failed, prefix_cached_fraction=m.prefix_cached_fraction)
             for stat in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
                 st = getattr(m, stat)
                 if st is not None:
