@@ -12,7 +12,7 @@ from harness.errors import UserError
 from harness.plan.hardware import detect_hardware
 from harness.space import load_space
 from harness.study.runner import make_sampler, open_study
-from harness.study.tune import _hw_dict
+from harness.study.tune import _hw_identity
 
 
 def _identity(space_file: Path, hardware: dict) -> dict:
@@ -55,6 +55,6 @@ def test_changed_input_is_refused_naming_only_what_changed(tmp_path: Path, space
 def test_cpu_host_identity_ignores_memory_that_grows_while_the_host_runs() -> None:
     host = detect_hardware("CPU")
     grown = replace(host, memory_gib=host.memory_gib + 3.5)
-    assert _hw_dict(host) == _hw_dict(grown)
+    assert _hw_identity(host) == _hw_identity(grown)
     gpu = detect_hardware("H100", 4)
-    assert _hw_dict(gpu)["memory_gib"] == gpu.memory_gib  # a GPU's CUDA total is fixed: it stays in the identity
+    assert _hw_identity(gpu)["memory_gib"] == gpu.memory_gib  # a GPU's CUDA total is fixed: it stays in the identity

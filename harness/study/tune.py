@@ -108,7 +108,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     trials = entry.trials or sweep.trials
     storage = make_storage(storage_url or naming.default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
-                "objective": sweep.objective.to_dict(), "hardware": _hw_dict(hardware)}
+                "objective": sweep.objective.to_dict(), "hardware": _hw_identity(hardware)}
     config_path = Path(sweep.configs_dir) / f"{entry.name}.yaml"
     baselines = {BASELINE_DEFAULTS: dict(ctx.space.fixed)}
     if config_path.exists():
@@ -222,14 +222,18 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baselin
 
 
 def _hw_dict(hardware: Any) -> dict[str, Any]:
+    return {"name": hardware.name, "count": hardware.count,
+            "memory_gib": getattr(hardware, "memory_gib", None), "arch": getattr(hardware, "arch", None)}
+
+
+def _hw_identity(hardware: Any) -> dict[str, Any]:
     """The hardware part of a study's identity: what must not change between the runs that share a study.
 
     A CPU host's memory is left out: on VMs that fault memory in lazily, NUMA node 0's total grows while the host
     runs (see plan/hardware.py), so it would refuse a resume on the same machine. A GPU's CUDA-visible total is fixed.
     """
-    arch = getattr(hardware, "arch", None)
-    return {"name": hardware.name, "count": hardware.count,
-            "memory_gib": None if arch == "cpu" else getattr(hardware, "memory_gib", None), "arch": arch}
+    d = _hw_dict(hardware)
+    return {**d, "memory_gib": None} if d["arch"] == "cpu" else d
 
 
 def _storage_label(url: str | None, results_dir: Path) -> str:
