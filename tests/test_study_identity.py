@@ -58,3 +58,29 @@ def test_cpu_host_identity_ignores_memory_that_grows_while_the_host_runs() -> No
     assert _hw_identity(host) == _hw_identity(grown)
     gpu = detect_hardware("H100", 4)
     assert _hw_identity(gpu)["memory_gib"] == gpu.memory_gib  # a GPU's CUDA total is fixed: it stays in the identity
+
+
+def test_baselines_are_queued_once_across_reruns(tmp_path: Path) -> None:
+    from optuna.trial import TrialState
+
+    from harness.study.runner import enqueue_baselines
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    defaults = {"max_model_len": 512}
+
+    def queued() -> list[tuple[str, dict, str]]:
+        return [(t.user_attrs["baseline"], t.user_attrs["settings"], t.state.name) for t in study.get_trials()]
+
+    enqueue_baselines(study, {"vllm-defaults": defaults, "committed-config": dict(defaults)})
+    assert queued() == [("vllm-defaults", defaults, "WAITING")]  # the committed config is the defaults: once
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    enqueue_baselines(study, {"vllm-defaults": defaults, "committed-config": dict(defaults)})  # a rerun
+    assert queued() == [("vllm-defaults", defaults, "COMPLETE")]
+    tuned = {**defaults, "max_num_seqs": 8}
+    enqueue_baselines(study, {"vllm-defaults": defaults, "committed-config": tuned})  # a new config was committed
+    assert queued()[1:] == [("committed-config", tuned, "WAITING")]
+    trial = study.ask()
+    study.tell(trial, state=TrialState.FAIL)  # interrupted: measured again on the next run
+    enqueue_baselines(study, {"vllm-defaults": defaults, "committed-config": tuned})
+    assert queued()[1:] == [("committed-config", tuned, "FAIL"), ("committed-config", tuned, "WAITING")]

@@ -140,9 +140,11 @@ def finished(study: optuna.Study) -> list[FrozenTrial]:
 
 def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]]) -> None:
     """Baselines are trials 0 and 1: measured exactly like candidates, so every win is over something real."""
-    present = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
-               if t.state != TrialState.FAIL}  # an interrupted baseline is measured again
-    seen: list[dict[str, Any]] = []
+    # an interrupted (FAIL) baseline is measured again; one already measured under another label is not measured
+    # twice (a committed config that is vLLM's defaults, on the first run or on a rerun)
+    kept = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL and t.user_attrs.get("baseline")]
+    present = {t.user_attrs["baseline"] for t in kept}
+    seen: list[dict[str, Any]] = [t.user_attrs.get("settings") for t in kept]
     for label, settings in baselines.items():
         if label in present or settings in seen:
             continue
