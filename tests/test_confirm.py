@@ -123,3 +123,38 @@ def test_too_few_free_gpus_fall_back_to_a_fresh_server_per_repeat(monkeypatch: p
     monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.1], "b": [4.0, 4.1]}, calls))
     conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
     assert started == [] and [c[0] for c in calls] == ["w", "b", "w", "b"] and conf.recommended_trial == 5
+
+
+def test_a_winner_that_is_the_baseline_is_repeated_on_one_live_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[tuple[str, tuple[int, ...]]]] = []
+    measured: list[str] = []
+    _fake_live(monkeypatch, {"w": [5.0, 5.1, 4.9]}, {"w": 1}, started, measured)
+    monkeypatch.setattr(confirm_mod, "evaluate", lambda *a, **k: pytest.fail("a fresh server was started"))
+    b = frozen(0, 5.0, {"who": "w"})
+    conf = confirm(_gpu_ctx(4), b, b, 3, "goodput_rps")
+    assert [[who for who, _ in s] for s in started] == [["w"]] and measured == ["w", "w", "w"]
+    assert conf.recommended_trial == 0 and conf.winner.runs == [5.0, 5.1, 4.9]
+
+
+def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    started: list[list[tuple[str, tuple[int, ...]]]] = []
+    measured: list[str] = []
+    _fake_live(monkeypatch, {}, {"w": 1, "b": 1}, started, measured)
+    # the winner's first run: client behind (its value must not count); then valid runs
+    runs = {"w": [(9.9, False), (5.0, True), (5.2, True)], "b": [(4.0, True), (4.1, True)]}
+
+    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *, fixed_rate: float | None = None) -> Evaluation:
+        value, valid = runs[dep].pop(0)
+        measured.append(label)
+        ev.values = [value]
+        ev.record = SimpleNamespace(metrics=None, memory=None, server=None, startup_s=None,  # type: ignore[assignment]
+                                    client=SimpleNamespace(valid=valid, reasons=[] if valid else ["dispatch lag"]))
+        return ev
+
+    monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
+    conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
+    assert measured == ["confirm-winner1", "confirm-winner1-again1", "confirm-baseline1", "confirm-winner2",
+                        "confirm-baseline2"]
+    assert conf.winner.runs == [5.0, 5.2] and all(m["client_valid"] for m in conf.winner_metrics)

@@ -19,6 +19,8 @@ from optuna.trial import FrozenTrial
 
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 
+CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
+
 
 @dataclass
 class Spread:
@@ -64,6 +66,12 @@ class Confirmation:
                 "baseline_metrics": self.baseline_metrics}
 
 
+def _client_limited(ev: Any) -> list[str]:
+    """Why the load client, not the server, limited this run (empty: a valid server number)."""
+    client = getattr(ev.record, "client", None) if ev.record is not None and ev.failure is None else None
+    return list(client.reasons or ["client check failed"]) if client is not None and not client.valid else []
+
+
 def beats(winner: list[float], baseline: list[float]) -> bool:
     return bool(winner) and bool(baseline) and min(winner) > max(baseline) and \
         statistics.fmean(winner) > statistics.fmean(baseline)
@@ -74,7 +82,8 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     """Re-measure winner and baseline alternately, `repeats` times each.
 
     When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
-    the repeats alternate between the two live servers; otherwise every repeat starts a fresh server.
+    the repeats alternate between the two live servers (a winner that is the baseline: one live server); otherwise
+    every repeat starts a fresh server.
     """
     # Capacity studies confirm at the winner's claimed capacity: both configs get that Poisson load and are
     # scored by goodput, so a baseline that also sustains it ties (and is kept) and one that cannot loses.
@@ -86,22 +95,29 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     with _live_deployments(ctx, pairs, repeats) as live:
         for i in range(repeats):
             for who, trial in pairs:
-                label = f"confirm-{who}{i + 1}"
                 if log is not None:
                     how = "live server" if live else "fresh server"
                     print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {how})", file=log, flush=True)
                 settings = dict(trial.user_attrs["settings"])
-                if live:
-                    ev, _ = plan_settings(ctx, settings)
-                    measure_live(ctx, live[who], ev, label, fixed_rate=rate)
-                    ev = finalize(ctx, ev, label)
-                else:
-                    ev = evaluate(ctx, settings, label, fixed_rate=rate)
+                for attempt in range(1 + CLIENT_RETRIES):
+                    label = f"confirm-{who}{i + 1}" + (f"-again{attempt}" if attempt else "")
+                    if live:
+                        ev, _ = plan_settings(ctx, settings)
+                        measure_live(ctx, live[who], ev, label, fixed_rate=rate)
+                        ev = finalize(ctx, ev, label)
+                    else:
+                        ev = evaluate(ctx, settings, label, fixed_rate=rate)
+                    reasons = _client_limited(ev)
+                    if not reasons:
+                        break
+                    if log is not None:
+                        print(f"    -> not a server number ({reasons[0]}); measured again", file=log, flush=True)
                 value = ev.values[0] if ev.values else 0.0
                 runs[who].append(float(value))
-                metrics[who].append(ev.summary())
+                metrics[who].append({**ev.summary(), "client_valid": not reasons})
                 if log is not None:
-                    print(f"    -> {metric} = {value:.4g}", file=log, flush=True)
+                    print(f"    -> {metric} = {value:.4g}" + (" (client still limited)" if reasons else ""),
+                          file=log, flush=True)
     w_runs, b_runs = runs["winner"], runs["baseline"]
     if same:
         verdict = "the baseline (vLLM defaults) is the best candidate found; it is kept"
@@ -124,8 +140,10 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
 @contextlib.contextmanager
 def _live_deployments(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
                       repeats: int) -> Iterator[dict[str, Any] | None]:
-    """Both configurations started once, on disjoint devices, or None when they cannot be up together."""
-    if len(pairs) < 2 or getattr(ctx, "slots", None) is None:
+    """Each configuration started once (both at once, on disjoint devices), or None when they cannot be up together.
+
+    When the winner is the baseline there is one configuration, and its repeats share one server too."""
+    if getattr(ctx, "slots", None) is None:
         yield None
         return
     from harness.bench import deploy_together
