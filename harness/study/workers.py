@@ -102,16 +102,10 @@ def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float
     if dialect == "postgresql":
         import sqlalchemy
 
-        key = int.from_bytes(hashlib.sha256(f"vllm-tune:{name}".encode()).digest()[:8], "big", signed=True)
         with engine.connect() as conn:  # its own session: the lock dies with the worker's connection
             conn.execute(sqlalchemy.text(f"SET lock_timeout = {int(timeout_s * 1000)}"))
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            conn.commit()
-            try:
+            with _advisory_lock(conn, f"vllm-tune:{name}"):
                 yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
         return
     path = _sqlite_path(str(getattr(engine, "url", ""))) if dialect == "sqlite" else None
     if path is None:  # in-memory SQLite or another database: one process only
@@ -178,19 +172,25 @@ def schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args=engine_kwargs.get("connect_args", {}))
     try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_KEY})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_KEY})
-                conn.commit()
+        with engine.connect() as conn, _advisory_lock(conn, "vllm-tune:optuna-schema"):
+            yield
     finally:
         engine.dispose()
 
 
-_SCHEMA_KEY = int.from_bytes(hashlib.sha256(b"vllm-tune:optuna-schema").digest()[:8], "big", signed=True)
+@contextlib.contextmanager
+def _advisory_lock(conn: Any, name: str) -> Iterator[None]:
+    """A PostgreSQL session-level advisory lock keyed by `name` (released by the server if the session dies)."""
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        conn.commit()
 
 
 def _sqlite_path(url: str) -> str | None:
