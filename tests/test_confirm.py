@@ -116,13 +116,35 @@ def test_both_configs_start_once_together_on_disjoint_gpus(monkeypatch: pytest.M
     assert measured == ["w", "b", "w", "b"] and conf.recommended_trial == 5
 
 
-def test_too_few_free_gpus_fall_back_to_a_fresh_server_per_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_winner_on_every_gpu_and_the_baseline_are_started_once_each_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 + 1 GPUs do not fit a 4-GPU node together: two start-ups (not one per repeat), each config's repeats in a row
     started: list[list[tuple[str, tuple[int, ...]]]] = []
+    measured: list[str] = []
+    _fake_live(monkeypatch, {"w": [5.0, 5.1, 5.2], "b": [4.0, 4.1, 3.9]}, {"w": 4, "b": 1}, started, measured)
+    monkeypatch.setattr(confirm_mod, "evaluate", lambda *a, **k: pytest.fail("a fresh server was started"))
+    conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 3, "goodput_rps")
+    assert [[(who, len(gpus)) for who, gpus in s] for s in started] == [[("w", 4)], [("b", 1)]]
+    assert measured == ["w", "w", "w", "b", "b", "b"]
+    assert conf.mode == confirm_mod.MODE_IN_TURN and conf.to_dict()["mode"] == confirm_mod.MODE_IN_TURN
+    assert conf.recommended_trial == 5 and conf.baseline.runs == [4.0, 4.1, 3.9]
+
+
+def test_a_config_without_free_gpus_now_falls_back_to_a_fresh_server_per_repeat(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # another worker holds 2 of the 4 GPUs: the 4-GPU winner cannot be up now, so its repeats wait for a fresh
+    # server each (evaluate queues for the GPUs); the baseline still gets one live server
+    started: list[list[tuple[str, tuple[int, ...]]]] = []
+    measured: list[str] = []
     calls: list[tuple[str, float | None]] = []
-    _fake_live(monkeypatch, {}, {"w": 4, "b": 1}, started, [])
-    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.1], "b": [4.0, 4.1]}, calls))
-    conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
-    assert started == [] and [c[0] for c in calls] == ["w", "b", "w", "b"] and conf.recommended_trial == 5
+    _fake_live(monkeypatch, {"b": [4.0, 4.1]}, {"w": 4, "b": 1}, started, measured)
+    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.1]}, calls))
+    monkeypatch.setattr(confirm_mod, "SLOT_WAIT_S", 0.2)
+    ctx = _gpu_ctx(4)
+    with ctx.slots.acquire(2):
+        conf = confirm(ctx, frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
+    assert started == [] or all(who == "b" for s in started for who, _ in s)
+    assert [c[0] for c in calls] == ["w", "w"] and conf.winner.runs == [5.0, 5.1]
+    assert conf.mode.endswith(confirm_mod.MODE_FRESH) and conf.recommended_trial == 5
 
 
 def test_a_winner_that_is_the_baseline_is_repeated_on_one_live_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,3 +180,36 @@ def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest
     assert measured == ["confirm-winner1", "confirm-winner1-again1", "confirm-baseline1", "confirm-winner2",
                         "confirm-baseline2"]
     assert conf.winner.runs == [5.0, 5.2] and all(m["client_valid"] for m in conf.winner_metrics)
+
+
+# ---------------------------------------------------------------------------------------------- time budget
+
+
+def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The trials are done but the slot's time is up: minutes of server start-ups would be cut off by the slot's
+    # end, so the sweep stops and a rerun (with time) confirms; nothing is emitted yet.
+    import io
+    import time
+
+    from conftest import write_sweep
+
+    from harness.plan import detect_hardware
+    from harness.study import tune
+    from harness.study.sweepfile import load_sweep
+
+    def run_trials(study: optuna.Study, ctx: Any, target: int, parallel: int, out: Any, timeout_s: Any) -> None:
+        for value in (3.0, 5.0):
+            trial = study.ask()
+            trial.set_user_attr("settings", {"max_num_seqs": 4})
+            trial.set_user_attr("baseline", "vllm-defaults" if value == 3.0 else None)
+            trial.set_constraint("slo", 0.0)
+            study.tell(trial, value)
+
+    monkeypatch.setattr(tune, "run_trials", run_trials)
+    monkeypatch.setattr(tune, "study_confirmation", lambda *a, **k: pytest.fail("confirmation started"))
+    sweep = load_sweep(write_sweep(tmp_path, tiny_model, trials=2, confirm=3))
+    out = io.StringIO()
+    outcome = tune.tune_model(sweep, sweep.models[0], hardware=detect_hardware("CPU"), storage_url=None, parallel=1,
+                              out=out, deadline=time.monotonic() - 1)
+    assert outcome.config_path is None and "before the confirmation" in outcome.message
+    assert not (tmp_path / "configs" / "tiny.yaml").exists()

@@ -1,7 +1,8 @@
-"""Confirm the winner against the baseline: interleaved repeats, spread reported, no win inside the noise.
+"""Confirm the winner against the baseline: repeated measurements, spread reported, no win inside the noise.
 
-Each repeat is a fresh server and one measured load at a fixed offered load (for capacity studies, the winner's
-capacity), scored by goodput for capacity and goodput studies and by the objective's metric otherwise.
+Each repeat is one measured load at a fixed offered load (for capacity studies, the winner's capacity), scored by
+goodput for capacity and goodput studies and by the objective's metric otherwise. Servers are started as few
+times as the devices allow (see `confirm`).
 
 The decision rule is a rank test, not a threshold: the winner is recommended only when every one of its repeats
 beats every baseline repeat (with 3 + 3 runs that is a one-sided Mann-Whitney test at p = 0.05) and its mean is
@@ -20,6 +21,10 @@ from optuna.trial import FrozenTrial
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
+SLOT_WAIT_S = 30.0  # for devices whose memory the last trial's servers are still releasing; then: not free now
+MODE_LIVE = "live servers, repeats interleaved"
+MODE_IN_TURN = "live servers, one configuration at a time"
+MODE_FRESH = "fresh server per repeat"
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Confirmation:
     verdict: str
     winner_metrics: list[dict[str, Any]] = field(default_factory=list)  # per repeat, summary numbers
     baseline_metrics: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = MODE_FRESH  # how the repeats were run (MODE_*; phases joined by ' + ')
 
     @property
     def improvement(self) -> float | None:
@@ -63,7 +69,7 @@ class Confirmation:
                 "winner": self.winner.to_dict(), "baseline": self.baseline.to_dict(),
                 "improvement": self.improvement, "recommended_trial": self.recommended_trial,
                 "verdict": self.verdict, "winner_metrics": self.winner_metrics,
-                "baseline_metrics": self.baseline_metrics}
+                "baseline_metrics": self.baseline_metrics, "mode": self.mode}
 
 
 def _client_limited(ev: Any) -> list[str]:
@@ -79,11 +85,14 @@ def beats(winner: list[float], baseline: list[float]) -> bool:
 
 def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int,
             metric: str, log: Any = None) -> Confirmation:
-    """Re-measure winner and baseline alternately, `repeats` times each.
+    """Re-measure winner and baseline, `repeats` times each.
 
     When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
-    the repeats alternate between the two live servers (a winner that is the baseline: one live server); otherwise
-    every repeat starts a fresh server.
+    the repeats alternate between the two live servers (a winner that is the baseline: one live server). When they
+    cannot (a winner on every GPU of the node), each is started once in turn and its repeats run back to back:
+    two start-ups instead of one per repeat, which on GPUs (minutes each) decides whether a confirmation fits a
+    time slot at all. Only when a configuration cannot be started on its own slot now does every repeat start a
+    fresh server.
     """
     # Capacity studies confirm at the winner's claimed capacity: both configs get that Poisson load and are
     # scored by goodput, so a baseline that also sustains it ties (and is kept) and one that cannot loses.
@@ -92,12 +101,13 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     pairs = [("winner", winner)] + ([] if same else [("baseline", baseline)])
     runs: dict[str, list[float]] = {"winner": [], "baseline": []}
     metrics: dict[str, list[dict[str, Any]]] = {"winner": [], "baseline": []}
-    with _live_deployments(ctx, pairs, repeats) as live:
-        for i in range(repeats):
-            for who, trial in pairs:
+    modes: list[str] = []
+    with contextlib.closing(_phases(ctx, pairs, repeats)) as phases:
+        for mode, live, order in phases:
+            modes += [] if mode in modes else [mode]
+            for i, (who, trial) in order:
                 if log is not None:
-                    how = "live server" if live else "fresh server"
-                    print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {how})", file=log, flush=True)
+                    print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {mode})", file=log, flush=True)
                 settings = dict(trial.user_attrs["settings"])
                 for attempt in range(1 + CLIENT_RETRIES):
                     label = f"confirm-{who}{i + 1}" + (f"-again{attempt}" if attempt else "")
@@ -134,35 +144,62 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     return Confirmation(metric=metric, winner_trial=winner.number,
                         baseline_trial=None if baseline is None else baseline.number, winner=Spread(w_runs),
                         baseline=Spread(b_runs), recommended_trial=rec, verdict=verdict,
-                        winner_metrics=metrics["winner"], baseline_metrics=metrics["baseline"])
+                        winner_metrics=metrics["winner"], baseline_metrics=metrics["baseline"],
+                        mode=" + ".join(modes))
+
+
+Phase = tuple[str, "dict[str, Any] | None", list[tuple[int, tuple[str, FrozenTrial]]]]
+
+
+def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], repeats: int) -> Iterator[Phase]:
+    """(mode, live deployments by role or None, the repeats to run on them). Each phase's servers are up only
+    while the caller works through its repeats; closing the generator tears them down."""
+    interleaved = [(i, pair) for i in range(repeats) for pair in pairs]
+    if getattr(ctx, "slots", None) is None:
+        yield MODE_FRESH, None, interleaved
+        return
+    needs: dict[int, int] | None = {}
+    for _, trial in pairs:
+        ev, n = plan_settings(ctx, dict(trial.user_attrs["settings"]))
+        if ev.pruned_reason:
+            needs = None
+            break
+        needs[trial.number] = n
+    if needs is None:
+        yield MODE_FRESH, None, interleaved
+        return
+    if not ctx.slots.gpu_ids or sum(needs.values()) <= ctx.slots.capacity:
+        with _deployed(ctx, pairs, needs) as deps:
+            if deps is not None:
+                yield MODE_LIVE, deps, interleaved
+                return
+    left = interleaved
+    if len(pairs) > 1:
+        for pair in pairs:
+            with _deployed(ctx, [pair], needs) as deps:
+                if deps is None:
+                    continue  # no free devices for it now: its repeats start fresh servers (which wait for them)
+                yield MODE_IN_TURN, deps, [(i, pair) for i in range(repeats)]
+            left = [(i, p) for i, p in left if p is not pair]
+    if left:
+        yield MODE_FRESH, None, left
 
 
 @contextlib.contextmanager
-def _live_deployments(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
-                      repeats: int) -> Iterator[dict[str, Any] | None]:
-    """Each configuration started once (both at once, on disjoint devices), or None when they cannot be up together.
-
-    When the winner is the baseline there is one configuration, and its repeats share one server too."""
-    if getattr(ctx, "slots", None) is None:
-        yield None
-        return
+def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
+              needs: dict[int, int]) -> Iterator[dict[str, Any] | None]:
+    """These configurations started at once on free devices (disjoint GPU sets), or None when they do not fit now."""
     from harness.bench import deploy_together
     from harness.launch.server import ServerStartError
     from harness.study.slots import Slot
 
-    needs = []
-    for _, trial in pairs:
-        ev, n = plan_settings(ctx, dict(trial.user_attrs["settings"]))
-        if ev.pruned_reason:
-            yield None
-            return
-        needs.append(n)
     with contextlib.ExitStack() as stack:
         try:
             jobs = []
-            for (who, trial), n in zip(pairs, needs):
-                # GPUs: both need free devices now; CPU: only one of the two is under load at any time
-                slot = stack.enter_context(ctx.slots.acquire(n, timeout_s=0)) if ctx.slots.gpu_ids else Slot()
+            for who, trial in pairs:
+                # GPUs: all need free devices now; CPU: only one of them is under load at any time
+                slot = (stack.enter_context(ctx.slots.acquire(needs[trial.number], timeout_s=SLOT_WAIT_S))
+                        if ctx.slots.gpu_ids else Slot())
                 jobs.append((dict(trial.user_attrs["settings"]), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
             deps = stack.enter_context(deploy_together(ctx.model, jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):

@@ -127,11 +127,9 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     run_trials(study, ctx, trials, parallel, out=out,
                timeout_s=None if deadline is None else max(deadline - time.monotonic(), 1.0))
     table = write_table(study, ctx.study_dir)
-    if deadline is not None and time.monotonic() >= deadline and len(finished(study)) < trials:
-        msg = (f"time budget reached after {len(finished(study))}/{trials} finished trials; "
-               f"run the same command again to continue")
-        print(msg, file=out)
-        return ModelOutcome(entry.model, name, None, table, None, msg)
+    done = len(finished(study))
+    if deadline is not None and time.monotonic() >= deadline and done < trials:
+        return _out_of_time(entry, name, table, f"after {done}/{trials} finished trials", out)
     winner = best_feasible(study)
     if winner is None:
         msg = (f"no feasible configuration among {len(study.trials)} trials; nothing emitted "
@@ -140,6 +138,10 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
         return ModelOutcome(entry.model, name, None, table, None, msg)
     baseline = next((t for t in study.get_trials(deepcopy=False)
                      if t.user_attrs.get("baseline") == BASELINE_DEFAULTS and t.values is not None), None)
+    key = confirm_key(winner, baseline, sweep.confirm_repeats)
+    if (deadline is not None and time.monotonic() >= deadline and sweep.confirm_repeats > 0
+            and key not in study.user_attrs):  # a confirmation is minutes of servers: not started past the budget
+        return _out_of_time(entry, name, table, f"after all {trials} trials, before the confirmation", out)
     conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out)
     rec_trial = study.trials[conf.recommended_trial] if conf else winner
     path = emit(config_path, study, ctx, rec_trial, baseline, conf, hardware)
@@ -149,12 +151,23 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     return ModelOutcome(entry.model, name, path, table, conf, msg)
 
 
+def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any) -> ModelOutcome:
+    msg = f"time budget reached {when}; run the same command again to continue"
+    print(msg, file=out)
+    return ModelOutcome(entry.model, name, None, table, None, msg)
+
+
+def confirm_key(winner: Any, baseline: Any, repeats: int) -> str:
+    """The study attribute holding this winner's confirmation against this baseline (a rerun reuses it)."""
+    return f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
+
+
 def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: Any, baseline: Any, repeats: int,
                        out: Any) -> Confirmation | None:
     """Run (or reuse, on a rerun) the interleaved confirmation of this winner."""
     if repeats <= 0:
         return None
-    key = f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
+    key = confirm_key(winner, baseline, repeats)
     saved = study.user_attrs.get(key)
     metric = (f"goodput_rps_at_{winner.values[0]:.3g}_rps" if ctx.objective.kind == "capacity" else
               "output_throughput" if ctx.objective.kind in ("throughput", "pareto") else "goodput_rps")
@@ -179,7 +192,7 @@ def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: Any, base
                         baseline_trial=saved["baseline_trial"], winner=Spread(saved["winner"]["runs"]),
                         baseline=Spread(saved["baseline"]["runs"]), recommended_trial=saved["recommended_trial"],
                         verdict=saved["verdict"], winner_metrics=saved["winner_metrics"],
-                        baseline_metrics=saved["baseline_metrics"])
+                        baseline_metrics=saved["baseline_metrics"], mode=saved.get("mode", ""))
 
 
 def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baseline: Any,
