@@ -146,7 +146,8 @@ class Failure:
     exit_code: int | None = None
 
 
-FAILURE_KINDS = ("oom", "kv_too_small", "bad_arg", "start_timeout", "crash", "infeasible", "client_invalid")
+FAILURE_KINDS = ("oom", "kv_too_small", "bad_arg", "start_timeout", "crash", "infeasible", "client_invalid",
+                 "interrupted")
 
 
 @dataclass

@@ -128,10 +128,18 @@ REAPER = _Reaper()
 _LIVE: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
+# Set by stop_all: no server starts after it in this process (a trial thread that was waiting for GPUs when Ctrl-C
+# came would otherwise start one once the others' GPUs are freed, and keep the process alive for its start-up).
+_STOPPED = threading.Event()
+_START_LOCK = threading.Lock()
+
+
 @atexit.register
 def stop_all() -> None:
-    """Stop every server this process started, in parallel (Ctrl-C, SIGTERM, interpreter exit)."""
-    live = list(_LIVE)
+    """Stop every server this process started, in parallel (Ctrl-C, SIGTERM, interpreter exit); start no more."""
+    with _START_LOCK:
+        _STOPPED.set()
+        live = list(_LIVE)
     if not live:
         return
 
@@ -383,23 +391,26 @@ class Server(_Running):
         self._argv = self.build_argv()
         self._gpu_baseline = _nvml_memory_used(self.gpus)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_fh = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         pdeathsig = threading.current_thread() is threading.main_thread()
         wrapper = [sys.executable, "-I", "-S", "-c", _EXEC_WRAPPER, "1" if pdeathsig else "0", str(os.getpid())]
-        self._t_start = time.monotonic()
-        self.proc = subprocess.Popen(
-            wrapper + self._argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_fh,
-            stderr=subprocess.STDOUT,
-            env=self.build_env(),
-            cwd=str(self.log_path.parent),
-            start_new_session=True,  # own session and process group: pgid == pid
-            close_fds=True,
-        )
-        self.pgid = self.proc.pid
-        REAPER.add(self.pgid)
-        _LIVE.add(self)
+        with _START_LOCK:  # stop_all either sees this server or this start sees stop_all's flag
+            if _STOPPED.is_set():
+                raise ServerStartError(Failure("interrupted", "not started: this process is stopping its servers"))
+            self._log_fh = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+            self._t_start = time.monotonic()
+            self.proc = subprocess.Popen(
+                wrapper + self._argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_fh,
+                stderr=subprocess.STDOUT,
+                env=self.build_env(),
+                cwd=str(self.log_path.parent),
+                start_new_session=True,  # own session and process group: pgid == pid
+                close_fds=True,
+            )
+            self.pgid = self.proc.pid
+            REAPER.add(self.pgid)
+            _LIVE.add(self)
         return self
 
     def check_ready(self) -> bool:

@@ -39,6 +39,30 @@ class TrialInterrupted(Exception):
     """The sweep was interrupted while this trial ran; Optuna records it as FAIL and a rerun measures it again."""
 
 
+class _QuietControlFlow(logging.Filter):
+    """Optuna logs each exception an objective raises with its traceback. Ours that only steer the run (a surplus
+    trial, an interrupted one) are told by our progress lines; their tracebacks would read as crashes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._quiet: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from harness.study.workers import Surplus
+
+        message = record.getMessage()
+        if not message.startswith("Trial "):
+            return True
+        number = message.split()[1]
+        if record.exc_info and isinstance(record.exc_info[1], (Surplus, TrialInterrupted)):
+            self._quiet.add(number)
+            return False
+        return not (number in self._quiet and "failed with value" in message)
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietControlFlow())
+
+
 BASELINE_DEFAULTS = "vllm-defaults"
 BASELINE_COMMITTED = "committed-config"
 # A worker silent for GRACE_S is presumed dead; its trial is failed and retried (env vars: for tests and slow disks).
@@ -204,6 +228,9 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) ->
             trial.set_user_attr("reason", "the other workers' trials already fill the budget; nothing was run")
             trial.study.stop()
             raise Surplus(f"trial #{trial.number} is beyond the study's budget of {budget.target}")
+        from harness.study.workers import WORKER_ATTR, worker_id
+
+        trial.set_user_attr(WORKER_ATTR, worker_id())  # a rerun on this host retries it at once if this one dies
         baseline = trial.user_attrs.get("baseline")
         if baseline:
             settings = dict(trial.user_attrs["settings"])
@@ -288,10 +315,13 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     `timeout_s`: start no trial after that many seconds (running ones finish). Ctrl-C propagates after the running
     trial's servers are torn down.
     """
-    from harness.study.workers import Budget, drain
+    from harness.study.workers import Budget, drain, fail_dead_local_trials
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-
+    retried = fail_dead_local_trials(study)
+    if retried:
+        print(f"trial(s) {', '.join(f'#{n}' for n in retried)} of a run on this host that was killed: "
+              f"queued again", file=out, flush=True)
     budget = Budget(target)
     remaining = target - len(finished(study))
     if remaining <= 0 and not waiting(study) and not running(study):
@@ -300,7 +330,8 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     progress = Progress(total=max(remaining, len(waiting(study)), 1), out=out)
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
-        progress.end(st, trial, f"trial #{trial.number} {describe(trial)}")
+        if trial.user_attrs.get("outcome") != "surplus":  # nothing ran: neither a step of the progress nor news
+            progress.end(st, trial, f"trial #{trial.number} {describe(trial)}")
 
     objective = make_objective(ctx, progress, budget)
     if parallel > 1:

@@ -260,6 +260,7 @@ def drain(study: optuna.Study, objective: Callable[[optuna.Trial], Any], callbac
             return
         fail_stale_trials(study)
         fail_silent_trials(study)
+        fail_dead_local_trials(study)
         trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
         if any(t.state == TrialState.WAITING for t in trials):
             empty_since = None
@@ -343,19 +344,51 @@ def fail_silent_trials(study: optuna.Study) -> None:
     except Exception:
         return
     now = _dt.datetime.now()
-    callback = storage.get_heartbeat_stale_trial_callback()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial._trial_id in beating or trial.datetime_start is None:
             continue
         if (now - trial.datetime_start).total_seconds() <= 2 * grace:
             continue
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
+        _fail_and_requeue(study, trial)
+
+
+WORKER_ATTR = "worker"  # user attribute: the worker_id() running the trial
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """Fail (and re-queue) RUNNING trials of a worker on this host whose process is gone: a sweep killed on this
+    machine is resumed at once, not after the heartbeat grace period, and its trials do not count as taken by a
+    live worker. A pid now used by a process younger than the trial is a dead worker's too."""
+    import psutil
+
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(trial.user_attrs.get(WORKER_ATTR, ""))
+        owner_host, _, pid_text = owner.rpartition(":")
+        if owner_host != host or not pid_text.isdigit() or trial.datetime_start is None:
             continue
-        if callback is not None:
-            callback(study, storage.get_trial(trial._trial_id))
+        try:
+            alive = psutil.Process(int(pid_text)).create_time() <= trial.datetime_start.timestamp()
+        except psutil.Error:
+            alive = False
+        if not alive and _fail_and_requeue(study, trial):
+            failed.append(trial.number)
+    return failed
+
+
+def _fail_and_requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """FAIL a RUNNING trial and queue its retry as Optuna's heartbeat check does (RetryFailedTrialCallback)."""
+    storage = study._storage  # Optuna's cache layer in front of the RDB storage: state changes go through it
+    try:
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        callback(study, storage.get_trial(trial._trial_id))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- claim
