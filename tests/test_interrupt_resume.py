@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from harness.launch import server as server_mod
 from harness.launch.server import Server, ServerSpec, ServerStartError
 from harness.study.runner import TrialInterrupted, make_storage
-from harness.study.workers import WORKER_ATTR, Surplus, fail_dead_local_trials, worker_id
+from harness.study.workers import WORKER_ATTR, Surplus, fail_dead_local_trials, worker_record
 
 
 def test_no_server_starts_after_stop_all(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _running(study: optuna.Study, worker: str) -> int:
+def _running(study: optuna.Study, worker: dict[str, Any]) -> int:
     trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, worker)
     trial.set_user_attr("settings", {"max_num_seqs": trial.number})
@@ -46,16 +46,16 @@ def _running(study: optuna.Study, worker: str) -> int:
 
 
 def test_a_killed_runs_trials_on_this_host_are_queued_again_at_once(tmp_path: Path) -> None:
-    import socket
-
     study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}"), study_name="s")
-    dead = _running(study, f"{socket.gethostname()}:{_dead_pid()}")
-    alive = _running(study, worker_id())  # this process: alive
-    elsewhere = _running(study, "another-node:1")  # another host: left to the heartbeat
+    me = worker_record()
+    dead = _running(study, {**me, "pid": _dead_pid()})
+    alive = _running(study, me)  # this process: alive
+    elsewhere = _running(study, {**me, "host": "another-node", "pid": _dead_pid()})  # left to the heartbeat
+    container = _running(study, {**me, "pid_namespace": -1, "pid": _dead_pid()})  # same name, other pids
     assert fail_dead_local_trials(study) == [dead]
     by_number = {t.number: t for t in study.get_trials()}
     assert by_number[dead].state == TrialState.FAIL
-    assert by_number[alive].state == by_number[elsewhere].state == TrialState.RUNNING
+    assert {by_number[n].state for n in (alive, elsewhere, container)} == {TrialState.RUNNING}
     retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == dead]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING
     assert retry[0].user_attrs["settings"] == {"max_num_seqs": dead}

@@ -228,9 +228,9 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) ->
             trial.set_user_attr("reason", "the other workers' trials already fill the budget; nothing was run")
             trial.study.stop()
             raise Surplus(f"trial #{trial.number} is beyond the study's budget of {budget.target}")
-        from harness.study.workers import WORKER_ATTR, worker_id
+        from harness.study.workers import WORKER_ATTR, worker_record
 
-        trial.set_user_attr(WORKER_ATTR, worker_id())  # a rerun on this host retries it at once if this one dies
+        trial.set_user_attr(WORKER_ATTR, worker_record())  # a rerun on this host retries it at once if this dies
         baseline = trial.user_attrs.get("baseline")
         if baseline:
             settings = dict(trial.user_attrs["settings"])

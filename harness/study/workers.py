@@ -352,7 +352,17 @@ def fail_silent_trials(study: optuna.Study) -> None:
         _fail_and_requeue(study, trial)
 
 
-WORKER_ATTR = "worker"  # user attribute: the worker_id() running the trial
+WORKER_ATTR = "worker"  # user attribute: worker_record() of the process running the trial
+
+
+def worker_record() -> dict[str, Any]:
+    """Host, pid and pid namespace: a pid is only this host's to check inside the same namespace (containers that
+    share a host name do not share pids)."""
+    try:
+        namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": namespace}
 
 
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -361,15 +371,15 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     live worker. A pid now used by a process younger than the trial is a dead worker's too."""
     import psutil
 
-    host = socket.gethostname()
+    me = worker_record()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = str(trial.user_attrs.get(WORKER_ATTR, ""))
-        owner_host, _, pid_text = owner.rpartition(":")
-        if owner_host != host or not pid_text.isdigit() or trial.datetime_start is None:
+        owner = trial.user_attrs.get(WORKER_ATTR)
+        if not isinstance(owner, dict) or trial.datetime_start is None or not isinstance(owner.get("pid"), int) \
+                or (owner.get("host"), owner.get("pid_namespace")) != (me["host"], me["pid_namespace"]):
             continue
         try:
-            alive = psutil.Process(int(pid_text)).create_time() <= trial.datetime_start.timestamp()
+            alive = psutil.Process(owner["pid"]).create_time() <= trial.datetime_start.timestamp()
         except psutil.Error:
             alive = False
         if not alive and _fail_and_requeue(study, trial):
