@@ -38,9 +38,9 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _running(study: optuna.Study, worker: dict[str, Any]) -> int:
+def _running(study: optuna.Study, worker: dict[str, Any], inherited: bool = False) -> int:
     trial = study.ask()
-    trial.set_user_attr(WORKER_ATTR, worker)
+    trial.set_user_attr(WORKER_ATTR, {**worker, "trial": trial.number - inherited})
     trial.set_user_attr("settings", {"max_num_seqs": trial.number})
     return trial.number
 
@@ -52,10 +52,12 @@ def test_a_killed_runs_trials_on_this_host_are_queued_again_at_once(tmp_path: Pa
     alive = _running(study, me)  # this process: alive
     elsewhere = _running(study, {**me, "host": "another-node", "pid": _dead_pid()})  # left to the heartbeat
     container = _running(study, {**me, "pid_namespace": -1, "pid": _dead_pid()})  # same name, other pids
+    # a retry just taken by a live worker still carries the failed trial's attributes (its dead worker)
+    retry_taken = _running(study, {**me, "pid": _dead_pid()}, inherited=True)
     assert fail_dead_local_trials(study) == [dead]
     by_number = {t.number: t for t in study.get_trials()}
     assert by_number[dead].state == TrialState.FAIL
-    assert {by_number[n].state for n in (alive, elsewhere, container)} == {TrialState.RUNNING}
+    assert {by_number[n].state for n in (alive, elsewhere, container, retry_taken)} == {TrialState.RUNNING}
     retry = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == dead]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING
     assert retry[0].user_attrs["settings"] == {"max_num_seqs": dead}
@@ -71,6 +73,8 @@ def test_control_flow_exceptions_are_not_logged_as_crashes(error: Exception) -> 
     seen = io.StringIO()
     handler = logging.StreamHandler(seen)  # beside Optuna's own stderr handler, which holds the stream it began with
     logging.getLogger("optuna").addHandler(handler)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # what the sweep sets; other tests may have lowered it
     try:
         study = optuna.create_study()
 
@@ -89,3 +93,4 @@ def test_control_flow_exceptions_are_not_logged_as_crashes(error: Exception) -> 
         assert "Trial 1 failed with value None" in seen.getvalue()
     finally:
         logging.getLogger("optuna").removeHandler(handler)
+        optuna.logging.set_verbosity(verbosity)

@@ -230,7 +230,7 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) ->
             raise Surplus(f"trial #{trial.number} is beyond the study's budget of {budget.target}")
         from harness.study.workers import WORKER_ATTR, worker_record
 
-        trial.set_user_attr(WORKER_ATTR, worker_record())  # a rerun on this host retries it at once if this dies
+        trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))  # a rerun on this host retries it at once if this dies
         baseline = trial.user_attrs.get("baseline")
         if baseline:
             settings = dict(trial.user_attrs["settings"])

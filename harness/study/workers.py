@@ -355,14 +355,15 @@ def fail_silent_trials(study: optuna.Study) -> None:
 WORKER_ATTR = "worker"  # user attribute: worker_record() of the process running the trial
 
 
-def worker_record() -> dict[str, Any]:
-    """Host, pid and pid namespace: a pid is only this host's to check inside the same namespace (containers that
-    share a host name do not share pids)."""
+def worker_record(trial_number: int | None = None) -> dict[str, Any]:
+    """Host, pid and pid namespace (a pid is only this host's to check inside the same namespace: containers that
+    share a host name do not share pids), and the trial it runs: a retry inherits the failed trial's user
+    attributes, and the dead worker named there is not the one about to run the retry."""
     try:
         namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = None
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": namespace}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": namespace, "trial": trial_number}
 
 
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
@@ -376,7 +377,8 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(WORKER_ATTR)
         if not isinstance(owner, dict) or trial.datetime_start is None or not isinstance(owner.get("pid"), int) \
-                or (owner.get("host"), owner.get("pid_namespace")) != (me["host"], me["pid_namespace"]):
+                or (owner.get("host"), owner.get("pid_namespace"), owner.get("trial")) != \
+                (me["host"], me["pid_namespace"], trial.number):
             continue
         try:
             alive = psutil.Process(owner["pid"]).create_time() <= trial.datetime_start.timestamp()
