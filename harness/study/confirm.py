@@ -158,16 +158,11 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], repeats: in
     if getattr(ctx, "slots", None) is None:
         yield MODE_FRESH, None, interleaved
         return
-    needs: dict[int, int] | None = {}
-    for _, trial in pairs:
-        ev, n = plan_settings(ctx, dict(trial.user_attrs["settings"]))
-        if ev.pruned_reason:
-            needs = None
-            break
-        needs[trial.number] = n
-    if needs is None:
+    plans = [plan_settings(ctx, dict(trial.user_attrs["settings"])) for _, trial in pairs]
+    if any(ev.pruned_reason for ev, _ in plans):
         yield MODE_FRESH, None, interleaved
         return
+    needs = {trial.number: n for (_, trial), (_, n) in zip(pairs, plans)}
     if not ctx.slots.gpu_ids or sum(needs.values()) <= ctx.slots.capacity:
         with _deployed(ctx, pairs, needs) as deps:
             if deps is not None:

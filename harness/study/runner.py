@@ -230,7 +230,8 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) ->
             raise Surplus(f"trial #{trial.number} is beyond the study's budget of {budget.target}")
         from harness.study.workers import WORKER_ATTR, worker_record
 
-        trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))  # a rerun on this host retries it at once if this dies
+        # who runs it: if this process dies, a rerun on this host retries the trial at once
+        trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))
         baseline = trial.user_attrs.get("baseline")
         if baseline:
             settings = dict(trial.user_attrs["settings"])

@@ -164,7 +164,7 @@ def confirm_key(winner: Any, baseline: Any, repeats: int) -> str:
 
 def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: Any, baseline: Any, repeats: int,
                        out: Any) -> Confirmation | None:
-    """Run (or reuse, on a rerun) the interleaved confirmation of this winner."""
+    """Run (or reuse, on a rerun) the confirmation of this winner against the baseline."""
     if repeats <= 0:
         return None
     key = confirm_key(winner, baseline, repeats)
