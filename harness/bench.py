@@ -1,151 +1,34 @@
 """Measure one vLLM configuration for real: `python -m harness.bench --model M --set k=v --workload W`.
 
-`deploy()` starts the server(s) of one configuration (replicas on disjoint GPU or core sets); `Deployment.run()`
-drives one measured load against them and returns a `RunRecord` with metrics, client self-check, memory and
-vLLM's own counters. The sweep calls the same two functions for every trial, so a bench number and a sweep number
-are the same measurement.
+Starts the configuration's server(s), drives one measured load and prints the numbers; the record (JSON) and the
+server logs go under `results/bench/`. It measures through `harness.deploy`, as every sweep trial does, so a bench
+number and a sweep number are the same measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import secrets
+import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-
+from harness.deploy import deploy
+from harness.emit import read_config
 from harness.errors import UserError, main_guard
-from harness.records import SLO, RunRecord, save_record
+from harness.launch.placement import Slot
+from harness.launch.server import ServerStartError
+from harness.launch.vllm_args import load_argspec
+from harness.load.arrival import Arrival
+from harness.load.prompts import build_requests
+from harness.load.tokenizer import load_tokenizer
+from harness.load.workload import load_workload
+from harness.plan import detect_hardware, load_model_facts, plan_candidate
+from harness.records import SLO, RunRecord, parse_slo, save_record, to_dict
+from harness.settings import Topology
 from harness.yamlfile import parse_scalars
-
-DEFAULT_REQUEST_TIMEOUT_S = 600.0
-
-
-@dataclass
-class Deployment:
-    """Live servers of one configuration: what `run()` needs to load and observe them."""
-
-    model: str
-    settings: dict[str, Any]
-    group: Any  # harness.launch.server.ServerGroup
-    gpu_ids: list[int] = field(default_factory=list)
-    startup_s: float | None = None
-
-    @property
-    def log_paths(self) -> list[str]:
-        return [str(s.log_path) for s in self.group.servers]
-
-    def dead_server_failure(self) -> Any:
-        """A Failure if any replica exited during the run (crash, OOM under load), else None."""
-        from harness.launch.failures import classify
-
-        for server in self.group.servers:
-            code = server.returncode
-            if code is not None:
-                return classify(server.read_log(), code, False)
-        return None
-
-    def run(self, workload: Any, requests: list[Any], *, slo: SLO | None = None, plan: dict[str, Any] | None = None,
-            rate: float | None = None, burstiness: float = 1.0, concurrency: int | None = None,
-            num_requests: int | None = None, duration_s: float | None = None,
-            timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> RunRecord:
-        """One measured load: `requests[:warmup]` unmeasured, then the rest at the given rate or concurrency."""
-        from harness.envinfo import environment
-        from harness.load.arrival import Arrival
-        from harness.load.client import run_load_sync
-        from harness.measure.sampler import ResourceSampler
-        from harness.measure.stats import summarize
-        from harness.measure.vllm_metrics import MetricsScraper, merge_stats, server_stats_from_log
-
-        if rate is not None:
-            arrival = Arrival(mode="poisson" if burstiness == 1.0 else "gamma", rate=rate, burstiness=burstiness,
-                              num_requests=num_requests, duration_s=duration_s, seed=workload.seed)
-        else:
-            arrival = Arrival(mode="concurrency", max_concurrency=concurrency or 1, num_requests=num_requests,
-                              duration_s=duration_s, seed=workload.seed)
-        warmup = min(workload.warmup_requests, max(len(requests) - 1, 0))
-        pids = [s.pid for s in self.group.servers if s.pid is not None]
-        with ResourceSampler(pids, self.gpu_ids) as sampler, MetricsScraper(self.group.targets) as scraper:
-            load = run_load_sync(self.group.targets, requests, arrival, model=self.model, api=workload.api,
-                                 warmup=warmup, timeout_s=timeout_s)
-        memory = sampler.result()
-        from_metrics = scraper.result()
-        log_stats = server_stats_from_log(self.group.servers[0].read_log())
-        record = RunRecord(
-            run_id=f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            model=self.model, settings=dict(self.settings), workload=workload.to_dict(), arrival=arrival.to_dict(),
-            slo=slo, argv=self.group.argv, metrics=summarize(load.results, load.duration_s, slo),
-            client=load.client, memory=memory, server=merge_stats(log_stats, from_metrics), plan=plan,
-            env=environment(), log_paths=self.log_paths, startup_s=self.startup_s)
-        record.failure = self.dead_server_failure()
-        return record
-
-
-def replica_placement(settings: dict[str, Any], slot: Any) -> list[dict[str, Any]]:
-    """Per replica: its GPUs (a TP group) or its CPU cores, from the trial's slot."""
-    from harness.launch.server import cpu_bind_sets, gpu_sets
-
-    replicas = int(settings.get("replicas", 1) or 1)
-    per = int(settings.get("tensor_parallel_size", 1) or 1) * int(settings.get("pipeline_parallel_size", 1) or 1)
-    gpu_ids = list(getattr(slot, "gpu_ids", ()) or ())
-    if gpu_ids:
-        sets = gpu_sets(len(gpu_ids), per, replicas)
-        return [{"gpus": [gpu_ids[i] for i in s], "env": {}} for s in sets]
-    cores = list(getattr(slot, "cpu_cores", ()) or ())
-    if replicas > 1 and not cores:
-        import os
-
-        cores = sorted(os.sched_getaffinity(0))
-    if cores:
-        return [{"gpus": None, "env": {"VLLM_CPU_OMP_THREADS_BIND": b}} for b in cpu_bind_sets(cores, replicas)]
-    return [{"gpus": None, "env": {}}]
-
-
-@contextlib.contextmanager
-def deploy(model: str, settings: dict[str, Any], *, slot: Any = None, log_dir: Path,
-           start_timeout_s: float = 900.0) -> Iterator[Deployment]:
-    """Start every replica of `settings`, wait until all are ready, tear all down on exit (also on Ctrl-C).
-
-    Raises `ServerStartError` with a classified failure when any replica fails to start.
-    """
-    with deploy_together(model, [(settings, slot, log_dir)], start_timeout_s=start_timeout_s) as (dep,):
-        yield dep
-
-
-@contextlib.contextmanager
-def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Any, Path]], *,
-                    start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
-    """Several deployments (settings, slot, log dir) started at once: their start-ups (minutes each on GPUs, for
-    torch.compile and CUDA graphs) overlap instead of adding up. All are torn down on exit or on any start failure.
-    """
-    from harness.launch.server import ServerGroup, ServerSpec, stop_groups, wait_all_ready
-
-    groups: list[ServerGroup] = []
-    gpu_ids: list[list[int]] = []
-    for settings, slot, log_dir in jobs:
-        placement = replica_placement(settings, slot)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        groups.append(ServerGroup([ServerSpec(model=model, settings=settings, gpus=p["gpus"], env=p["env"],
-                                              log_path=log_dir / f"server{i}.log", start_timeout_s=start_timeout_s)
-                                   for i, p in enumerate(placement)]))
-        gpu_ids.append([g for p in placement for g in (p["gpus"] or [])])
-    try:
-        for group in groups:
-            group.start()
-        wait_all_ready(groups)
-        yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s)
-               for (settings, _, _), group, ids in zip(jobs, groups, gpu_ids)]
-    finally:
-        stop_groups(groups)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -171,8 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _slo(items: list[str]) -> SLO | None:
-    from harness.study.sweepfile import parse_slo
-
     if not items:
         return None
     data = parse_scalars(items, "--slo")
@@ -225,14 +106,6 @@ def _print_table(record: RunRecord, out: Any = sys.stdout) -> None:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from harness.emit import read_config
-    from harness.launch.server import ServerStartError
-    from harness.launch.vllm_args import load_argspec
-    from harness.load.prompts import build_requests
-    from harness.load.workload import load_workload
-    from harness.study.slots import Slot
-    from harness.study.tune import _load_tokenizer
-
     settings: dict[str, Any] = {}
     model = args.model
     if args.config:
@@ -258,13 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     slo = _slo(args.slo)
     model_path = str(Path(model).resolve()) if Path(model).exists() else model
     plan_dict = _plan(model_path, settings)
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, key="--model")
     concurrency = args.concurrency if args.rate is None else None
     if args.rate is None and concurrency is None:
         concurrency = 16
     num = args.num_requests or (None if args.duration else workload.num_requests or 64)
-    from harness.load.arrival import Arrival
-
     arrival = (Arrival(mode="poisson" if args.burstiness == 1.0 else "gamma", rate=args.rate,
                        burstiness=args.burstiness, num_requests=num, duration_s=args.duration)
                if args.rate else Arrival(mode="concurrency", max_concurrency=concurrency, num_requests=num,
@@ -287,10 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                              duration_s=args.duration)
     except ServerStartError as exc:
         path = run_dir / "failure.json"
-        import json
-
-        from harness.records import to_dict
-
         path.write_text(json.dumps({"model": model, "settings": settings, "failure": to_dict(exc.failure)},
                                    indent=2))
         print(f"error: the server did not start ({exc.failure.kind}): {exc.failure.message}", file=sys.stderr)
@@ -316,19 +183,14 @@ def _looks_like_hub_name(model: str) -> bool:
 
 
 def _default_gpus(settings: dict[str, Any]) -> tuple[int, ...]:
-    from harness.plan import detect_hardware
-
     hw = detect_hardware(None, None)
     if getattr(hw, "arch", "") == "cpu":
         return ()
-    need = int(settings.get("replicas", 1) or 1) * int(settings.get("tensor_parallel_size", 1) or 1)
-    return tuple(range(need))
+    return tuple(range(Topology.of(settings).gpus))
 
 
 def _plan(model: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The planner's view of this config, kept in the record to compare with what vLLM reports."""
-    from harness.plan import detect_hardware, load_model_facts, plan_candidate
-
     try:
         facts = load_model_facts(model)
     except UserError:

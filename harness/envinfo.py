@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from harness.nvml import nvml_session
+
 
 @functools.lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
@@ -26,17 +28,16 @@ def environment() -> dict[str, Any]:
         "gpus": [],
         "driver": None,
     }
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        env["driver"] = _s(pynvml.nvmlSystemGetDriverVersion())
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            env["gpus"].append({"index": i, "name": _s(pynvml.nvmlDeviceGetName(h)),
-                                "memory_mib": pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**20})
-    except Exception:  # no NVIDIA driver: a CPU host
-        pass
+    with nvml_session() as nv:
+        if nv is not None:  # else: no NVIDIA driver, a CPU host
+            try:
+                env["driver"] = _s(nv.nvmlSystemGetDriverVersion())
+                for i in range(nv.nvmlDeviceGetCount()):
+                    h = nv.nvmlDeviceGetHandleByIndex(i)
+                    env["gpus"].append({"index": i, "name": _s(nv.nvmlDeviceGetName(h)),
+                                        "memory_mib": nv.nvmlDeviceGetMemoryInfo(h).total / 2**20})
+            except Exception:  # noqa: BLE001 - a GPU NVML cannot read: report what was read
+                pass
     return env
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UserError
+from harness.yamlfile import check_keys, positive
+
 # ---------------------------------------------------------------------------------------------- client side
 
 
@@ -51,6 +54,9 @@ class LatencyStats:
     count: int
 
 
+SLO_PERCENTILES = (50, 90, 95, 99)  # the percentiles every RunMetrics carries
+
+
 @dataclass
 class SLO:
     """Service-level objectives in milliseconds; None means no limit on that metric."""
@@ -59,6 +65,22 @@ class SLO:
     tpot_ms: float | None = None
     e2e_ms: float | None = None
     percentile: float = 99.0  # the percentile a capacity search holds to the limits
+
+
+def parse_slo(data: Any, source: str, key: str = "objective.slo") -> SLO:
+    """An SLO mapping of a sweep file (or `--slo` items): ttft_ms, tpot_ms, e2e_ms (positive), percentile."""
+    if data is None:
+        return SLO()
+    if not isinstance(data, dict):
+        raise UserError("must be a mapping with ttft_ms, tpot_ms, e2e_ms, percentile", source=source, key=key)
+    check_keys(data, ("ttft_ms", "tpot_ms", "e2e_ms", "percentile"), source, key)
+    pct = data.get("percentile", 99)
+    if pct not in SLO_PERCENTILES:
+        raise UserError(f"percentile must be one of {list(SLO_PERCENTILES)}, got {pct!r}", source=source,
+                        key=f"{key}.percentile")
+    return SLO(ttft_ms=positive(data.get("ttft_ms"), source, f"{key}.ttft_ms"),
+               tpot_ms=positive(data.get("tpot_ms"), source, f"{key}.tpot_ms"),
+               e2e_ms=positive(data.get("e2e_ms"), source, f"{key}.e2e_ms"), percentile=float(pct))
 
 
 @dataclass

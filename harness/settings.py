@@ -33,6 +33,16 @@ HARNESS_KEYS: dict[str, HarnessKey] = {
     ),
 }
 
+# Keys of older vLLM releases that users still carry in their configs, with what to do instead.
+REMOVED_KEYS: dict[str, str] = {
+    "use_v2_block_manager": "delete it: the V1 engine has a single block manager (the flag was removed)",
+    "swap_space": "delete it: vLLM's V1 engine recomputes preempted requests instead of swapping KV to CPU; "
+                  "for CPU offload see kv_offloading_size",
+    "max_chunked_prefill_tokens": "use max_num_batched_tokens (the per-step token budget, which is the chunk size "
+                                  "with enable_chunked_prefill)",
+}
+
+
 # vLLM dests the harness sets itself for every server; a user setting for them would fight the launcher.
 LAUNCHER_OWNED_DESTS: frozenset[str] = frozenset({"host", "port", "api_key", "model", "model_tag", "uds"})
 
@@ -57,3 +67,30 @@ def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
         raise UserError(f"must be a positive integer, got {replicas!r}", key="replicas")
     return vllm, harness
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How many devices one configuration occupies: `replicas` copies of a server, each on
+    tensor_parallel_size x pipeline_parallel_size GPUs. The one place that multiplies them."""
+
+    replicas: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> Topology:
+        """From user settings (absent or null keys: 1)."""
+        return cls(replicas=int(settings.get("replicas", 1) or 1),
+                   tp=int(settings.get("tensor_parallel_size", 1) or 1),
+                   pp=int(settings.get("pipeline_parallel_size", 1) or 1))
+
+    @property
+    def per_replica(self) -> int:
+        """GPUs of one server (its TP x PP group)."""
+        return self.tp * self.pp
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of the whole configuration: replicas x TP x PP."""
+        return self.replicas * self.per_replica

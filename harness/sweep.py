@@ -38,8 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.plan import detect_hardware
+    from harness.study.runner import configure_optuna_logging
+    from harness.study.storage import make_storage
     from harness.study.sweepfile import load_sweep
     from harness.study.tune import tune_model
+
+    configure_optuna_logging()
 
     sweep = load_sweep(args.sweep)
     if args.trials is not None:
@@ -63,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"no model named {args.model}; the sweep has {[m.name for m in sweep.models]}",
                         source=sweep.source, key="--model")
     if storage:  # a bad URL, an unreachable host or a wrong password: one line, before anything else
-        from harness.study.runner import make_storage
-
         make_storage(storage).engine.dispose()
     print(f"vllm-tune: {len(models)} model(s) on {hardware.count} x {hardware.name}, parallel {parallel}",
           file=sys.stderr, flush=True)

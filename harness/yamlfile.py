@@ -36,3 +36,23 @@ def parse_scalars(items: list[str], option: str) -> dict[str, Any]:
         except yaml.YAMLError:
             raise UserError(f"cannot read the value of {item!r}", key=option) from None
     return out
+
+
+def check_keys(data: dict[str, Any], allowed: tuple[str, ...], source: str, key: str | None) -> None:
+    """An unknown key in a user mapping is a UserError listing the allowed ones."""
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise UserError(f"unknown key(s) {sorted(unknown)}; allowed: {list(allowed)}", source=source, key=key)
+
+
+def positive(value: Any, source: str, key: str, *, integer: bool = False, allow_none: bool = True) -> Any:
+    """`value` as a positive int/float, else a UserError naming `key` (None passes when `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and int(value) == value
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise UserError(f"must be {kind}, got {value!r}", source=source, key=key)
+    return int(value) if integer else float(value)

@@ -35,6 +35,7 @@ import psutil
 from harness.errors import UserError
 from harness.launch.failures import classify
 from harness.launch.vllm_args import ArgSpec, load_argspec
+from harness.nvml import nvml
 from harness.records import Failure
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # works on vLLM 0.26 (GPU) and 0.32 (CPU build)
@@ -206,42 +207,6 @@ def _alive(pids: set[int]) -> set[int]:
                 out.add(pid)
         except psutil.Error:
             continue
-    return out
-
-
-def gpu_sets(total_gpus: int, tp: int, replicas: int, pp: int = 1) -> list[list[int]]:
-    """Disjoint GPU index sets, one per replica, each of tp*pp GPUs: [[0,1],[2,3]] for 4 GPUs, tp 2, 2 replicas."""
-    per = tp * pp
-    if tp < 1 or pp < 1 or replicas < 1:
-        raise UserError(f"tensor_parallel_size, pipeline_parallel_size and replicas must be >= 1 "
-                        f"(got {tp}, {pp}, {replicas})")  # fmt: skip
-    if per * replicas > total_gpus:
-        raise UserError(
-            f"{replicas} replica(s) x {per} GPU(s) (tensor_parallel_size {tp} x pipeline_parallel_size {pp}) "
-            f"need {per * replicas} GPUs, only {total_gpus} available",
-            key="replicas",
-        )
-    return [list(range(r * per, (r + 1) * per)) for r in range(replicas)]
-
-
-def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
-    """Disjoint core lists for VLLM_CPU_OMP_THREADS_BIND, one per CPU replica: ['0-7', '8-15']."""
-    if replicas < 1 or len(cores) < replicas:
-        raise UserError(f"{replicas} replica(s) need at least {replicas} CPU cores, {len(cores)} available",
-                        key="replicas")  # fmt: skip
-    per = len(cores) // replicas
-    out = []
-    for r in range(replicas):
-        chunk = sorted(cores[r * per : (r + 1) * per])
-        ranges, start, prev = [], chunk[0], chunk[0]
-        for c in chunk[1:] + [None]:  # type: ignore[list-item]
-            if c is not None and c == prev + 1:
-                prev = c
-                continue
-            ranges.append(f"{start}-{prev}" if prev != start else f"{start}")
-            if c is not None:
-                start = prev = c
-        out.append(",".join(ranges))
     return out
 
 
@@ -624,21 +589,11 @@ def stop_groups(groups: list[ServerGroup]) -> None:
 # ---------------------------------------------------------------------------------------------- NVML
 
 
-def _nvml() -> Any | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:  # noqa: BLE001 - no NVML (CPU host, no driver): nothing to watch
-        return None
-
-
 def _nvml_memory_used(gpus: list[int]) -> dict[int, float]:
     """MiB used per GPU index now; empty without NVML."""
     if not gpus:
         return {}
-    nv = _nvml()
+    nv = nvml()
     if nv is None:
         return {}
     out = {}
@@ -656,7 +611,7 @@ def _wait_gpu_release(gpus: list[int], pids: set[int], baseline: dict[int, float
     The next configuration's server must not start while the driver still holds this one's memory, or it
     would see less free memory and size its KV cache differently. Bounded; returns whether it was released.
     """
-    nv = _nvml()
+    nv = nvml()
     if nv is None:
         return True
     deadline = time.monotonic() + timeout_s

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cachedir import cache_dir
 from harness.errors import UserError
-from harness.settings import HARNESS_KEYS, LAUNCHER_OWNED_DESTS, split_settings
+from harness.settings import HARNESS_KEYS, LAUNCHER_OWNED_DESTS, REMOVED_KEYS, split_settings
 
 # How an argument turns a setting value into argv:
 #   bool         BooleanOptionalAction: True -> --flag, False -> --no-flag
@@ -37,16 +38,6 @@ ARG_KINDS = ("bool", "store_true", "store_false", "value", "multi", "append")
 
 _INT_TYPES = {"int", "human_readable_int", "human_readable_int_or_auto"}
 _FLOAT_TYPES = {"float"}
-
-
-# Keys of older vLLM releases that users still carry in their configs, with what to do instead.
-REMOVED_KEYS: dict[str, str] = {
-    "use_v2_block_manager": "delete it: the V1 engine has a single block manager (the flag was removed)",
-    "swap_space": "delete it: vLLM's V1 engine recomputes preempted requests instead of swapping KV to CPU; "
-                  "for CPU offload see kv_offloading_size",
-    "max_chunked_prefill_tokens": "use max_num_batched_tokens (the per-step token budget, which is the chunk size "
-                                  "with enable_chunked_prefill)",
-}
 
 
 @dataclass(frozen=True)
@@ -227,14 +218,6 @@ def _argv_value(value: Any) -> str:
 _MEMO: dict[str, ArgSpec] = {}
 _DUMP_FORMAT = 2  # bump when dump_argspec's output changes, so stale cache files are re-dumped
 _HARNESS_ROOT = Path(__file__).resolve().parents[2]
-
-
-def cache_dir() -> Path:
-    """Where argspec dumps live: $VLLM_TUNE_CACHE_DIR, else $XDG_CACHE_HOME/vllm-tune, else ~/.cache/vllm-tune."""
-    if os.environ.get("VLLM_TUNE_CACHE_DIR"):
-        return Path(os.environ["VLLM_TUNE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vllm-tune"
 
 
 def vllm_version(python: str = sys.executable) -> str:

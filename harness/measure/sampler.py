@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from harness.nvml import nvml
 from harness.records import GpuUsage, MemoryUsage
 
 MIB = 2**20
@@ -29,16 +30,6 @@ class _GpuTrace:
     memory_mib: list[float] = field(default_factory=list)
     util: list[float] = field(default_factory=list)
     power_w: list[float] = field(default_factory=list)
-
-
-def _nvml() -> Any | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:  # noqa: BLE001 - no NVML: CPU host, or no driver
-        return None
 
 
 class ResourceSampler:
@@ -65,7 +56,7 @@ class ResourceSampler:
     def _open_gpus(self) -> None:
         if not self.gpu_indices:
             return
-        self._nv = _nvml()
+        self._nv = nvml()
         if self._nv is None:
             return
         nv = self._nv

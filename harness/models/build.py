@@ -220,7 +220,7 @@ def cached_tiny(cache_root: str | Path | None = None) -> Path:
     import shutil
     import tempfile
 
-    from harness.launch.vllm_args import cache_dir
+    from harness.cachedir import cache_dir
 
     src = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
     key = hashlib.sha256((json.dumps(TINY_CONFIG, sort_keys=True) + src).encode()).hexdigest()[:12]

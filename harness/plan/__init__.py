@@ -119,7 +119,7 @@ def plan_candidate(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], *,
     plan = Plan(
         feasible=feasible,
         findings=_ordered(findings),
-        gpus_needed=0 if hw.is_cpu else r.replicas * r.tp * r.pp,
+        gpus_needed=0 if hw.is_cpu else r.topology.gpus,
         resolved=r.to_dict(),
         hardware=f"{hw.count}x {hw.name}" if not hw.is_cpu else "CPU",
         model=facts.name,

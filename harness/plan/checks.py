@@ -10,7 +10,7 @@ import difflib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from harness.launch.vllm_args import REMOVED_KEYS
+from harness.settings import REMOVED_KEYS
 from harness.plan.estimate import CUDA_CONTEXT_GIB as CUDA_CTX_GIB
 from harness.plan.estimate import Capacity, Memory, Resolved
 from harness.plan.hardware import GIB, Hardware
@@ -61,12 +61,12 @@ def check_parallel(facts: ModelFacts, hw: Hardware, r: Resolved) -> list[Finding
                            f"so vLLM cannot split or replicate the KV heads evenly",
                            f"use a TP that divides {kv} or a multiple of it"))
     if hw.is_cpu:
-        if r.tp * r.pp * r.replicas > 1:
+        if r.topology.gpus > 1:
             out.append(Finding("info", "tensor_parallel_size",
                                f"CPU host: {r.replicas} replica(s) x TP {r.tp} x PP {r.pp} processes share one "
                                f"memory node; the plan treats the node as one device"))
         return out
-    need = r.replicas * r.tp * r.pp
+    need = r.topology.gpus
     if need > hw.count:
         out.append(Finding("error", "replicas" if r.replicas > 1 else "tensor_parallel_size",
                            f"replicas {r.replicas} x tensor_parallel_size {r.tp}"

@@ -25,6 +25,7 @@ from typing import Any
 from harness.plan.defaults import VllmDefaults, as_bool, cudagraph_graph_count
 from harness.plan.hardware import GIB, Hardware
 from harness.plan.modelfacts import DTYPE_BYTES, GPT2_LIKE, ModelFacts
+from harness.settings import Topology
 
 # ---------------------------------------------------------------------------------------------- calibration
 #
@@ -114,8 +115,12 @@ class Resolved:
     explicit: frozenset[str] = field(default_factory=frozenset)
 
     @property
+    def topology(self) -> Topology:
+        return Topology(replicas=self.replicas, tp=self.tp, pp=self.pp)
+
+    @property
     def world_size(self) -> int:
-        return self.tp * self.pp
+        return self.topology.per_replica
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "explicit"}

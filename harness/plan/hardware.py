@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.nvml import nvml_session
 
 MIB = 1024**2
 GIB = 1024**3
@@ -180,15 +181,9 @@ def detect_hardware(gpu: str | None = None, num_gpus: int | None = None) -> Hard
 
 def _detect_nvml() -> Hardware | None:
     """NVML's view of this machine's GPUs; None when there is no driver or no GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver / no GPU: NVMLError_LibraryNotFound, _DriverNotLoaded, ...
-        return None
-    try:
+    with nvml_session() as pynvml:
+        if pynvml is None:  # no driver / no GPU
+            return None
         n = pynvml.nvmlDeviceGetCount()
         if n == 0:
             return None
@@ -198,11 +193,6 @@ def _detect_nvml() -> Hardware | None:
         mems = [_memory_info(pynvml, h) for h in handles]
         cc = pynvml.nvmlDeviceGetCudaComputeCapability(handles[0])
         nvlink = _has_nvlink(pynvml, handles[0])
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
     name = names[0]
     total_mib = mems[0][0] / MIB  # NVML total, what nvidia-smi shows
     cuda_total_gib = (mems[0][0] - mems[0][1]) / GIB  # minus the driver's reservation: what CUDA and vLLM see

@@ -1,8 +1,8 @@
 """Confirm the winner against the baseline: repeated measurements, spread reported, no win inside the noise.
 
-Each repeat is one measured load at a fixed offered load (for capacity studies, the winner's capacity), scored by
-goodput for capacity and goodput studies and by the objective's metric otherwise. Servers are started as few
-times as the devices allow (see `confirm`).
+What one repeat measures is the objective's (`Objective.measure_repeat`): for capacity studies one load step at
+the winner's capacity, scored by goodput; for the fixed-load objectives the trial's own measurement. Servers are
+started as few times as the devices allow (see `confirm`).
 
 The decision rule is a rank test, not a threshold: the winner is recommended only when every one of its repeats
 beats every baseline repeat (with 3 + 3 runs that is a one-sided Mann-Whitney test at p = 0.05) and its mean is
@@ -18,7 +18,11 @@ from typing import Any, Iterator
 
 from optuna.trial import FrozenTrial
 
+from harness.deploy import deploy_together
+from harness.launch.placement import Slot
+from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
+from harness.study.trials import Evaluation, settings_of
 
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
 SLOT_WAIT_S = 30.0  # for devices whose memory the last trial's servers are still releasing; then: not free now
@@ -71,8 +75,17 @@ class Confirmation:
                 "verdict": self.verdict, "winner_metrics": self.winner_metrics,
                 "baseline_metrics": self.baseline_metrics, "mode": self.mode}
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Confirmation:
+        """Back from `to_dict()` (a study attribute: a rerun, or another worker, reuses the confirmation)."""
+        return cls(metric=saved["metric"], winner_trial=saved["winner_trial"],
+                   baseline_trial=saved["baseline_trial"], winner=Spread(saved["winner"]["runs"]),
+                   baseline=Spread(saved["baseline"]["runs"]), recommended_trial=saved["recommended_trial"],
+                   verdict=saved["verdict"], winner_metrics=saved["winner_metrics"],
+                   baseline_metrics=saved["baseline_metrics"], mode=saved.get("mode", ""))
 
-def _client_limited(ev: Any) -> list[str]:
+
+def _client_limited(ev: Evaluation) -> list[str]:
     """Why the load client, not the server, limited this run (empty: a valid server number)."""
     client = getattr(ev.record, "client", None) if ev.record is not None and ev.failure is None else None
     return list(client.reasons or ["client check failed"]) if client is not None and not client.valid else []
@@ -94,9 +107,9 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     time slot at all. Only when a configuration cannot be started on its own slot now does every repeat start a
     fresh server.
     """
-    # Capacity studies confirm at the winner's claimed capacity: both configs get that Poisson load and are
-    # scored by goodput, so a baseline that also sustains it ties (and is kept) and one that cannot loses.
-    rate = winner.values[0] if ctx.objective.kind == "capacity" and winner.values[0] > 0 else None
+    # What a repeat measures is the objective's (`Objective.measure_repeat`): capacity studies offer both configs
+    # the winner's claimed capacity and score goodput, so a baseline that also sustains it ties (and is kept).
+    winner_values = list(winner.values)
     same = baseline is None or baseline.number == winner.number
     pairs = [("winner", winner)] + ([] if same else [("baseline", baseline)])
     runs: dict[str, list[float]] = {"winner": [], "baseline": []}
@@ -108,15 +121,15 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
             for i, (who, trial) in order:
                 if log is not None:
                     print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {mode})", file=log, flush=True)
-                settings = dict(trial.user_attrs["settings"])
+                settings = settings_of(trial)
                 for attempt in range(1 + CLIENT_RETRIES):
                     label = f"confirm-{who}{i + 1}" + (f"-again{attempt}" if attempt else "")
                     if live:
                         ev, _ = plan_settings(ctx, settings)
-                        measure_live(ctx, live[who], ev, label, fixed_rate=rate)
+                        measure_live(ctx, live[who], ev, label, repeat_of=winner_values)
                         ev = finalize(ctx, ev, label)
                     else:
-                        ev = evaluate(ctx, settings, label, fixed_rate=rate)
+                        ev = evaluate(ctx, settings, label, repeat_of=winner_values)
                     reasons = _client_limited(ev)
                     if not reasons:
                         break
@@ -158,7 +171,7 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], repeats: in
     if getattr(ctx, "slots", None) is None:
         yield MODE_FRESH, None, interleaved
         return
-    plans = [plan_settings(ctx, dict(trial.user_attrs["settings"])) for _, trial in pairs]
+    plans = [plan_settings(ctx, settings_of(trial)) for _, trial in pairs]
     if any(ev.pruned_reason for ev, _ in plans):
         yield MODE_FRESH, None, interleaved
         return
@@ -184,10 +197,6 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], repeats: in
 def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
               needs: dict[int, int]) -> Iterator[dict[str, Any] | None]:
     """These configurations started at once on free devices (disjoint GPU sets), or None when they do not fit now."""
-    from harness.bench import deploy_together
-    from harness.launch.server import ServerStartError
-    from harness.study.slots import Slot
-
     with contextlib.ExitStack() as stack:
         try:
             jobs = []
@@ -195,7 +204,7 @@ def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
                 # GPUs: all need free devices now; CPU: only one of them is under load at any time
                 slot = (stack.enter_context(ctx.slots.acquire(needs[trial.number], timeout_s=SLOT_WAIT_S))
                         if ctx.slots.gpu_ids else Slot())
-                jobs.append((dict(trial.user_attrs["settings"]), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
+                jobs.append((settings_of(trial), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
             deps = stack.enter_context(deploy_together(ctx.model, jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):
             deps = None

@@ -21,9 +21,3 @@ def study_name(model_slug: str, hw_tag: str, workload: str, objective: str) -> s
 
 def study_dir(results_dir: str | Path, name: str) -> Path:
     return Path(results_dir) / name.replace("@", "__")
-
-
-def default_storage(results_dir: str | Path) -> str:
-    path = Path(results_dir).resolve() / "studies.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"

@@ -8,27 +8,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-
 import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-# Heartbeats and the retry callback are marked experimental; they are what multi-node resilience rests on.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines say what Optuna's INFO would
-
 from harness.errors import UserError
-from harness.records import to_dict
-from harness.study.evaluate import Evaluation, StudyContext, evaluate
+from harness.study.evaluate import StudyContext, evaluate
+from harness.study.objectives import Objective
+from harness.study.storage import HEARTBEAT_S, rdb
+from harness.study.trials import (Attr, StudyAttr, baseline_of, best_feasible, describe, fmt_values, outcome_of,
+                                  Outcome, record_surplus, record_trial, settings_of)
+from harness.study.workers import Budget, Surplus, drain, fail_dead_local_trials, worker_record
 
 # Set on Ctrl-C / SIGTERM: trials running in worker threads end as FAIL (to be run again), never as a measured
 # failure of the configuration they were testing.
@@ -48,8 +44,6 @@ class _QuietControlFlow(logging.Filter):
         self._quiet: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from harness.study.workers import Surplus
-
         message = record.getMessage()
         if not message.startswith("Trial "):
             return True
@@ -60,63 +54,25 @@ class _QuietControlFlow(logging.Filter):
         return not (number in self._quiet and "failed with value" in message)
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietControlFlow())
+_CONTROL_FLOW_FILTER = _QuietControlFlow()
 
 
-BASELINE_DEFAULTS = "vllm-defaults"
-BASELINE_COMMITTED = "committed-config"
-# A worker silent for GRACE_S is presumed dead; its trial is failed and retried (env vars: for tests and slow disks).
-HEARTBEAT_S = int(os.environ.get("VLLM_TUNE_HEARTBEAT_S", "20"))
-GRACE_S = int(os.environ.get("VLLM_TUNE_GRACE_S", "60"))
-MAX_RETRY = 2
+def configure_optuna_logging() -> None:
+    """What the CLIs call once at start: Optuna at WARNING (our own progress lines say what its INFO would), no
+    experimental-feature warnings (heartbeats and retries are what multi-node resilience rests on), and no
+    tracebacks for the exceptions that only steer a run. Never done at import: a library user keeps theirs."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logger = logging.getLogger("optuna.study._optimize")
+    if _CONTROL_FLOW_FILTER not in logger.filters:
+        logger.addFilter(_CONTROL_FLOW_FILTER)
 
 
-def constraints_of(trial: FrozenTrial) -> list[float]:
-    """The trial's constraint values (Optuna: <= 0 is feasible); a trial that never set one is infeasible."""
-    return list(trial.constraints.values()) or [1.0]
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeats, so a killed worker's trial is failed and retried rather than left RUNNING.
-
-    Connects at once: a bad URL, an unreachable host or a wrong password is a one-line UserError here, before any
-    study is touched."""
-    from harness.study.workers import schema_lock, storage_url
-
-    try:
-        sa_url, engine_kwargs = storage_url(url)
-        with schema_lock(sa_url, engine_kwargs):  # nodes started together on an empty database
-            return optuna.storages.RDBStorage(
-                sa_url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-    except Exception as exc:  # sqlalchemy raises many types for a bad URL, host or password
-        raise UserError(f"cannot open the study storage: {_first_line(exc)}", source=redact(url),
-                        key="storage") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """The driver's reason without SQLAlchemy's '(psycopg2.OperationalError)' prefix and background links."""
-    import re
-
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    line = " ".join(lines[:2]) if lines and lines[0].endswith("failed:") else (lines[0] if lines else "")
-    line = re.sub(r"^\([\w.]+\)\s*", "", line)
-    return line or type(exc).__name__
-
-
-def redact(url: str) -> str:
-    """Hide a password in a storage URL before it is printed or written into a report."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url
-
-
-def make_sampler(kind: str, objective_kind: str, space: Any, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, objective: Objective, space: Any, seed: int,
+                 n_trials: int) -> optuna.samplers.BaseSampler:
+    """`kind` from the sweep file; `auto` is the objective's choice (TPE, NSGA-II for a Pareto front)."""
     if kind == "auto":
-        kind = "nsga2" if objective_kind == "pareto" else "tpe"
+        kind = objective.default_sampler
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                           n_startup_trials=max(2, min(10, n_trials // 3)))
@@ -140,11 +96,11 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, directions: list
         raise UserError(f"study {name!r} exists with other directions ({', '.join(have)}); nothing was changed",
                         key="objective")
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as storage will hand it back
-    existing = study.user_attrs.get("identity")
+    existing = study.user_attrs.get(StudyAttr.IDENTITY)
     if existing is None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
-        study.set_user_attr("identity", identity)
+        study.set_user_attr(StudyAttr.IDENTITY, identity)
     elif existing != identity:
         diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
         shown = "; ".join(f"{k}: was {_brief(existing.get(k))}, now {_brief(identity.get(k))}" for k in diff)
@@ -166,14 +122,14 @@ def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]])
     """Baselines are trials 0 and 1: measured exactly like candidates, so every win is over something real."""
     # an interrupted (FAIL) baseline is measured again; one already measured under another label is not measured
     # twice (a committed config that is vLLM's defaults, on the first run or on a rerun)
-    kept = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL and t.user_attrs.get("baseline")]
-    present = {t.user_attrs["baseline"] for t in kept}
-    seen: list[dict[str, Any]] = [t.user_attrs.get("settings") for t in kept]
+    kept = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL and baseline_of(t)]
+    present = {baseline_of(t) for t in kept}
+    seen: list[dict[str, Any]] = [settings_of(t) for t in kept]
     for label, settings in baselines.items():
         if label in present or settings in seen:
             continue
         seen.append(settings)
-        study.enqueue_trial({}, user_attrs={"baseline": label, "settings": settings})
+        study.enqueue_trial({}, user_attrs={Attr.BASELINE: label, Attr.SETTINGS: settings})
 
 
 @dataclass
@@ -193,60 +149,34 @@ class Progress:
         self.done += 1
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * max(self.total - self.done, 0)
-        best = best_feasible(study)
+        best = best_feasible(study.get_trials(deepcopy=False))
         best_txt = (f"best so far: #{best.number} {fmt_values(best.values)}" if best is not None
                     else "no feasible trial yet")
         print(f"    -> {note} | {best_txt} | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
               file=self.out, flush=True)
 
 
-def fmt_values(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    return " / ".join("inf" if math.isinf(v) else f"{v:.4g}" for v in values)
-
-
-def feasible_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if all(c <= 0 for c in constraints_of(t))]
-
-
-def best_feasible(study: optuna.Study) -> FrozenTrial | None:
-    """Single objective: the highest value. Pareto: the highest throughput on the feasible front."""
-    trials = feasible_trials(study)
-    if not trials:
-        return None
-    return max(trials, key=lambda t: (t.values[0], -t.number))
-
-
-def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) -> Callable[[optuna.Trial], Any]:
+def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None = None
+                   ) -> Callable[[optuna.Trial], Any]:
     def objective(trial: optuna.Trial) -> Any:
         if budget is not None and budget.surplus(trial.study, trial.number):
-            from harness.study.workers import Surplus
-
-            trial.set_user_attr("outcome", "surplus")
-            trial.set_user_attr("reason", "the other workers' trials already fill the budget; nothing was run")
+            record_surplus(trial)
             trial.study.stop()
             raise Surplus(f"trial #{trial.number} is beyond the study's budget of {budget.target}")
-        from harness.study.workers import WORKER_ATTR, worker_record
-
         # who runs it: if this process dies, a rerun on this host retries the trial at once
-        trial.set_user_attr(WORKER_ATTR, worker_record(trial.number))
-        baseline = trial.user_attrs.get("baseline")
+        trial.set_user_attr(Attr.WORKER, worker_record(trial.number))
+        baseline = baseline_of(trial)
         if baseline:
-            settings = dict(trial.user_attrs["settings"])
+            settings = settings_of(trial)
         else:
             settings = ctx.space.suggest(trial)
-            trial.set_user_attr("settings", settings)
+            trial.set_user_attr(Attr.SETTINGS, settings)
         label = f"trial{trial.number:03d}"
         progress.start(trial.number, baseline or "sampled", settings)
-        start_rate = None
-        best = best_feasible(trial.study) if ctx.objective.kind == "capacity" else None
-        if best is not None and best.values[0] > 0:
-            start_rate = best.values[0]  # start where the incumbent is: one step tells if this one is better
+        best = best_feasible(trial.study.get_trials(deepcopy=False))
         if INTERRUPTED.is_set():
             raise TrialInterrupted("the sweep is stopping")
-        ev = evaluate(ctx, settings, label, start_rate=start_rate)
+        ev = evaluate(ctx, settings, label, incumbent=list(best.values) if best is not None else None)
         if INTERRUPTED.is_set():
             raise TrialInterrupted("interrupted while measuring; a rerun measures this trial again")
         record_trial(trial, ev)
@@ -255,54 +185,6 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Any = None) ->
         return ev.values if len(ev.values) > 1 else ev.values[0]
 
     return objective
-
-
-def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
-    """Constraints for the sampler (Optuna's own), and everything the dashboard, the table and the report need
-    as user attributes (JSON-safe; the dashboard shows user attributes, so the constraints are repeated there)."""
-    constraints = ev.constraints or [1.0]
-    for i, value in enumerate(constraints):
-        trial.set_constraint(f"c{i}", value)
-    trial.set_user_attr("constraints", constraints)
-    trial.set_user_attr("metrics", _json_safe(ev.summary()))
-    trial.set_user_attr("records", ev.record_paths)
-    trial.set_user_attr("device_seconds", round(ev.device_seconds, 1))
-    if ev.plan is not None:
-        trial.set_user_attr("plan", _json_safe(ev.plan))
-    if ev.curve:
-        trial.set_user_attr("curve", _json_safe(ev.curve))
-    if ev.pruned_reason:
-        trial.set_user_attr("outcome", "pruned")
-        trial.set_user_attr("reason", ev.pruned_reason)
-    elif ev.failure is not None:
-        trial.set_user_attr("outcome", f"failed:{ev.failure.kind}")
-        trial.set_user_attr("reason", ev.failure.message[:500])
-        if ev.failure.max_fitting_len is not None:
-            trial.set_user_attr("max_fitting_len", ev.failure.max_fitting_len)
-    else:
-        ok = all(c <= 0 for c in ev.constraints)
-        trial.set_user_attr("outcome", "ok" if ok else "slo_violated")
-        if not ok:
-            trial.set_user_attr("reason", "SLO not met: violations " + ", ".join(f"{c:+.2f}" for c in ev.constraints))
-
-
-def _json_safe(obj: Any) -> Any:
-    obj = to_dict(obj)
-    if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def describe(trial: FrozenTrial) -> str:
-    outcome = trial.user_attrs.get("outcome", trial.state.name.lower())
-    reason = trial.user_attrs.get("reason")
-    if trial.state == TrialState.COMPLETE:
-        return f"{outcome}: {fmt_values(trial.values)}" + (f" ({reason})" if reason else "")
-    return f"{outcome}" + (f": {reason}" if reason else "")
 
 
 def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: int, out: Any = sys.stderr,
@@ -316,8 +198,6 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     `timeout_s`: start no trial after that many seconds (running ones finish). Ctrl-C propagates after the running
     trial's servers are torn down.
     """
-    from harness.study.workers import Budget, drain, fail_dead_local_trials
-
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     retried = fail_dead_local_trials(study)
     if retried:
@@ -331,7 +211,7 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
     progress = Progress(total=max(remaining, len(waiting(study)), 1), out=out)
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get("outcome") != "surplus":  # nothing ran: neither a step of the progress nor news
+        if outcome_of(trial) != Outcome.SURPLUS:  # nothing ran: neither a step of the progress nor news
             progress.end(st, trial, f"trial #{trial.number} {describe(trial)}")
 
     objective = make_objective(ctx, progress, budget)
@@ -349,8 +229,6 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
 def _serialize_claims(study: optuna.Study) -> None:
     """Threads of one worker claim queued trials one at a time. On SQLite Optuna's WAITING -> RUNNING check is not
     atomic between threads (no SELECT ... FOR UPDATE), so two threads could both claim the same queued baseline."""
-    from harness.study.workers import rdb
-
     backend = rdb(study._storage)
     if getattr(backend, "_claims_serialized", False):
         return

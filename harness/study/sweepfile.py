@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
+from harness.emit import model_slug
 from harness.errors import UserError
-from harness.yamlfile import read_yaml
-from harness.records import SLO
+from harness.records import parse_slo
+from harness.study.objectives import OBJECTIVES, Objective
+from harness.yamlfile import check_keys, positive, read_yaml
 
-SLO_PERCENTILES = (50, 90, 95, 99)  # the percentiles every RunMetrics carries
-OBJECTIVES = ("capacity", "goodput", "throughput", "pareto")
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
               "configs_dir", "start_timeout_s", "parallel", "sampler", "seed")
 MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials")
@@ -32,34 +32,6 @@ class ModelEntry:
     model_name: str | None = None  # what the emitted config names (e.g. the hub name a local stand-in copies)
     fixed: dict[str, Any] = field(default_factory=dict)  # per-model settings on top of the space's fixed ones
     trials: int | None = None
-
-
-@dataclass
-class Objective:
-    """How one trial is scored. `capacity`: highest Poisson rate whose SLO percentile holds (double, then bisect);
-    `goodput` / `throughput`: at a fixed offered load, subject to the SLOs; `pareto`: output tok/s vs a latency
-    percentile, NSGA-II."""
-
-    kind: str = "capacity"
-    slo: SLO = field(default_factory=SLO)
-    concurrency: int | None = None  # closed-loop load for goodput/throughput/pareto
-    rate: float | None = None  # open-loop Poisson rate for goodput/throughput/pareto
-    burstiness: float = 1.0
-    num_requests: int = 64  # per load step
-    duration_s: float | None = None
-    start_rate: float = 1.0  # capacity search: first rate tried (req/s)
-    min_rate: float = 0.05  # capacity search: below this the config has no capacity
-    max_steps: int = 6  # capacity search: load steps per trial (doubling + bisection)
-    latency_metric: str = "p99_tpot_ms"  # pareto: the latency objective
-
-    @property
-    def directions(self) -> list[str]:
-        return ["maximize", "minimize"] if self.kind == "pareto" else ["maximize"]
-
-    def to_dict(self) -> dict[str, Any]:
-        from harness.records import to_dict
-
-        return to_dict(self)
 
 
 @dataclass
@@ -92,39 +64,6 @@ DEMO_SWEEP: dict[str, Any] = {
 }
 
 
-def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], source: str, key: str | None) -> None:
-    unknown = set(data) - set(allowed)
-    if unknown:
-        raise UserError(f"unknown key(s) {sorted(unknown)}; allowed: {list(allowed)}", source=source, key=key)
-
-
-def _positive(value: Any, source: str, key: str, *, integer: bool = False, allow_none: bool = True) -> Any:
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if integer:
-        ok = ok and int(value) == value
-    if not ok:
-        kind = "a positive integer" if integer else "a positive number"
-        raise UserError(f"must be {kind}, got {value!r}", source=source, key=key)
-    return int(value) if integer else float(value)
-
-
-def parse_slo(data: Any, source: str, key: str = "objective.slo") -> SLO:
-    if data is None:
-        return SLO()
-    if not isinstance(data, dict):
-        raise UserError("must be a mapping with ttft_ms, tpot_ms, e2e_ms, percentile", source=source, key=key)
-    _check_keys(data, ("ttft_ms", "tpot_ms", "e2e_ms", "percentile"), source, key)
-    pct = data.get("percentile", 99)
-    if pct not in SLO_PERCENTILES:
-        raise UserError(f"percentile must be one of {list(SLO_PERCENTILES)}, got {pct!r}", source=source,
-                        key=f"{key}.percentile")
-    return SLO(ttft_ms=_positive(data.get("ttft_ms"), source, f"{key}.ttft_ms"),
-               tpot_ms=_positive(data.get("tpot_ms"), source, f"{key}.tpot_ms"),
-               e2e_ms=_positive(data.get("e2e_ms"), source, f"{key}.e2e_ms"), percentile=float(pct))
-
-
 def parse_objective(data: Any, source: str) -> Objective:
     if data is None:
         data = {}
@@ -132,36 +71,31 @@ def parse_objective(data: Any, source: str) -> Objective:
         data = {"kind": data}
     if not isinstance(data, dict):
         raise UserError(f"must be a mapping with 'kind' (one of {list(OBJECTIVES)})", source=source, key="objective")
-    _check_keys(data, OBJECTIVE_KEYS, source, "objective")
+    check_keys(data, OBJECTIVE_KEYS, source, "objective")
     kind = data.get("kind", "capacity")
     if kind not in OBJECTIVES:
         raise UserError(f"kind {kind!r} is not one of {list(OBJECTIVES)}", source=source, key="objective.kind")
-    obj = Objective(kind=kind, slo=parse_slo(data.get("slo"), source))
-    obj.concurrency = _positive(data.get("concurrency"), source, "objective.concurrency", integer=True)
-    obj.rate = _positive(data.get("rate"), source, "objective.rate")
-    obj.burstiness = _positive(data.get("burstiness", 1.0), source, "objective.burstiness")
-    obj.num_requests = _positive(data.get("num_requests", obj.num_requests), source, "objective.num_requests",
-                                 integer=True)
-    obj.duration_s = _positive(data.get("duration_s"), source, "objective.duration_s")
-    obj.start_rate = _positive(data.get("start_rate", obj.start_rate), source, "objective.start_rate")
-    obj.min_rate = _positive(data.get("min_rate", obj.min_rate), source, "objective.min_rate")
-    obj.max_steps = _positive(data.get("max_steps", obj.max_steps), source, "objective.max_steps", integer=True)
-    obj.latency_metric = str(data.get("latency_metric", obj.latency_metric))
-    if kind == "capacity" and obj.slo.ttft_ms is None and obj.slo.tpot_ms is None and obj.slo.e2e_ms is None:
-        raise UserError("the capacity objective needs at least one SLO (ttft_ms, tpot_ms or e2e_ms)",
-                        source=source, key="objective.slo")
-    if kind in ("goodput", "throughput", "pareto") and obj.concurrency is None and obj.rate is None:
-        raise UserError(f"the {kind} objective needs a fixed load: 'concurrency' or 'rate'", source=source,
-                        key="objective")
-    if kind == "goodput" and obj.slo.ttft_ms is None and obj.slo.tpot_ms is None and obj.slo.e2e_ms is None:
-        raise UserError("the goodput objective needs at least one SLO", source=source, key="objective.slo")
+    defaults = OBJECTIVES[kind]()
+    obj = OBJECTIVES[kind](
+        slo=parse_slo(data.get("slo"), source),
+        concurrency=positive(data.get("concurrency"), source, "objective.concurrency", integer=True),
+        rate=positive(data.get("rate"), source, "objective.rate"),
+        burstiness=positive(data.get("burstiness", 1.0), source, "objective.burstiness"),
+        num_requests=positive(data.get("num_requests", defaults.num_requests), source, "objective.num_requests",
+                              integer=True),
+        duration_s=positive(data.get("duration_s"), source, "objective.duration_s"),
+        start_rate=positive(data.get("start_rate", defaults.start_rate), source, "objective.start_rate"),
+        min_rate=positive(data.get("min_rate", defaults.min_rate), source, "objective.min_rate"),
+        max_steps=positive(data.get("max_steps", defaults.max_steps), source, "objective.max_steps", integer=True),
+        latency_metric=str(data.get("latency_metric", defaults.latency_metric)))
+    obj.check(source)
     return obj
 
 
 def parse_sweep(data: Any, source: str) -> Sweep:
     if not isinstance(data, dict):
         raise UserError(f"a sweep file is a mapping with keys {list(SWEEP_KEYS)}", source=source)
-    _check_keys(data, SWEEP_KEYS, source, None)
+    check_keys(data, SWEEP_KEYS, source, None)
     models_data = data.get("models")
     if not isinstance(models_data, list) or not models_data:
         raise UserError("must be a non-empty list of models (hub names, local paths, or mappings with 'model')",
@@ -173,14 +107,12 @@ def parse_sweep(data: Any, source: str) -> Sweep:
         if not isinstance(entry, dict) or "model" not in entry:
             raise UserError("each model is a hub name, a path, or a mapping with 'model'", source=source,
                             key=f"models[{i}]")
-        _check_keys(entry, MODEL_KEYS, source, f"models[{i}]")
-        from harness.emit import model_slug
-
+        check_keys(entry, MODEL_KEYS, source, f"models[{i}]")
         models.append(ModelEntry(name=str(entry.get("name") or model_slug(str(entry["model"]))),
                                  model=str(entry["model"]), build=entry.get("build"),
                                  model_name=entry.get("model_name"),
                                  fixed=dict(entry.get("fixed") or {}),
-                                 trials=_positive(entry.get("trials"), source, f"models[{i}].trials", integer=True)))
+                                 trials=positive(entry.get("trials"), source, f"models[{i}].trials", integer=True)))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"model names repeat: {names}", source=source, key="models")
@@ -190,14 +122,14 @@ def parse_sweep(data: Any, source: str) -> Sweep:
     confirm = data.get("confirm") or {}
     if not isinstance(confirm, dict):
         raise UserError("must be a mapping like {repeats: 3}", source=source, key="confirm")
-    _check_keys(confirm, ("repeats",), source, "confirm")
+    check_keys(confirm, ("repeats",), source, "confirm")
     repeats = confirm.get("repeats", 3)
     if not isinstance(repeats, int) or repeats < 0:
         raise UserError(f"repeats must be an integer >= 0, got {repeats!r}", source=source, key="confirm.repeats")
     hardware = data.get("hardware") or {}
     if not isinstance(hardware, dict):
         raise UserError("must be a mapping like {gpu: L40S, num_gpus: 4}", source=source, key="hardware")
-    _check_keys(hardware, ("gpu", "num_gpus"), source, "hardware")
+    check_keys(hardware, ("gpu", "num_gpus"), source, "hardware")
     sampler = data.get("sampler", "auto")
     if sampler not in ("auto", "tpe", "nsga2", "grid", "random"):
         raise UserError(f"sampler {sampler!r} is not one of ['auto', 'tpe', 'nsga2', 'grid', 'random']",
@@ -208,11 +140,11 @@ def parse_sweep(data: Any, source: str) -> Sweep:
                         key="parallel")
     return Sweep(source=source, models=models, space=data["space"], workload=data["workload"],
                  objective=parse_objective(data.get("objective"), source),
-                 trials=_positive(data.get("trials", 12), source, "trials", integer=True),
+                 trials=positive(data.get("trials", 12), source, "trials", integer=True),
                  confirm_repeats=repeats, hardware=hardware, storage=data.get("storage"),
                  results_dir=str(data.get("results_dir", "results")),
                  configs_dir=str(data.get("configs_dir", "configs")),
-                 start_timeout_s=_positive(data.get("start_timeout_s", 600.0), source, "start_timeout_s"),
+                 start_timeout_s=positive(data.get("start_timeout_s", 600.0), source, "start_timeout_s"),
                  parallel=parallel, sampler=sampler, seed=int(data.get("seed", 0)))
 
 

@@ -10,9 +10,11 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from harness.study.trials import Attr, baseline_of, gpus_of, is_feasible, outcome_of, reason_of, settings_of
+
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Columns: number, state, outcome, baseline, value(s), feasible, reason, `set.<key>` per setting, metric
+    """Columns: number, state, outcome, baseline, value(s), feasible, reason, gpus, `set.<key>` per setting, metric
     columns (throughputs, latency percentiles in ms, memory), planned vs measured KV tokens, timing."""
     rows: list[dict[str, Any]] = []
     n_values = len(study.directions)
@@ -21,24 +23,24 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
-            "outcome": ua.get("outcome", t.state.name.lower()),
-            "baseline": ua.get("baseline") or "",
+            "outcome": outcome_of(t),
+            "baseline": baseline_of(t) or "",
         }
         values = t.values if t.state == TrialState.COMPLETE and t.values else [None] * n_values
         for i, v in enumerate(values):
             row["value" if n_values == 1 else f"value{i}"] = None if v is None or math.isinf(v) else v
-        constraints = list(t.constraints.values())
-        row["feasible"] = bool(constraints) and all(c <= 0 for c in constraints) and t.state == TrialState.COMPLETE
-        row["reason"] = ua.get("reason", "")
-        for key, value in (ua.get("settings") or {}).items():
+        row["feasible"] = is_feasible(t)
+        row["reason"] = reason_of(t)
+        row["gpus"] = gpus_of(t)
+        for key, value in settings_of(t).items():
             row[f"set.{key}"] = value
-        for key, value in (ua.get("metrics") or {}).items():
+        for key, value in (ua.get(Attr.METRICS) or {}).items():
             row[key] = value
-        plan = ua.get("plan") or {}
+        plan = ua.get(Attr.PLAN) or {}
         for key in ("kv_cache_tokens", "gpus_needed", "weights_gib_per_gpu", "decode_roofline_tok_s"):
             if key in plan:
                 row[f"plan.{key}"] = plan[key]
-        row["device_seconds"] = ua.get("device_seconds")
+        row["device_seconds"] = ua.get(Attr.DEVICE_SECONDS)
         row["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)

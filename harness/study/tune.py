@@ -15,19 +15,30 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from harness.emit import EmittedConfig, read_config, write_config
+from harness.envinfo import environment
 from harness.errors import UserError
+from harness.launch.placement import SlotPool, gpu_sets
+from harness.launch.vllm_args import load_argspec
+from harness.load.prompts import build_requests
+from harness.load.tokenizer import load_tokenizer
+from harness.load.workload import load_workload
+from harness.models import build_from_config, build_tiny
+from harness.plan import load_model_facts
+from harness.settings import Topology, split_settings
+from harness.space import load_space
 from harness.study import naming
 from harness.study.confirm import Confirmation, confirm
 from harness.study.evaluate import StudyContext
-from harness.study.runner import (BASELINE_COMMITTED, BASELINE_DEFAULTS, best_feasible, enqueue_baselines,
-                                  finished,
-                                  make_sampler, make_storage, open_study, run_trials)
-from harness.study.slots import SlotPool
+from harness.study.runner import enqueue_baselines, finished, make_sampler, open_study, run_trials
+from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
-from harness.study.workers import study_lock, worker_seed
 from harness.study.table import write_table
+from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, StudyAttr, baseline_trial, best_feasible,
+                                  confirm_key, settings_of)
+from harness.study.workers import Claim, wait_for, worker_seed
 
 
 @dataclass
@@ -44,8 +55,6 @@ def ensure_model(entry: ModelEntry) -> str:
     """A local model that the sweep may build (the demo's tiny model); hub names pass through untouched."""
     path = Path(entry.model)
     if entry.build and not (path / "config.json").exists():
-        from harness.models import build_from_config, build_tiny
-
         print(f"building model '{entry.build}' into {path} ...", file=sys.stderr, flush=True)
         if entry.build == "tiny":
             build_tiny(path)
@@ -58,24 +67,8 @@ def ensure_model(entry: ModelEntry) -> str:
     return entry.model
 
 
-def _load_tokenizer(model: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except Exception as exc:  # offline hub name, broken dir: say which model and why, in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load the tokenizer: {first}", source=model, key="models[].model") from None
-
-
 def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, parallel: int,
                   results_dir: Path) -> tuple[StudyContext, str]:
-    from harness.launch.vllm_args import load_argspec
-    from harness.load.prompts import build_requests
-    from harness.load.workload import load_workload
-    from harness.plan import load_model_facts
-    from harness.space import load_space
-
     space = load_space(sweep.space)
     space.fixed.update(entry.fixed)
     argspec = load_argspec()
@@ -83,7 +76,7 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     argspec.check({k: None for k in space.knobs}, space.source)
     workload = load_workload(sweep.workload)
     facts = load_model_facts(model)
-    tokenizer = _load_tokenizer(model)
+    tokenizer = load_tokenizer(model)
     obj = sweep.objective
     n_requests = obj.num_requests + workload.warmup_requests
 
@@ -106,7 +99,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     model = ensure_model(entry)
     ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
     trials = entry.trials or sweep.trials
-    storage = make_storage(storage_url or naming.default_storage(results_dir))
+    storage = make_storage(storage_url or default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
                 "objective": sweep.objective.to_dict(), "hardware": _hw_identity(hardware)}
     config_path = Path(sweep.configs_dir) / f"{entry.name}.yaml"
@@ -120,7 +113,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     # Workers starting together: one at a time creates or checks the study and queues the missing baselines.
     with study_lock(storage, name):
         study = open_study(name, storage, sweep.objective.directions,
-                           make_sampler(sweep.sampler, sweep.objective.kind, ctx.space, seed, trials), identity)
+                           make_sampler(sweep.sampler, sweep.objective, ctx.space, seed, trials), identity)
         enqueue_baselines(study, baselines)
     print(f"== study {name}: {trials} trials, objective {sweep.objective.kind}, space {ctx.space.name} "
           f"({len(ctx.space.knobs)} knobs), storage {_storage_label(storage_url, results_dir)}", file=out, flush=True)
@@ -130,14 +123,13 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     done = len(finished(study))
     if deadline is not None and time.monotonic() >= deadline and done < trials:
         return _out_of_time(entry, name, table, f"after {done}/{trials} finished trials", out)
-    winner = best_feasible(study)
+    winner = best_feasible(study.get_trials(deepcopy=False))
     if winner is None:
         msg = (f"no feasible configuration among {len(study.trials)} trials; nothing emitted "
                f"(see {table} for each trial's reason)")
         print(msg, file=out)
         return ModelOutcome(entry.model, name, None, table, None, msg)
-    baseline = next((t for t in study.get_trials(deepcopy=False)
-                     if t.user_attrs.get("baseline") == BASELINE_DEFAULTS and t.values is not None), None)
+    baseline = baseline_trial(study.get_trials(deepcopy=False), BASELINE_DEFAULTS)
     key = confirm_key(winner, baseline, sweep.confirm_repeats)
     if (deadline is not None and time.monotonic() >= deadline and sweep.confirm_repeats > 0
             and key not in study.user_attrs):  # a confirmation is minutes of servers: not started past the budget
@@ -157,51 +149,32 @@ def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any)
     return ModelOutcome(entry.model, name, None, table, None, msg)
 
 
-def confirm_key(winner: Any, baseline: Any, repeats: int) -> str:
-    """The study attribute holding this winner's confirmation against this baseline (a rerun reuses it)."""
-    return f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
-
-
-def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: Any, baseline: Any, repeats: int,
-                       out: Any) -> Confirmation | None:
+def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None,
+                       repeats: int, out: Any) -> Confirmation | None:
     """Run (or reuse, on a rerun) the confirmation of this winner against the baseline."""
     if repeats <= 0:
         return None
     key = confirm_key(winner, baseline, repeats)
     saved = study.user_attrs.get(key)
-    metric = (f"goodput_rps_at_{winner.values[0]:.3g}_rps" if ctx.objective.kind == "capacity" else
-              "output_throughput" if ctx.objective.kind in ("throughput", "pareto") else "goodput_rps")
+    metric = ctx.objective.confirm_metric(list(winner.values))
     while saved is None:  # several workers: one confirms (a claim with a heartbeat), the others wait for its result
-        from harness.study.runner import GRACE_S, HEARTBEAT_S
-        from harness.study.workers import Claim, wait_for
-
         claim = Claim(study, study._storage, f"{key}:owner", heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
         if claim.acquire():
             try:
                 conf = confirm(ctx, winner, baseline, repeats, metric, log=out)
                 study.set_user_attr(key, conf.to_dict())
-                study.set_user_attr("confirm", conf.to_dict())
+                study.set_user_attr(StudyAttr.CONFIRM, conf.to_dict())
             finally:
                 claim.release()
             (ctx.study_dir / "confirm.json").write_text(json.dumps(conf.to_dict(), indent=2))
             return conf
         saved = wait_for(lambda: study.user_attrs.get(key), claim, poll_s=min(HEARTBEAT_S, 5), out=out)
-    from harness.study.confirm import Spread
-
-    return Confirmation(metric=saved["metric"], winner_trial=saved["winner_trial"],
-                        baseline_trial=saved["baseline_trial"], winner=Spread(saved["winner"]["runs"]),
-                        baseline=Spread(saved["baseline"]["runs"]), recommended_trial=saved["recommended_trial"],
-                        verdict=saved["verdict"], winner_metrics=saved["winner_metrics"],
-                        baseline_metrics=saved["baseline_metrics"], mode=saved.get("mode", ""))
+    return Confirmation.from_dict(saved)
 
 
-def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baseline: Any,
+def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial, baseline: FrozenTrial | None,
          conf: Confirmation | None, hardware: Any) -> Path:
-    from harness.envinfo import environment
-    from harness.launch.vllm_args import load_argspec
-    from harness.settings import split_settings
-
-    settings = dict(trial.user_attrs["settings"])
+    settings = settings_of(trial)
     env = environment()
     provenance: dict[str, Any] = {
         "study": study.study_name,
@@ -212,9 +185,9 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baselin
         "harness_commit": env.get("harness_commit"),
         "workload": ctx.workload.to_dict(),
         "objective": ctx.objective.to_dict(),
-        "metrics": trial.user_attrs.get("metrics", {}),
-        "baseline_metrics": baseline.user_attrs.get("metrics", {}) if baseline is not None else None,
-        "baseline_settings": baseline.user_attrs.get("settings") if baseline is not None else None,
+        "metrics": trial.user_attrs.get(Attr.METRICS, {}),
+        "baseline_metrics": baseline.user_attrs.get(Attr.METRICS, {}) if baseline is not None else None,
+        "baseline_settings": baseline.user_attrs.get(Attr.SETTINGS) if baseline is not None else None,
     }
     if conf is not None:
         provenance["improvement"] = {"metric": conf.metric, "relative": conf.improvement,
@@ -222,11 +195,9 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: Any, baselin
                                      "verdict": conf.verdict}
     vllm_settings, _ = split_settings(settings)
     argv_tail = load_argspec().to_argv(vllm_settings)
-    from harness.launch.server import gpu_sets
-
-    tp = int(settings.get("tensor_parallel_size", 1) or 1) * int(settings.get("pipeline_parallel_size", 1) or 1)
-    replicas = int(settings.get("replicas", 1) or 1)
-    sets = gpu_sets(max(hardware.count, tp * replicas), tp, replicas) if replicas > 1 else None
+    topo = Topology.of(settings)
+    sets = (gpu_sets(max(hardware.count, topo.gpus), topo.tp, topo.replicas, topo.pp) if topo.replicas > 1
+            else None)
     header = (f"generated by vllm-tune: study {study.study_name}, trial {trial.number}, "
               f"{_dt.date.today().isoformat()}\n"
               f"{conf.verdict if conf else 'best feasible trial (not confirmed)'}")
@@ -250,6 +221,4 @@ def _hw_identity(hardware: Any) -> dict[str, Any]:
 
 
 def _storage_label(url: str | None, results_dir: Path) -> str:
-    from harness.study.runner import redact
-
-    return redact(url) if url else naming.default_storage(results_dir)
+    return redact(url) if url else default_storage(results_dir)

@@ -1,15 +1,9 @@
 """Several workers on one Optuna study: the few steps that Optuna leaves to the caller.
 
-Optuna's RDB storage (SQLite on one node, PostgreSQL across nodes) already gives unique trial numbers, atomic
-hand-out of queued (WAITING) trials, heartbeats and the retry of a dead worker's trial. What it leaves open, and
-this module supplies:
+Optuna's RDB storage (SQLite on one node, PostgreSQL across nodes; opened and locked by `harness.study.storage`)
+already gives unique trial numbers, atomic hand-out of queued (WAITING) trials, heartbeats and the retry of a dead
+worker's trial. What it leaves open, and this module supplies:
 
-- `storage_url()`: a plain `postgresql://` URL is given to the PostgreSQL driver that is installed (SQLAlchemy 2.1
-  defaults to psycopg 3, the test extra installs psycopg2), and a connect timeout so an unreachable host fails fast.
-- `schema_lock()`: workers started together on an empty database create Optuna's tables one at a time.
-- `study_lock()`: one short critical section per study (create-or-load, identity check, queueing the baselines),
-  so two workers starting together neither queue the baselines twice nor stamp two identities. PostgreSQL: an
-  advisory lock (released by the server if the worker dies); SQLite (one node): a file lock in the temp dir.
 - `Budget`: the trial budget is global. A trial counts once it is finished, running (on any worker) or queued, so a
   worker does not start a trial that the others already cover; `surplus()` catches the rare race.
 - `drain()`: before a worker leaves, it waits until no trial of the study is running anywhere, failing stale ones
@@ -33,18 +27,15 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.study.storage import rdb, study_lock
+from harness.study.trials import Attr, baseline_of
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def rdb(storage: Any) -> Any:
-    """The RDBStorage itself: a study holds it wrapped in Optuna's cache layer (`_CachedStorage._backend`)."""
-    return getattr(storage, "_backend", storage)
 
 
 def worker_id() -> str:
@@ -55,148 +46,6 @@ def worker_seed(seed: int) -> int:
     """The sweep's seed mixed with this worker's identity (host:pid): workers sharing a study sample differently."""
     digest = hashlib.sha256(f"{seed}:{worker_id()}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-# ---------------------------------------------------------------------------------------------- storage URL
-
-
-def storage_url(url: str) -> tuple[str, dict[str, Any]]:
-    """(URL for SQLAlchemy, engine kwargs). Raises ValueError with a one-line reason for an unusable URL."""
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-        return url, engine_kwargs
-    engine_kwargs["pool_pre_ping"] = True
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"):
-        driver = scheme.partition("+")[2]
-        if not driver:
-            driver = _installed("psycopg2", "psycopg")
-            if driver is None:
-                raise ValueError("no PostgreSQL driver installed: pip install psycopg2-binary")
-            url = f"postgresql+{driver}://" + url.split("://", 1)[1]
-        elif _installed(driver) is None:
-            raise ValueError(f"the URL asks for the {driver} driver, which is not installed: pip install "
-                             f"{'psycopg2-binary' if driver == 'psycopg2' else 'psycopg[binary]'}")
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    return url, engine_kwargs
-
-
-def _installed(*modules: str) -> str | None:
-    import importlib.util
-
-    for name in modules:
-        if importlib.util.find_spec(name) is not None:
-            return name
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- lock
-
-
-@contextlib.contextmanager
-def study_lock(storage: optuna.storages.BaseStorage, name: str, timeout_s: float = 300.0) -> Iterator[None]:
-    """Mutual exclusion among every worker of study `name` for a few storage calls (never around a trial)."""
-    engine = getattr(rdb(storage), "engine", None)
-    dialect = getattr(getattr(engine, "dialect", None), "name", "")
-    if dialect == "postgresql":
-        import sqlalchemy
-
-        with engine.connect() as conn:  # its own session: the lock dies with the worker's connection
-            conn.execute(sqlalchemy.text(f"SET lock_timeout = {int(timeout_s * 1000)}"))
-            with _advisory_lock(conn, f"vllm-tune:{name}"):
-                yield
-        return
-    path = _sqlite_path(str(getattr(engine, "url", ""))) if dialect == "sqlite" else None
-    if path is None:  # in-memory SQLite or another database: one process only
-        with _LOCAL_LOCK:
-            yield
-        return
-    with _LOCAL_LOCK, _file_lock(_lock_path(path, "study"), timeout_s):
-        yield
-
-
-def _lock_path(db_path: str, what: str) -> str:
-    """A lock file per SQLite database in the temp dir (SQLite is one machine), not beside the results."""
-    import tempfile
-
-    d = Path(tempfile.gettempdir()) / "vllm-tune-locks"
-    d.mkdir(exist_ok=True)
-    key = hashlib.sha256(str(Path(db_path).resolve()).encode()).hexdigest()[:16]
-    return str(d / f"{key}.{what}.lock")
-
-
-@contextlib.contextmanager
-def _file_lock(path: str, timeout_s: float) -> Iterator[None]:
-    """SQLite is one node: an flock next to the database file serializes its local workers."""
-    import fcntl
-
-    with open(path, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"lock {path} held for more than {timeout_s:g} s") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-_LOCAL_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
-    """Serialize Optuna's table creation: workers creating the schema of an empty database at the same moment
-    collide (PostgreSQL: 'duplicate key value violates unique constraint pg_type_typname_nsp_index'; SQLite:
-    'UNIQUE constraint failed: alembic_version.version_num')."""
-    if url.startswith("sqlite"):
-        path = _sqlite_path(url)
-        if path is None:
-            yield
-            return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(_lock_path(path, "schema"), 300.0):
-            yield
-        return
-    if not url.startswith(("postgresql", "postgres")):
-        yield
-        return
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                      connect_args=engine_kwargs.get("connect_args", {}))
-    try:
-        with engine.connect() as conn, _advisory_lock(conn, "vllm-tune:optuna-schema"):
-            yield
-    finally:
-        engine.dispose()
-
-
-@contextlib.contextmanager
-def _advisory_lock(conn: Any, name: str) -> Iterator[None]:
-    """A PostgreSQL session-level advisory lock keyed by `name` (released by the server if the session dies)."""
-    import sqlalchemy
-
-    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-    conn.commit()
-    try:
-        yield
-    finally:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        conn.commit()
-
-
-def _sqlite_path(url: str) -> str | None:
-    rest = url.split(":///", 1)[1] if ":///" in url else ""
-    rest = rest.split("?", 1)[0]
-    return rest if rest and rest != ":memory:" else None
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -228,7 +77,7 @@ class Budget:
         trials = study.get_trials(deepcopy=False)
         me = next((t for t in trials if t.number == number), None)
         if me is None or "failed_trial" in me.system_attrs or "fixed_params" in me.system_attrs \
-                or me.user_attrs.get("baseline"):
+                or baseline_of(me):
             return False
         taken = sum(1 for t in trials if t.number != number
                     and (t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING)))
@@ -352,9 +201,6 @@ def fail_silent_trials(study: optuna.Study) -> None:
         _fail_and_requeue(study, trial)
 
 
-WORKER_ATTR = "worker"  # user attribute: worker_record() of the process running the trial
-
-
 def worker_record(trial_number: int | None = None) -> dict[str, Any]:
     """Host, pid and pid namespace (a pid is only this host's to check inside the same namespace: containers that
     share a host name do not share pids), and the trial it runs: a retry inherits the failed trial's user
@@ -375,7 +221,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     me = worker_record()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(WORKER_ATTR)
+        owner = trial.user_attrs.get(Attr.WORKER)
         if not isinstance(owner, dict) or trial.datetime_start is None or not isinstance(owner.get("pid"), int) \
                 or (owner.get("host"), owner.get("pid_namespace"), owner.get("trial")) != \
                 (me["host"], me["pid_namespace"], trial.number):

@@ -1,11 +1,12 @@
-"""Device slots: concurrent trials get disjoint GPU sets (or CPU core sets on a CPU-only host).
+"""Where a configuration's servers run: GPU sets, CPU-core sets, and the slots concurrent trials take.
 
-A trial asks for the number of GPUs its candidate needs (replicas x tensor_parallel_size x pipeline_parallel_size)
-and blocks until that many are free, so on a 4-GPU node four TP1 trials, or one TP2 and two TP1, run at once.
-Requests are served first come, first served: a TP4 trial waiting for the whole node is not starved by TP1 trials
-that keep grabbing the GPU freed a moment ago. A GPU is handed out only when NVML shows no process on it any more
-(the previous server's memory is released). On a CPU host each slot is a set of cores that vLLM's CPU backend
-binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND).
+A configuration needs `Topology.gpus` GPUs (replicas x tensor_parallel_size x pipeline_parallel_size, from
+`harness.settings`). A trial asks the `SlotPool` for that many and blocks until they are free, so on a 4-GPU node
+four TP1 trials, or one TP2 and two TP1, run at once. Requests are served first come, first served: a TP4 trial
+waiting for the whole node is not starved by TP1 trials that keep grabbing the GPU freed a moment ago. A GPU is
+handed out only when NVML shows no process on it any more (the previous server's memory is released). On a CPU host
+each slot is a set of cores that vLLM's CPU backend binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND).
+`replica_placement` splits one slot among the replicas of a configuration.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+from harness.errors import UserError
+from harness.nvml import nvml_session
+from harness.settings import Topology
 
 
 @dataclass(frozen=True)
@@ -26,19 +31,19 @@ class Slot:
     gpu_ids: tuple[int, ...] = ()
     cpu_cores: tuple[int, ...] = ()
 
-    def env(self) -> dict[str, str]:
-        """Environment for a server using the whole slot (the replica split is `harness.bench.replica_placement`)."""
-        if self.gpu_ids:
-            # PCI order makes CUDA's numbering match NVML's, which the memory checks use
-            return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpu_ids))}
-        if self.cpu_cores:
-            return {"VLLM_CPU_OMP_THREADS_BIND": _ranges(self.cpu_cores)}
-        return {}
+
+@dataclass(frozen=True)
+class Replica:
+    """One server of a configuration: its GPUs (a TP x PP group; None on a CPU host) and extra environment."""
+
+    gpus: list[int] | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
 
-def _ranges(cores: tuple[int, ...]) -> str:
+def core_ranges(cores: list[int] | tuple[int, ...]) -> str:
     """(0, 1, 2, 5) -> '0-2,5' (the syntax VLLM_CPU_OMP_THREADS_BIND takes)."""
-    out, start, prev = [], None, None
+    out: list[str] = []
+    start = prev = None
     for c in sorted(cores):
         if start is None:
             start = prev = c
@@ -50,6 +55,44 @@ def _ranges(cores: tuple[int, ...]) -> str:
     if start is not None:
         out.append(f"{start}-{prev}" if start != prev else f"{start}")
     return ",".join(out)
+
+
+def gpu_sets(total_gpus: int, tp: int, replicas: int, pp: int = 1) -> list[list[int]]:
+    """Disjoint GPU index sets, one per replica, each of tp*pp GPUs: [[0,1],[2,3]] for 4 GPUs, tp 2, 2 replicas."""
+    per = tp * pp
+    if tp < 1 or pp < 1 or replicas < 1:
+        raise UserError(f"tensor_parallel_size, pipeline_parallel_size and replicas must be >= 1 "
+                        f"(got {tp}, {pp}, {replicas})")  # fmt: skip
+    if per * replicas > total_gpus:
+        raise UserError(
+            f"{replicas} replica(s) x {per} GPU(s) (tensor_parallel_size {tp} x pipeline_parallel_size {pp}) "
+            f"need {per * replicas} GPUs, only {total_gpus} available",
+            key="replicas",
+        )
+    return [list(range(r * per, (r + 1) * per)) for r in range(replicas)]
+
+
+def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
+    """Disjoint core lists for VLLM_CPU_OMP_THREADS_BIND, one per CPU replica: ['0-7', '8-15']."""
+    if replicas < 1 or len(cores) < replicas:
+        raise UserError(f"{replicas} replica(s) need at least {replicas} CPU cores, {len(cores)} available",
+                        key="replicas")  # fmt: skip
+    per = len(cores) // replicas
+    return [core_ranges(cores[r * per : (r + 1) * per]) for r in range(replicas)]
+
+
+def replica_placement(settings: dict[str, Any], slot: Slot | None) -> list[Replica]:
+    """Per replica: its GPUs (a TP x PP group) or its CPU cores, from the trial's slot."""
+    topo = Topology.of(settings)
+    gpu_ids = list(slot.gpu_ids) if slot is not None else []
+    if gpu_ids:
+        return [Replica(gpus=[gpu_ids[i] for i in s]) for s in gpu_sets(len(gpu_ids), topo.tp, topo.replicas, topo.pp)]
+    cores = list(slot.cpu_cores) if slot is not None else []
+    if topo.replicas > 1 and not cores:
+        cores = sorted(os.sched_getaffinity(0))
+    if cores:
+        return [Replica(env={"VLLM_CPU_OMP_THREADS_BIND": b}) for b in cpu_bind_sets(cores, topo.replicas)]
+    return [Replica()]
 
 
 def visible_gpus(count: int) -> list[int]:
@@ -64,27 +107,19 @@ def visible_gpus(count: int) -> list[int]:
 
 def nvml_gpu_idle(gpu: int) -> bool:
     """True when no process holds memory on GPU `gpu` (NVML index); True without NVML (nothing to check)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return True
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
-        procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    with nvml_session() as nv:
+        if nv is None:
+            return True
         try:
-            procs += list(pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
-        except Exception:
-            pass
-        return len(procs) == 0
-    except Exception:
-        return True
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+            handle = nv.nvmlDeviceGetHandleByIndex(gpu)
+            procs = list(nv.nvmlDeviceGetComputeRunningProcesses(handle))
+            try:
+                procs += list(nv.nvmlDeviceGetGraphicsRunningProcesses(handle))
+            except Exception:  # noqa: BLE001 - not every GPU reports graphics processes
+                pass
+            return len(procs) == 0
+        except Exception:  # noqa: BLE001
+            return True
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""Deploy one vLLM configuration and measure it: the one measurement path of `bench`, trials and confirmation.
+
+`deploy()` starts the server(s) of one configuration (replicas on disjoint GPU or core sets, see
+`harness.launch.placement`); `Deployment.run()` drives one measured load against them and returns a `RunRecord` with
+metrics, client self-check, memory and vLLM's own counters. A bench number and a sweep number are therefore the
+same measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness.envinfo import environment
+from harness.launch.failures import classify
+from harness.launch.placement import Slot, replica_placement
+from harness.launch.server import ServerGroup, ServerSpec, stop_groups, wait_all_ready
+from harness.load.arrival import Arrival
+from harness.load.client import run_load_sync
+from harness.measure.sampler import ResourceSampler
+from harness.measure.stats import summarize
+from harness.measure.vllm_metrics import MetricsScraper, merge_stats, server_stats_from_log
+from harness.records import SLO, Failure, RunRecord
+from harness.settings import Topology
+
+__all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "Deployment", "deploy", "deploy_together"]
+
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Deployment:
+    """Live servers of one configuration: what `run()` needs to load and observe them."""
+
+    model: str
+    settings: dict[str, Any]
+    group: ServerGroup
+    gpu_ids: list[int] = field(default_factory=list)
+    startup_s: float | None = None
+
+    @property
+    def log_paths(self) -> list[str]:
+        return [str(s.log_path) for s in self.group.servers]
+
+    @property
+    def topology(self) -> Topology:
+        """Replicas x TP x PP of the deployed settings."""
+        return Topology.of(self.settings)
+
+    def dead_server_failure(self) -> Failure | None:
+        """A Failure if any replica exited during the run (crash, OOM under load), else None."""
+        for server in self.group.servers:
+            code = server.returncode
+            if code is not None:
+                return classify(server.read_log(), code, False)
+        return None
+
+    def run(self, workload: Any, requests: list[Any], *, slo: SLO | None = None, plan: dict[str, Any] | None = None,
+            rate: float | None = None, burstiness: float = 1.0, concurrency: int | None = None,
+            num_requests: int | None = None, duration_s: float | None = None,
+            timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> RunRecord:
+        """One measured load: `requests[:warmup]` unmeasured, then the rest at the given rate or concurrency."""
+        if rate is not None:
+            arrival = Arrival(mode="poisson" if burstiness == 1.0 else "gamma", rate=rate, burstiness=burstiness,
+                              num_requests=num_requests, duration_s=duration_s, seed=workload.seed)
+        else:
+            arrival = Arrival(mode="concurrency", max_concurrency=concurrency or 1, num_requests=num_requests,
+                              duration_s=duration_s, seed=workload.seed)
+        warmup = min(workload.warmup_requests, max(len(requests) - 1, 0))
+        pids = [s.pid for s in self.group.servers if s.pid is not None]
+        with ResourceSampler(pids, self.gpu_ids) as sampler, MetricsScraper(self.group.targets) as scraper:
+            load = run_load_sync(self.group.targets, requests, arrival, model=self.model, api=workload.api,
+                                 warmup=warmup, timeout_s=timeout_s)
+        memory = sampler.result()
+        from_metrics = scraper.result()
+        log_stats = server_stats_from_log(self.group.servers[0].read_log())
+        record = RunRecord(
+            run_id=f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            model=self.model, settings=dict(self.settings), workload=workload.to_dict(), arrival=arrival.to_dict(),
+            slo=slo, argv=self.group.argv, metrics=summarize(load.results, load.duration_s, slo),
+            client=load.client, memory=memory, server=merge_stats(log_stats, from_metrics), plan=plan,
+            env=environment(), log_paths=self.log_paths, startup_s=self.startup_s)
+        record.failure = self.dead_server_failure()
+        return record
+
+
+@contextlib.contextmanager
+def deploy(model: str, settings: dict[str, Any], *, slot: Slot | None = None, log_dir: Path,
+           start_timeout_s: float = 900.0) -> Iterator[Deployment]:
+    """Start every replica of `settings`, wait until all are ready, tear all down on exit (also on Ctrl-C).
+
+    Raises `ServerStartError` with a classified failure when any replica fails to start.
+    """
+    with deploy_together(model, [(settings, slot, log_dir)], start_timeout_s=start_timeout_s) as (dep,):
+        yield dep
+
+
+@contextlib.contextmanager
+def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Path]], *,
+                    start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
+    """Several deployments (settings, slot, log dir) started at once: their start-ups (minutes each on GPUs, for
+    torch.compile and CUDA graphs) overlap instead of adding up. All are torn down on exit or on any start failure.
+    """
+    groups: list[ServerGroup] = []
+    gpu_ids: list[list[int]] = []
+    for settings, slot, log_dir in jobs:
+        placement = replica_placement(settings, slot)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        groups.append(ServerGroup([ServerSpec(model=model, settings=settings, gpus=p.gpus, env=p.env,
+                                              log_path=log_dir / f"server{i}.log", start_timeout_s=start_timeout_s)
+                                   for i, p in enumerate(placement)]))
+        gpu_ids.append([g for p in placement for g in (p.gpus or [])])
+    try:
+        for group in groups:
+            group.start()
+        wait_all_ready(groups)
+        yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s)
+               for (settings, _, _), group, ids in zip(jobs, groups, gpu_ids)]
+    finally:
+        stop_groups(groups)

@@ -1,0 +1,264 @@
+"""The trial schema: what a trial stores in Optuna and how every reader gets it back.
+
+Optuna keeps values, constraints and states; everything else a trial knows lives in its user attributes (which
+the dashboard shows too). Each attribute key is named here once (`Attr`, and `StudyAttr` for the study's own),
+`record_trial` is the one writer, and the readers below (outcome, feasibility, constraints, labels, the best
+feasible trial) are what the study, the trials table and the report all use, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.records import Failure, RunRecord, to_dict
+from harness.settings import Topology
+
+
+class Attr:
+    """Trial user-attribute keys (JSON values)."""
+
+    SETTINGS = "settings"  # the configuration measured (user keys), sampled or queued
+    BASELINE = "baseline"  # BASELINE_DEFAULTS / BASELINE_COMMITTED for the queued baselines, absent otherwise
+    OUTCOME = "outcome"  # Outcome.*; failed ones as "failed:<Failure.kind>"
+    REASON = "reason"  # why a trial is not a clean measurement, one line
+    CONSTRAINTS = "constraints"  # the constraint values again (Optuna keeps them; the dashboard shows these)
+    METRICS = "metrics"  # Evaluation.summary(): flat numbers of the run the values come from
+    RECORDS = "records"  # paths of the run records (one per load step) and of a failure file
+    DEVICE_SECONDS = "device_seconds"  # wall time the servers held their devices, times the devices held
+    GPUS = "gpus"  # replicas x TP x PP of the settings (Topology.gpus)
+    PLAN = "plan"  # the planner's prediction (Plan.to_dict())
+    CURVE = "curve"  # capacity: latency vs offered load, one point per load step
+    MAX_FITTING_LEN = "max_fitting_len"  # vLLM's estimate after a max_model_len start failure
+    WORKER = "worker"  # host, pid and pid namespace of the process running the trial (workers.worker_record)
+
+
+class StudyAttr:
+    """Study user-attribute keys."""
+
+    IDENTITY = "identity"  # model, space, workload, objective, hardware: what a resume must match
+    CONFIRM = "confirm"  # the latest Confirmation.to_dict()
+
+
+class Outcome:
+    OK = "ok"
+    SLO_VIOLATED = "slo_violated"
+    PRUNED = "pruned"
+    FAILED = "failed"  # stored as "failed:<kind>"
+    SURPLUS = "surplus"  # beyond the study's budget: nothing ran
+    INTERRUPTED = "interrupted"  # FAIL: interrupted or the harness raised; retried on a rerun
+
+
+MEASURED = (Outcome.OK, Outcome.SLO_VIOLATED)  # outcomes that carry a measurement
+
+BASELINE_DEFAULTS = "vllm-defaults"
+BASELINE_COMMITTED = "committed-config"
+BASELINE_NAMES = {BASELINE_DEFAULTS: "vLLM defaults", BASELINE_COMMITTED: "committed config"}
+
+
+def confirm_key(winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int) -> str:
+    """The study attribute holding this winner's confirmation against this baseline (a rerun reuses it)."""
+    return f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
+
+
+# ------------------------------------------------------------------------------------------------- writer
+
+
+@dataclass
+class Evaluation:
+    """The outcome of one candidate. `values is None` means pruned before launch (see `pruned_reason`)."""
+
+    settings: dict[str, Any]
+    values: list[float] | None = None
+    constraints: list[float] = field(default_factory=list)
+    pruned_reason: str | None = None
+    failure: Failure | None = None
+    plan: dict[str, Any] | None = None
+    record: RunRecord | None = None  # the run the values come from
+    record_paths: list[str] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # capacity: latency vs offered load
+    device_seconds: float = 0.0  # wall time servers held their devices, times the devices held
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers (capacity_rps, ...)
+
+    def summary(self) -> dict[str, Any]:
+        """Flat numbers for trial user attributes, the table and the dashboard."""
+        out: dict[str, Any] = {}
+        rec = self.record
+        if rec is not None and rec.metrics is not None:
+            m = rec.metrics
+            out.update(request_throughput=m.request_throughput, output_throughput=m.output_throughput,
+                       total_token_throughput=m.total_token_throughput, goodput=m.goodput,
+                       completed=m.completed, failed=m.failed, prefix_cached_fraction=m.prefix_cached_fraction)
+            for stat in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+                st = getattr(m, stat)
+                if st is not None:
+                    for q in ("mean", "p50", "p90", "p99"):
+                        out[f"{q}_{stat}"] = getattr(st, q)
+        if rec is not None and rec.memory is not None:
+            out["peak_gpu_memory_mib"] = rec.memory.peak_gpu_memory_mib
+            out["rss_peak_mib"] = rec.memory.rss_peak_mib
+        if rec is not None and rec.server is not None:
+            out["kv_cache_tokens"] = rec.server.kv_cache_tokens
+            out["peak_kv_usage"] = rec.server.peak_kv_usage
+            out["preemptions"] = rec.server.preemptions
+        if rec is not None and rec.startup_s is not None:
+            out["startup_s"] = rec.startup_s
+        if self.plan:
+            out["planned_kv_cache_tokens"] = self.plan.get("kv_cache_tokens")
+        out.update(self.metrics)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
+    """Constraints for the sampler (Optuna's own), and everything the dashboard, the table and the report need
+    as user attributes (JSON-safe; the dashboard shows user attributes, so the constraints are repeated there)."""
+    constraints = ev.constraints or [1.0]
+    for i, value in enumerate(constraints):
+        trial.set_constraint(f"c{i}", value)
+    trial.set_user_attr(Attr.CONSTRAINTS, constraints)
+    trial.set_user_attr(Attr.METRICS, json_safe(ev.summary()))
+    trial.set_user_attr(Attr.RECORDS, ev.record_paths)
+    trial.set_user_attr(Attr.DEVICE_SECONDS, round(ev.device_seconds, 1))
+    trial.set_user_attr(Attr.GPUS, Topology.of(ev.settings).gpus)
+    if ev.plan is not None:
+        trial.set_user_attr(Attr.PLAN, json_safe(ev.plan))
+    if ev.curve:
+        trial.set_user_attr(Attr.CURVE, json_safe(ev.curve))
+    if ev.pruned_reason:
+        trial.set_user_attr(Attr.OUTCOME, Outcome.PRUNED)
+        trial.set_user_attr(Attr.REASON, ev.pruned_reason)
+    elif ev.failure is not None:
+        trial.set_user_attr(Attr.OUTCOME, f"{Outcome.FAILED}:{ev.failure.kind}")
+        trial.set_user_attr(Attr.REASON, ev.failure.message[:500])
+        if ev.failure.max_fitting_len is not None:
+            trial.set_user_attr(Attr.MAX_FITTING_LEN, ev.failure.max_fitting_len)
+    else:
+        ok = all(c <= 0 for c in ev.constraints)
+        trial.set_user_attr(Attr.OUTCOME, Outcome.OK if ok else Outcome.SLO_VIOLATED)
+        if not ok:
+            trial.set_user_attr(Attr.REASON,
+                                "SLO not met: violations " + ", ".join(f"{c:+.2f}" for c in ev.constraints))
+
+
+def record_surplus(trial: optuna.Trial) -> None:
+    trial.set_user_attr(Attr.OUTCOME, Outcome.SURPLUS)
+    trial.set_user_attr(Attr.REASON, "the other workers' trials already fill the budget; nothing was run")
+
+
+def json_safe(obj: Any) -> Any:
+    """Dataclasses to dicts; inf and NaN (not JSON) to None."""
+    obj = to_dict(obj)
+    if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------- readers
+
+
+def settings_of(trial: FrozenTrial) -> dict[str, Any]:
+    return dict(trial.user_attrs.get(Attr.SETTINGS) or {})
+
+
+def baseline_of(trial: FrozenTrial) -> str | None:
+    """The baseline label of a queued baseline trial, None for a sampled one."""
+    return trial.user_attrs.get(Attr.BASELINE) or None
+
+
+def outcome_of(trial: FrozenTrial) -> str:
+    """ok | slo_violated | failed:<kind> | pruned | surplus | interrupted (FAIL) | running | waiting."""
+    outcome = trial.user_attrs.get(Attr.OUTCOME)
+    if outcome:
+        return str(outcome)
+    if trial.state == TrialState.COMPLETE:
+        return Outcome.OK
+    if trial.state == TrialState.PRUNED:
+        return Outcome.PRUNED
+    if trial.state == TrialState.FAIL:
+        return Outcome.INTERRUPTED
+    return trial.state.name.lower()
+
+
+def category_of(trial: FrozenTrial) -> str:
+    """The outcome without the failure kind: ok, slo_violated, failed, pruned, interrupted, running, waiting."""
+    return outcome_of(trial).split(":", 1)[0]
+
+
+def reason_of(trial: FrozenTrial) -> str:
+    reason = str(trial.user_attrs.get(Attr.REASON) or "")
+    if not reason and trial.state == TrialState.FAIL:
+        reason = "the trial was interrupted or the harness raised (see the sweep's output); it may be retried"
+    return reason
+
+
+def constraints_of(trial: FrozenTrial) -> list[float]:
+    """Optuna's constraints (`Trial.set_constraint`), else the copy in the user attributes (older studies); as for
+    the sampler, a trial that never reported any is infeasible."""
+    found = list(trial.constraints.values()) or trial.user_attrs.get(Attr.CONSTRAINTS) or []
+    return [float(c) for c in found] or [1.0]
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Completed, and every constraint holds (<= 0)."""
+    return trial.state == TrialState.COMPLETE and all(c <= 0 for c in constraints_of(trial))
+
+
+def is_measured(trial: FrozenTrial) -> bool:
+    """Completed with a real measurement (not a failed launch scored with the worst value)."""
+    return (trial.state == TrialState.COMPLETE and category_of(trial) in MEASURED and bool(trial.values)
+            and all(v is not None and math.isfinite(v) for v in trial.values))
+
+
+def metric_of(trial: FrozenTrial, name: str) -> float | None:
+    """A finite number from the trial's metrics, else None."""
+    value = (trial.user_attrs.get(Attr.METRICS) or {}).get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def gpus_of(trial: FrozenTrial) -> int:
+    """Replicas x TP x PP of the trial's settings (recorded since the attribute exists; else from the settings)."""
+    gpus = trial.user_attrs.get(Attr.GPUS)
+    return int(gpus) if isinstance(gpus, int) else Topology.of(settings_of(trial)).gpus
+
+
+def label_of(trial: FrozenTrial) -> str:
+    """`#3` or `#0 (vLLM defaults)`."""
+    baseline = baseline_of(trial)
+    return f"#{trial.number}" + (f" ({BASELINE_NAMES.get(baseline, baseline)})" if baseline else "")
+
+
+def fmt_values(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    return " / ".join("inf" if math.isinf(v) else f"{v:.4g}" for v in values)
+
+
+def describe(trial: FrozenTrial) -> str:
+    """One progress line's account of a finished trial: its outcome, values and reason."""
+    outcome = trial.user_attrs.get(Attr.OUTCOME, trial.state.name.lower())
+    reason = trial.user_attrs.get(Attr.REASON)
+    if trial.state == TrialState.COMPLETE:
+        return f"{outcome}: {fmt_values(trial.values)}" + (f" ({reason})" if reason else "")
+    return f"{outcome}" + (f": {reason}" if reason else "")
+
+
+def best_feasible(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """The highest first value among feasible trials (for pareto: the highest throughput on the feasible front),
+    the earliest trial on a tie."""
+    feasible = [t for t in trials if is_feasible(t) and t.values]
+    return max(feasible, key=lambda t: (t.values[0], -t.number)) if feasible else None
+
+
+def baseline_trial(trials: Iterable[FrozenTrial], label: str = BASELINE_DEFAULTS) -> FrozenTrial | None:
+    """The measured (valued) trial of this baseline, None if there is none."""
+    return next((t for t in trials if baseline_of(t) == label and t.values is not None), None)
