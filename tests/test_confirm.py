@@ -9,12 +9,12 @@ import pytest
 
 from harness.study import confirm as confirm_mod
 from harness.study.confirm import Spread, beats, confirm
-from harness.study.evaluate import Evaluation
-from harness.study.sweepfile import Objective
+from harness.study.objectives import CapacityObjective
+from harness.study.trials import Evaluation
 
 
 class Ctx:
-    objective = Objective(kind="capacity")
+    objective = CapacityObjective()
 
 
 def frozen(number: int, value: float, settings: dict[str, Any]) -> optuna.trial.FrozenTrial:
@@ -25,9 +25,10 @@ def frozen(number: int, value: float, settings: dict[str, Any]) -> optuna.trial.
 
 
 def fake_evaluate(values: dict[str, list[float]], calls: list[tuple[str, float | None]]):  # type: ignore[no-untyped-def]
-    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, fixed_rate: float | None = None) -> Evaluation:
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *,
+                 repeat_of: list[float] | None = None) -> Evaluation:
         who = settings["who"]
-        calls.append((who, fixed_rate))
+        calls.append((who, repeat_of[0] if repeat_of else None))
         return Evaluation(settings=settings, values=[values[who].pop(0)], constraints=[0.0])
 
     return evaluate
@@ -73,7 +74,7 @@ def test_beats_rule() -> None:
 def _gpu_ctx(n_gpus: int) -> Any:
     from pathlib import Path
 
-    from harness.study.slots import SlotPool
+    from harness.launch.placement import SlotPool
 
     ctx = Ctx()
     ctx.slots = SlotPool(gpu_ids=list(range(n_gpus)), memory_free_check=False)  # type: ignore[attr-defined]
@@ -93,7 +94,8 @@ def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], 
         started.append([(settings["who"], slot.gpu_ids) for settings, slot, _ in jobs])
         yield [settings["who"] for settings, _, _ in jobs]
 
-    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *, fixed_rate: float | None = None) -> Evaluation:
+    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
+                     repeat_of: list[float] | None = None) -> Evaluation:
         measured.append(dep)
         ev.values = [values[dep].pop(0)]
         return ev
@@ -101,7 +103,7 @@ def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], 
     monkeypatch.setattr(confirm_mod, "plan_settings", plan_settings)
     monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
     monkeypatch.setattr(confirm_mod, "finalize", lambda ctx, ev, label: ev)
-    monkeypatch.setattr("harness.bench.deploy_together", deploy_together)
+    monkeypatch.setattr(confirm_mod, "deploy_together", deploy_together)
 
 
 def test_both_configs_start_once_together_on_disjoint_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +169,8 @@ def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest
     # the winner's first run: client behind (its value must not count); then valid runs
     runs = {"w": [(9.9, False), (5.0, True), (5.2, True)], "b": [(4.0, True), (4.1, True)]}
 
-    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *, fixed_rate: float | None = None) -> Evaluation:
+    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
+                     repeat_of: list[float] | None = None) -> Evaluation:
         value, valid = runs[dep].pop(0)
         measured.append(label)
         ev.values = [value]

@@ -19,8 +19,10 @@ from optuna.trial import TrialState
 
 from harness.launch import server as server_mod
 from harness.launch.server import Server, ServerSpec, ServerStartError
-from harness.study.runner import TrialInterrupted, make_storage
-from harness.study.workers import WORKER_ATTR, Surplus, fail_dead_local_trials, worker_record
+from harness.study.runner import TrialInterrupted, configure_optuna_logging
+from harness.study.storage import make_storage
+from harness.study.trials import Attr
+from harness.study.workers import Surplus, fail_dead_local_trials, worker_record
 
 
 def test_no_server_starts_after_stop_all(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -40,7 +42,7 @@ def _dead_pid() -> int:
 
 def _running(study: optuna.Study, worker: dict[str, Any], inherited: bool = False) -> int:
     trial = study.ask()
-    trial.set_user_attr(WORKER_ATTR, {**worker, "trial": trial.number - inherited})
+    trial.set_user_attr(Attr.WORKER, {**worker, "trial": trial.number - inherited})
     trial.set_user_attr("settings", {"max_num_seqs": trial.number})
     return trial.number
 
@@ -74,7 +76,7 @@ def test_control_flow_exceptions_are_not_logged_as_crashes(error: Exception) -> 
     handler = logging.StreamHandler(seen)  # beside Optuna's own stderr handler, which holds the stream it began with
     logging.getLogger("optuna").addHandler(handler)
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # what the sweep sets; other tests may have lowered it
+    configure_optuna_logging()  # what the sweep does at start; other tests may have lowered the verbosity
     try:
         study = optuna.create_study()
 

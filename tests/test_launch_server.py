@@ -28,11 +28,10 @@ from harness.launch.server import (
     ServerGroup,
     ServerSpec,
     ServerStartError,
-    cpu_bind_sets,
-    gpu_sets,
     group_pids,
     wait_all_ready,
 )
+from harness.launch.placement import cpu_bind_sets, gpu_sets
 from harness.launch.vllm_args import ArgSpec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -139,7 +139,8 @@ def test_wrong_password_and_no_server_are_one_line_errors(pg: Postgres, tiny_mod
 
 def test_a_different_space_is_refused_and_the_study_is_untouched(pg: Postgres) -> None:
     from harness.errors import UserError
-    from harness.study.runner import make_storage, open_study
+    from harness.study.runner import open_study
+    from harness.study.storage import make_storage
 
     url = fresh_db(pg, "identity")
     storage = make_storage(url)
@@ -159,8 +160,8 @@ def test_a_different_space_is_refused_and_the_study_is_untouched(pg: Postgres) -
 
 RACE = textwrap.dedent("""
     import sys, time, optuna
-    from harness.study.runner import make_storage, open_study, enqueue_baselines
-    from harness.study.workers import study_lock
+    from harness.study.runner import open_study, enqueue_baselines
+    from harness.study.storage import make_storage, study_lock
     url, go = sys.argv[1], float(sys.argv[2])
     storage = make_storage(url)
     while time.time() < go:
@@ -189,7 +190,7 @@ def test_workers_starting_together_queue_each_baseline_once(pg: Postgres, tmp_pa
 
 def test_claim_is_exclusive_and_taken_over_when_its_owner_stops_beating(pg: Postgres,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness.study.runner import make_storage
+    from harness.study.storage import make_storage
     from harness.study.workers import Claim
 
     storage = make_storage(fresh_db(pg, "claim"))

@@ -23,8 +23,10 @@ import pytest
 from harness.records import SLO
 from harness.study import naming
 from harness.study.confirm import Confirmation, Spread
-from harness.study.runner import best_feasible, enqueue_baselines, make_sampler, open_study
-from harness.study.sweepfile import Objective
+from harness.study.objectives import CapacityObjective, ParetoObjective
+from harness.study.runner import enqueue_baselines, make_sampler, open_study
+from harness.study.storage import default_storage
+from harness.study.trials import best_feasible
 from harness.study.table import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +238,7 @@ def _run_study(results: Path, storage: optuna.storages.BaseStorage, synth: Synth
 
     space = load_space(space_name)
     obj = synth.objective
-    study = open_study(synth.name, storage, obj.directions, make_sampler("auto", obj.kind, space, 0, n_trials),
+    study = open_study(synth.name, storage, obj.directions, make_sampler("auto", obj, space, 0, n_trials),
                        identity)
     enqueue_baselines(study, baselines or {"vllm-defaults": dict(space.fixed)})
 
@@ -256,7 +258,7 @@ def _run_study(results: Path, storage: optuna.storages.BaseStorage, synth: Synth
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study.optimize(objective, n_trials=n_trials, catch=(RuntimeError,))
-    winner = best_feasible(study)
+    winner = best_feasible(study.get_trials())
     if confirm and winner is not None:  # like harness.study.confirm + tune.study_confirmation
         base = next(t for t in study.trials if t.user_attrs.get("baseline") == "vllm-defaults")
         rng = random.Random(7)
@@ -320,13 +322,13 @@ def build_results(root: Path) -> Path:
     from harness.space import load_space
 
     results = root / "results"
-    storage = _fast_storage(naming.default_storage(results))
+    storage = _fast_storage(default_storage(results))
 
     def identity(model: str, space: str, workload: dict[str, Any], obj: Objective, hw: dict[str, Any]) -> dict:
         return {"model": model, "space": load_space(space).to_dict(), "workload": workload,
                 "objective": obj.to_dict(), "hardware": hw}
 
-    cpu_obj = Objective(kind="capacity", slo=SLO(ttft_ms=2000, tpot_ms=250, percentile=90), num_requests=24,
+    cpu_obj = CapacityObjective(slo=SLO(ttft_ms=2000, tpot_ms=250, percentile=90), num_requests=24,
                         start_rate=2.0, max_steps=4)
     cpu = Synth(CPU_STUDY, results, cpu_obj, CPU_HW, _cpu_perf, _cpu_memory, (48, 24),
                 {3: "pruned", 5: "failed:crash", 7: "slo_violated"}, lambda s: None,
@@ -335,7 +337,7 @@ def build_results(root: Path) -> Path:
     _run_study(results, storage, cpu, "cpu-demo", identity("models/tiny-llama", "cpu-demo", TINY_CPU, cpu_obj,
                                                            CPU_HW), 10, {8}, "beats")
 
-    gpu_obj = Objective(kind="capacity", slo=SLO(ttft_ms=2000, tpot_ms=100, percentile=99), num_requests=200,
+    gpu_obj = CapacityObjective(slo=SLO(ttft_ms=2000, tpot_ms=100, percentile=99), num_requests=200,
                         start_rate=2.0, max_steps=5)
     gpu = Synth(GPU_STUDY, results, gpu_obj, L40S_HW, _gpu_perf, _gpu_memory, (320, 160),
                 {4: "failed:oom", 6: "slo_violated", 9: "pruned"}, _gpu_prune,
@@ -344,14 +346,14 @@ def build_results(root: Path) -> Path:
     _run_study(results, storage, gpu, "l40s-4x", identity("meta-llama/Meta-Llama-3-8B-Instruct", "l40s-4x",
                                                           CHAT_SHORT, gpu_obj, L40S_HW), 16, set(), "beats")
 
-    par_obj = Objective(kind="pareto", slo=SLO(tpot_ms=60, percentile=99), concurrency=32, num_requests=200,
+    par_obj = ParetoObjective(slo=SLO(tpot_ms=60, percentile=99), concurrency=32, num_requests=200,
                         latency_metric="p99_tpot_ms")
     par = Synth(PARETO_STUDY, results, par_obj, L40S_HW, _gpu_perf, _gpu_memory, (320, 160),
                 {5: "failed:oom", 7: "slo_violated"}, _gpu_prune)
     _run_study(results, storage, par, "l40s-4x", identity("meta-llama/Meta-Llama-3-8B-Instruct", "l40s-4x",
                                                           CHAT_SHORT, par_obj, L40S_HW), 12, set(), "kept")
 
-    bad_obj = Objective(kind="capacity", slo=SLO(ttft_ms=2000, tpot_ms=100, percentile=99), num_requests=200)
+    bad_obj = CapacityObjective(slo=SLO(ttft_ms=2000, tpot_ms=100, percentile=99), num_requests=200)
     bad = Synth(FAILED_STUDY, results, bad_obj, L40S_HW, _gpu_perf, _gpu_memory, (320, 160),
                 {0: "failed:oom", 1: "pruned", 2: "failed:kv_too_small"}, lambda s: None,
                 "weights need 14.5 GiB per GPU at tensor_parallel_size 1, more than gpu_memory_utilization 0.80 of "
@@ -365,7 +367,7 @@ def build_results(root: Path) -> Path:
 def build_no_trials(root: Path) -> Path:
     """A results folder whose only study was created but never ran a trial (a sweep killed at once)."""
     results = root / "results-empty-study"
-    storage = optuna.storages.RDBStorage(naming.default_storage(results))
+    storage = optuna.storages.RDBStorage(default_storage(results))
     optuna.create_study(study_name="tiny-llama@cpu@tiny-cpu@capacity", storage=storage, direction="maximize")
     storage.engine.dispose()
     return results
@@ -374,8 +376,8 @@ def build_no_trials(root: Path) -> Path:
 def build_live(root: Path) -> Path:
     """A study in the middle of a sweep: the baseline finished, the next trial still RUNNING."""
     results = root / "results-live"
-    storage = _fast_storage(naming.default_storage(results))
-    obj = Objective(kind="capacity", slo=SLO(ttft_ms=2000, tpot_ms=250, percentile=90), num_requests=24,
+    storage = _fast_storage(default_storage(results))
+    obj = CapacityObjective(slo=SLO(ttft_ms=2000, tpot_ms=250, percentile=90), num_requests=24,
                     start_rate=2.0, max_steps=4)
     synth = Synth(CPU_STUDY, results, obj, CPU_HW, _cpu_perf, _cpu_memory, (48, 24), {}, lambda s: None)
     from harness.space import load_space
@@ -383,7 +385,7 @@ def build_live(root: Path) -> Path:
     space = load_space("cpu-demo")
     ident = {"model": "models/tiny-llama", "space": space.to_dict(), "workload": TINY_CPU, "objective": obj.to_dict(),
              "hardware": CPU_HW}
-    study = open_study(CPU_STUDY, storage, obj.directions, make_sampler("auto", "capacity", space, 0, 6), ident)
+    study = open_study(CPU_STUDY, storage, obj.directions, make_sampler("auto", obj, space, 0, 6), ident)
     enqueue_baselines(study, {"vllm-defaults": dict(space.fixed)})
     trial = study.ask()
     settings = dict(trial.user_attrs["settings"])

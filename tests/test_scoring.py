@@ -1,13 +1,15 @@
-"""Objective and constraint computation, and the capacity search, on hand-made runs."""
+"""Objective and constraint computation, the objective classes, and the capacity search, on hand-made runs."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
 from harness.records import ClientCheck, Failure, LatencyStats, RunMetrics, RunRecord, SLO
-from harness.study.evaluate import objective_values, worst_values
+from harness.study.objectives import (OBJECTIVES, CapacityObjective, GoodputObjective, ParetoObjective,
+                                      ThroughputObjective, objective_from_dict)
 from harness.study.scoring import capacity_search, metric_value, slo_holds, slo_violations
-from harness.study.sweepfile import Objective
 
 
 def stats(p99: float, p90: float | None = None) -> LatencyStats:
@@ -51,14 +53,57 @@ def test_failures_drops_and_client_limits_violate() -> None:
     assert slo_violations(record(1, 1, valid=False), SLO_) == [1.0, 1.0]
 
 
-def test_objective_values() -> None:
+class FakeSteps:
+    """Stands in for LoadSteps: each run() is one 'load step' whose record `make(load)` returns."""
+
+    def __init__(self, make: Any) -> None:
+        self.make, self.loads = make, []
+
+    def run(self, **load: Any) -> RunRecord:
+        self.loads.append(load)
+        return self.make(load)
+
+
+def test_fixed_load_objectives_value_one_run() -> None:
     rec = record(100, 10, out_tps=1234.0, goodput=7.5)
-    assert objective_values(Objective(kind="goodput"), rec) == [7.5]
-    assert objective_values(Objective(kind="throughput"), rec) == [1234.0]
-    assert objective_values(Objective(kind="pareto", latency_metric="p99_tpot_ms"), rec) == [1234.0, 10.0]
-    assert worst_values(Objective(kind="pareto")) == [0.0, float("inf")]
-    assert worst_values(Objective(kind="capacity")) == [0.0]
+    goodput = GoodputObjective(slo=SLO_, concurrency=8)
+    steps = FakeSteps(lambda load: rec)
+    got = goodput.measure(steps)
+    assert got.values == [7.5] and got.constraints == slo_violations(rec, SLO_) and got.record is rec
+    assert steps.loads == [{"concurrency": 8, "num_requests": 64, "duration_s": None}]
+    assert ThroughputObjective(rate=2.0).measure(FakeSteps(lambda load: rec)).values == [1234.0]
+    pareto = ParetoObjective(concurrency=4, latency_metric="p99_tpot_ms")
+    assert pareto.measure(FakeSteps(lambda load: rec)).values == [1234.0, 10.0]
+    failed = record(1, 1, failure=Failure("oom", "x"))
+    assert pareto.measure(FakeSteps(lambda load: failed)).values == [0.0, float("inf")]
+    assert pareto.worst_values() == [0.0, float("inf")] and list(pareto.directions) == ["maximize", "minimize"]
+    assert CapacityObjective().worst_values() == [0.0]
     assert metric_value(rec.metrics, "mean_ttft_ms") == 100  # type: ignore[arg-type]
+
+
+def test_capacity_objective_searches_from_the_incumbent_and_confirms_at_the_winners_rate() -> None:
+    def at(load: dict[str, Any]) -> RunRecord:  # holds the SLO up to 5 req/s
+        return record(100 if load["rate"] <= 5 else 5000, 10, goodput=min(load["rate"], 5.0))
+
+    obj = CapacityObjective(slo=SLO_, start_rate=1.0, max_steps=8)
+    steps = FakeSteps(at)
+    got = obj.measure(steps, incumbent=[4.0])
+    assert steps.loads[0]["rate"] == 4.0  # started where the best trial so far is
+    assert 4.0 <= got.values[0] <= 5.0 and got.constraints == [0.0] and got.metrics == {"capacity_rps": got.values[0]}
+    assert [p["rate"] for p in got.curve] == sorted(load["rate"] for load in steps.loads)
+    repeat = FakeSteps(at)
+    again = obj.measure_repeat(repeat, [4.5])
+    assert [load["rate"] for load in repeat.loads] == [4.5] and again.values == [4.5]
+    assert obj.confirm_metric([4.5]) == "goodput_rps_at_4.5_rps"
+    assert not obj.confirms_on_own_scale("goodput_rps_at_4.5_rps") and obj.confirms_on_own_scale("capacity_rps")
+
+
+def test_objectives_come_back_from_a_stored_identity() -> None:
+    for kind, cls in OBJECTIVES.items():
+        obj = cls(slo=SLO(ttft_ms=500, percentile=90), concurrency=4)
+        stored = obj.to_dict()
+        assert stored["kind"] == kind and list(stored)[0] == "kind"
+        assert objective_from_dict(stored) == obj
 
 
 def fake_server(capacity: float):

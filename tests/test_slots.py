@@ -17,9 +17,10 @@ import optuna
 import pytest
 
 from conftest import write_sweep
-from harness.bench import replica_placement
+from harness.launch.placement import Replica, Slot, SlotPool, core_ranges, cpu_slots, replica_placement, visible_gpus
 from harness.study import evaluate as evaluate_mod
-from harness.study.slots import Slot, SlotPool, cpu_slots, visible_gpus
+from harness.study import objectives as objectives_mod
+from harness.study.objectives import CapacityObjective
 
 
 class FakeNVML:
@@ -139,10 +140,10 @@ def test_too_many_gpus_and_timeout_are_errors() -> None:
         assert slot.gpu_ids == (0, 1)
 
 
-def test_gpu_slot_env_pins_devices_in_nvml_order() -> None:
-    assert Slot(gpu_ids=(2, 3)).env() == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "2,3"}
-    assert Slot(cpu_cores=(0, 1, 2, 5)).env() == {"VLLM_CPU_OMP_THREADS_BIND": "0-2,5"}
-    assert Slot().env() == {}
+def test_core_ranges_in_the_syntax_vllm_binds_threads_with() -> None:
+    assert core_ranges((0, 1, 2, 5)) == "0-2,5"
+    assert core_ranges([7, 3, 4, 5]) == "3-5,7"
+    assert core_ranges([1]) == "1" and core_ranges([]) == ""
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,11 +159,13 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatc
 def test_replicas_split_a_slot_into_tp_groups() -> None:
     slot = Slot(gpu_ids=(4, 5, 6, 7))
     placement = replica_placement({"replicas": 2, "tensor_parallel_size": 2}, slot)
-    assert [p["gpus"] for p in placement] == [[4, 5], [6, 7]]
+    assert [p.gpus for p in placement] == [[4, 5], [6, 7]]
+    pp = replica_placement({"replicas": 2, "pipeline_parallel_size": 2}, slot)
+    assert [p.gpus for p in pp] == [[4, 5], [6, 7]]
     cpu = replica_placement({"replicas": 2}, Slot(cpu_cores=(0, 1, 2, 3)))
-    assert [p["env"]["VLLM_CPU_OMP_THREADS_BIND"] for p in cpu] == ["0-1", "2-3"]
+    assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in cpu] == ["0-1", "2-3"]
     one = replica_placement({}, Slot(cpu_cores=(1,)))
-    assert one == [{"gpus": None, "env": {"VLLM_CPU_OMP_THREADS_BIND": "1"}}]
+    assert one == [Replica(gpus=None, env={"VLLM_CPU_OMP_THREADS_BIND": "1"})]
 
 
 def test_cpu_slots_split_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,8 +186,8 @@ def test_runner_packs_trials_onto_disjoint_gpus(tmp_path: Path, monkeypatch: pyt
     """run_trials with parallel 4 on a fake 4-GPU node: Optuna's threads -> evaluate -> SlotPool -> deploy."""
     from harness.space.spec import parse_space
     from harness.study.evaluate import StudyContext
-    from harness.study.runner import make_storage, run_trials
-    from harness.study.sweepfile import Objective
+    from harness.study.runner import run_trials
+    from harness.study.storage import make_storage
 
     space = parse_space({"name": "t", "fixed": {}, "knobs": {
         "tensor_parallel_size": {"type": "categorical", "choices": [1, 2]},
@@ -214,10 +217,10 @@ def test_runner_packs_trials_onto_disjoint_gpus(tmp_path: Path, monkeypatch: pyt
         return SimpleNamespace(capacity=1.0, curve=lambda: [], best=None, steps=[SimpleNamespace(record=None)])
 
     monkeypatch.setattr(evaluate_mod, "_plan", fake_plan)
-    monkeypatch.setattr("harness.bench.deploy", FakeDeploy)
-    monkeypatch.setattr(evaluate_mod, "capacity_search", fake_search)
+    monkeypatch.setattr(evaluate_mod, "deploy", FakeDeploy)
+    monkeypatch.setattr(objectives_mod, "capacity_search", fake_search)
     ctx = StudyContext(model="m", model_name="m", slug="m", facts=None, hardware=None, space=space, workload=None,
-                       objective=Objective(kind="capacity"), requests_for=lambda step: [], study_dir=tmp_path,
+                       objective=CapacityObjective(), requests_for=lambda step: [], study_dir=tmp_path,
                        start_timeout_s=10, slots=SlotPool(gpu_ids=[0, 1, 2, 3], gpu_idle=FakeNVML()))
     study = optuna.create_study(study_name="pack", storage=make_storage(f"sqlite:///{tmp_path / 's.db'}"),
                                 direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))

@@ -11,6 +11,7 @@ import pytest
 from harness.errors import UserError
 from harness.plan.hardware import detect_hardware
 from harness.space import load_space
+from harness.study.objectives import CapacityObjective
 from harness.study.runner import make_sampler, open_study
 from harness.study.tune import _hw_identity
 
@@ -21,7 +22,7 @@ def _identity(space_file: Path, hardware: dict) -> dict:
 
 
 def _open(storage: str, identity: dict) -> optuna.Study:
-    return open_study("s", optuna.storages.RDBStorage(storage), ["maximize"], make_sampler("random", "capacity", None, 0, 2),
+    return open_study("s", optuna.storages.RDBStorage(storage), ["maximize"], make_sampler("random", CapacityObjective(), None, 0, 2),
                       identity)
 
 

@@ -1,8 +1,9 @@
-"""Load generation: workload YAML -> exact-length prompts -> arrival schedule -> async streaming client."""
+"""Load generation: workload YAML -> tokenizer -> exact-length prompts -> arrival schedule -> async streaming client."""
 
 from harness.load.arrival import Arrival
 from harness.load.client import LoadResult, Target, run_load, run_load_sync
 from harness.load.prompts import RequestSpec, build_requests
+from harness.load.tokenizer import load_tokenizer
 from harness.load.workload import Workload, load_workload
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "Target",
     "Workload",
     "build_requests",
+    "load_tokenizer",
     "load_workload",
     "run_load",
     "run_load_sync",

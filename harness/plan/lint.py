@@ -13,7 +13,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.yamlfile import read_yaml
-from harness.plan import Plan, plan_candidate
+from harness.plan.candidate import Plan, plan_candidate
 from harness.plan.checks import Finding
 from harness.plan.hardware import Hardware
 from harness.plan.modelfacts import ModelFacts, load_model_facts

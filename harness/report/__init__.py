@@ -19,10 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.report.compare import comparison_table, plot_comparison
-from harness.report.load import (LATENCY_METRICS, THROUGHPUT_METRICS, StudyResults, load_studies, load_study,
-                                 outcome_of)
-
-load_study_results = load_studies  # the name docs/ARCHITECTURE.md uses
+from harness.report.document import write_report
+from harness.report.results import LATENCY_METRICS, THROUGHPUT_METRICS, StudyResults, load_studies, load_study
+from harness.study.trials import outcome_of
 
 
 def make_report(path_or_url: str | Path = "results", *, storage: str | None = None, study: str | None = None,
@@ -40,4 +39,4 @@ def make_report(path_or_url: str | Path = "results", *, storage: str | None = No
 
 
 __all__ = ["LATENCY_METRICS", "THROUGHPUT_METRICS", "StudyResults", "comparison_table", "load_studies",
-           "load_study", "load_study_results", "make_report", "outcome_of", "plot_comparison"]
+           "load_study", "make_report", "outcome_of", "plot_comparison", "write_report"]

@@ -14,7 +14,7 @@ from harness.errors import UserError, main_guard
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from harness.report.load import LATENCY_METRICS, THROUGHPUT_METRICS
+    from harness.report.results import LATENCY_METRICS, THROUGHPUT_METRICS
 
     p = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from harness.report.load import load_studies
+    from harness.report.results import load_studies
 
     path = args.path if args.path is not None else ("" if args.storage else "results")
     if args.storage and args.path is None and args.out is None:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.report import figures as F
-
-if TYPE_CHECKING:
-    from harness.report.load import StudyResults
+import harness.report.figures as F
+from harness.report.results import StudyResults
 
 COLUMNS = ["study", "model", "hardware", "workload", "objective", "metric", "label", "unit", "baseline", "baseline_std",
            "winner", "winner_std", "improvement", "outcome", "recommended", "recommended_trial", "winner_trial",
@@ -33,7 +29,7 @@ def plot_comparison(studies: list[StudyResults]) -> Figure:
     df = comparison_table(studies)
     names = [f"{r.model_short}\n{r.hw} / {r.wl} / {r.obj}" for r in _labels(studies)]
     units = set(df["unit"])
-    with F._style():
+    with F.style():
         fig, (ax1, ax2) = F.plt.subplots(1, 2, figsize=(15, 2.6 + 0.9 * len(studies)),
                                          gridspec_kw={"width_ratios": [1.3, 1]})
         y = np.arange(len(studies))
@@ -90,10 +86,10 @@ def plot_comparison(studies: list[StudyResults]) -> Figure:
             handles, labels = ax.get_legend_handles_labels()
             fig.legend(handles, labels, loc=loc, bbox_to_anchor=(x, 0.0), ncol=ncol, framealpha=0.9,
                        fontsize=F.RC["legend.fontsize"])
-        top = F._header(fig, title, "Device hours: sweep trials only (GPU-hours on GPUs, server-hours on CPU "
+        top = F.header(fig, title, "Device hours: sweep trials only (GPU-hours on GPUs, server-hours on CPU "
                         "hosts). Error bars: sd over the confirmation repeats.")
         fig.tight_layout(rect=(0, 0.85 / fig.get_size_inches()[1], 1, top))
-    return F._done(fig)
+    return F.finish(fig)
 
 
 class _Label:

@@ -10,14 +10,13 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harness.errors import UserError
-from harness.report.load import (category_of, is_measured, label_of, latency_label, metric_of, outcome_of,
-                                 reason_of)
-
-if TYPE_CHECKING:
-    from harness.report.load import StudyResults
+from harness.report.figures import all_figures
+from harness.report.results import StudyResults, check_latency, latency_label, register_view
+from harness.study.trials import (Attr, category_of, is_measured, label_of, metric_of, outcome_of, reason_of,
+                                  settings_of)
 
 FAILURE_HINTS = {
     "oom": "out of device memory at start-up or under load: lower gpu_memory_utilization, max_num_seqs or "
@@ -220,12 +219,7 @@ def _identity_rows(r: StudyResults) -> list[list[Any]]:
             lengths.append(f"{word} {d.get('dist')}")
     space = r.space
     knobs = list((space.get("knobs") or {}).keys())
-    obj = r.objective
-    objective = {"capacity": f"capacity: the highest Poisson request rate whose {r.slo_text()} holds",
-                 "goodput": f"goodput at {r.load_label}: requests/s meeting {r.slo_text()}",
-                 "throughput": f"output tokens/s at {r.load_label}, subject to {r.slo_text()}",
-                 "pareto": f"output tokens/s vs {obj.get('latency_metric', 'p99_tpot_ms')} at {r.load_label} "
-                           f"(NSGA-II), subject to {r.slo_text()}"}.get(r.objective_kind, r.objective_kind)
+    objective = r.objective_spec.describe(r.load_label, r.slo_text())
     return [["model", f"`{r.model}`"], ["hardware", r.hardware_label],
             ["workload", f"{wl.get('name', '?')} ({wl.get('api', '?')} API" + (", " + ", ".join(lengths) if lengths
                                                                               else "") + ")"],
@@ -258,7 +252,7 @@ def _device_time_text(r: StudyResults) -> str:
 def _kv_ratio_text(r: StudyResults) -> str | None:
     ratios = []
     for t in r.trials:
-        measured, planned = metric_of(t, "kv_cache_tokens"), (t.user_attrs.get("plan") or {}).get("kv_cache_tokens")
+        measured, planned = metric_of(t, "kv_cache_tokens"), (t.user_attrs.get(Attr.PLAN) or {}).get("kv_cache_tokens")
         planned = planned or metric_of(t, "planned_kv_cache_tokens")
         if measured and planned:
             ratios.append(measured / float(planned))
@@ -269,7 +263,7 @@ def _kv_ratio_text(r: StudyResults) -> str | None:
 
 
 def _short_settings(t: Any, knobs: list[str]) -> str:
-    settings = t.user_attrs.get("settings") or {}
+    settings = settings_of(t)
     shown = {k: settings[k] for k in knobs if k in settings}
     if not shown:
         return "vLLM defaults for every knob"
@@ -397,9 +391,6 @@ def _failures_section(doc: Doc, r: StudyResults) -> None:
 def write_report(r: StudyResults, out_dir: str | Path | None = None, *, latency: str | None = None,
                  throughput: str | None = None) -> Path:
     """Write `<out_dir>/{history,pareto,...}.png`, `report.md` and `report.html`; return the report.md path."""
-    from harness.report.figures import all_figures
-    from harness.report.load import check_latency
-
     if out_dir is None:
         if r.dir is None:
             raise UserError("this study was read from a storage URL: say where the report goes (--out DIR)",
@@ -425,3 +416,6 @@ def write_report(r: StudyResults, out_dir: str | Path | None = None, *, latency:
     md.write_text(doc.markdown())
     (out / "report.html").write_text(doc.html())
     return md
+
+
+register_view("report", write_report)

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import matplotlib
 
@@ -29,12 +29,10 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState, create_trial  # noqa: E402
 
-from harness.report.load import (LATENCY_KINDS, MEASURED, THROUGHPUT_METRICS, category_of,  # noqa: E402
-                                 check_latency, check_throughput, constraints_of, is_measured, label_of,
-                                 latency_label, metric_of, outcome_of, reason_of)
-
-if TYPE_CHECKING:
-    from harness.report.load import StudyResults
+from harness.report.results import (LATENCY_KINDS, THROUGHPUT_METRICS, StudyResults,  # noqa: E402
+                                    check_latency, check_throughput, latency_label, register_view)
+from harness.study.trials import (MEASURED, Attr, category_of, constraints_of, is_measured, label_of,  # noqa: E402
+                                  metric_of, outcome_of, reason_of)
 
 COLORS = {"ok": "#1f77b4", "slo_violated": "#ff7f0e", "failed": "#d62728", "pruned": "#7f7f7f",
           "interrupted": "#9467bd", "running": "#bcbd22", "waiting": "#bcbd22"}
@@ -70,7 +68,7 @@ def _quiet() -> Iterator[None]:
 
 
 @contextmanager
-def _style() -> Iterator[None]:
+def style() -> Iterator[None]:
     """ggplot (what Optuna's plots use) with larger type; restores the caller's rcParams afterwards."""
     with _quiet(), plt.style.context("ggplot"), plt.rc_context(RC):
         yield
@@ -85,7 +83,7 @@ def _restyle(fig: Figure) -> None:
         ax.tick_params(labelsize=RC["xtick.labelsize"])
 
 
-def _done(fig: Figure) -> Figure:
+def finish(fig: Figure) -> Figure:
     """Detach from pyplot (no leak over many figures, no double display in notebooks) and return."""
     plt.close(fig)
     return fig
@@ -94,7 +92,7 @@ def _done(fig: Figure) -> Figure:
 _OPTUNA_TITLE = __import__("re").compile(r"^(Optimization History|Pareto-front|Hyperparameter Importances|Slice)")
 
 
-def _header(fig: Figure, title: str, subtitle: str | None = None) -> float:
+def header(fig: Figure, title: str, subtitle: str | None = None) -> float:
     """Figure-level title (bold) and subtitle (what the study is, wrapped to the figure's width); returns the top
     of the area left for the axes, as a figure fraction."""
     for ax in fig.axes:  # Optuna's own titles ("Optimization History Plot", ...); our panel titles stay
@@ -117,7 +115,7 @@ def _header(fig: Figure, title: str, subtitle: str | None = None) -> float:
 
 
 def _layout(fig: Figure, title: str, subtitle: str | None = None) -> None:
-    top = _header(fig, title, subtitle)
+    top = header(fig, title, subtitle)
     fig.tight_layout(rect=(0, 0, 1, top))
 
 
@@ -150,12 +148,12 @@ def _wrap(text: str, width: int, lines: int = 2) -> str:
 def note_figure(title: str, message: str, subtitle: str | None = None) -> Figure:
     """A figure that says why there is nothing to plot, so a report never has a hole without a reason."""
     body = "\n".join(_wrap(line, 120, 4) for line in message.split("\n"))
-    with _style():
+    with style():
         fig = plt.figure(figsize=(12, 1.3 + 0.24 * (body.count("\n") + 1)))
-        top = _header(fig, title, subtitle)
+        top = header(fig, title, subtitle)
         fig.text(0.01, top, body, fontsize=11, va="top", ha="left", color="#333333", linespacing=1.35)
     fig.harness_note = message  # type: ignore[attr-defined]  # the report prints this instead of the image
-    return _done(fig)
+    return finish(fig)
 
 
 def _derived_study(r: StudyResults, directions: list[str], values: Callable[[FrozenTrial], list[float] | None],
@@ -223,7 +221,7 @@ def _fig_legend(fig: Figure, axes: list[Any], ncol: int) -> None:
 
 
 def _short_objective(r: StudyResults) -> str:
-    return {"capacity": "capacity", "goodput": "goodput"}.get(r.objective_kind, "output throughput")
+    return r.objective_spec.title()
 
 
 def _subtitle(r: StudyResults) -> str:
@@ -280,7 +278,7 @@ def optimization_history(r: StudyResults) -> Figure:
     derived = _derived_study(r, [direction], lambda t: [float(t.values[0])] if is_measured(t) else None,
                              params=False)
     ylabel = r.objective_label
-    with _style():
+    with style():
         ax = optuna.visualization.matplotlib.plot_optimization_history(derived, target_name=ylabel)
         fig = ax.figure
         fig.set_size_inches(12, 6)
@@ -321,7 +319,7 @@ def optimization_history(r: StudyResults) -> Figure:
                 loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         _layout(fig, title, _subtitle(r))
         _annotate(ax, [(t.number, float(t.values[0]), t.number) for t in measured])
-    return _done(fig)
+    return finish(fig)
 
 
 # ----------------------------------------------------------------------------------------------- Pareto
@@ -350,7 +348,7 @@ def pareto_front(r: StudyResults, latency: str | None = None, throughput: str | 
         return note_figure(title, f"Nothing to plot: no trial has both {latency} and {throughput} measured.\n"
                            + _failure_note(r), _subtitle(r))
     derived = _derived_study(r, ["minimize", "maximize"], point, params=False)
-    with _style():
+    with style():
         ax = optuna.visualization.matplotlib.plot_pareto_front(derived, target_names=[xlabel, ylabel])
         fig = ax.figure
         fig.set_size_inches(15, 7.2)
@@ -382,7 +380,7 @@ def pareto_front(r: StudyResults, latency: str | None = None, throughput: str | 
         _legend(ax, {"Best Trial": "Pareto-optimal (feasible)", "Feasible Trial": "feasible, dominated",
                      "Trial": "feasible, dominated", "Infeasible Trial": "SLO not met (infeasible)"},
                 loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
-        top = _header(fig, title, _subtitle(r))
+        top = header(fig, title, _subtitle(r))
         fig.subplots_adjust(left=0.06, right=0.64, top=top, bottom=0.21)
         _annotate(ax, [(*point(t), t.number) for t in plotted])  # type: ignore[misc]
         side = fig.add_axes((0.67, 0.05, 0.32, top - 0.05))
@@ -395,7 +393,7 @@ def pareto_front(r: StudyResults, latency: str | None = None, throughput: str | 
         else:
             side.text(0.0, 1.0, "Every finished trial is on the plot\n(no failed or pruned trials).", fontsize=11,
                       va="top", transform=side.transAxes)
-    return _done(fig)
+    return finish(fig)
 
 
 # ----------------------------------------------------------------------------------------------- importances
@@ -435,7 +433,7 @@ def importances(r: StudyResults) -> dict[str, float]:
         return {}
     evaluator, _name, _how = _evaluator(len(derived.trials))
     target = _importance_target(r)
-    with _style():
+    with style():
         try:
             return dict(optuna.importance.get_param_importances(derived, evaluator=evaluator, target=target))
         except Exception:  # too few distinct values for the evaluator: say "unknown", not crash
@@ -455,7 +453,7 @@ def param_importances(r: StudyResults) -> Figure:
     if derived is None:
         return note_figure(title, why, _subtitle(r))
     evaluator, ev_name, how = _evaluator(len(derived.trials))
-    with _style():
+    with style():
         try:
             ax = optuna.visualization.matplotlib.plot_param_importances(
                 derived, evaluator=evaluator, target=_importance_target(r), target_name=r.objective_label)
@@ -471,7 +469,7 @@ def param_importances(r: StudyResults) -> Figure:
         n = sum(1 for t in derived.trials if t.state == TrialState.COMPLETE)
         _layout(fig, title, f"{how.format(what=_short_objective(r))}; over {n} measured sampled trials (baselines, "
                 f"failed and pruned trials excluded)  |  {r.name}")
-    return _done(fig)
+    return finish(fig)
 
 
 def slices(r: StudyResults, params: list[str] | None = None, top: int = 3) -> Figure:
@@ -489,7 +487,7 @@ def slices(r: StudyResults, params: list[str] | None = None, top: int = 3) -> Fi
         return note_figure(title, f"Knob(s) {unknown} did not vary among the measured trials; varied knobs: "
                            f"{varied}", _subtitle(r))
     ylabel = r.objective_label
-    with _style():
+    with style():
         out = optuna.visualization.matplotlib.plot_slice(derived, params=params, target=lambda t: t.values[0],
                                                          target_name=ylabel)
         axes = list(np.atleast_1d(out).ravel())
@@ -537,13 +535,13 @@ def slices(r: StudyResults, params: list[str] | None = None, top: int = 3) -> Fi
             leg.remove()
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), framealpha=0.9,
                        fontsize=RC["legend.fontsize"])
-        top = _header(fig, title, "Each point is one measured sampled trial, coloured by trial number; "
+        top = header(fig, title, "Each point is one measured sampled trial, coloured by trial number; "
                       f"the star is the recommended configuration.  |  {r.name}")
         fig.subplots_adjust(left=0.07, right=0.9, top=top, bottom=0.22, wspace=0.08)
         if mappable is not None:
             cax = fig.add_axes((0.915, 0.22, 0.012, top - 0.22))
             fig.colorbar(mappable, cax=cax).set_label("Trial number")
-    return _done(fig)
+    return finish(fig)
 
 
 # ----------------------------------------------------------------------------------------------- latency vs load
@@ -576,15 +574,15 @@ def _repeats(conf: dict[str, Any], t: FrozenTrial) -> list[dict[str, Any]]:
 def latency_vs_load(r: StudyResults) -> Figure:
     """TTFT and TPOT percentiles against offered load for the baseline and the recommended config (capacity
     objective: each trial's load steps); at the objective's fixed load otherwise."""
-    if r.objective_kind != "capacity":
+    if not r.objective_spec.load_curve:
         return _latency_at_load(r)
     title = "Latency vs offered load: baseline vs recommended"
-    trials = [(role, t, c) for role, t, c in _key_trials(r) if t.user_attrs.get("curve")]
+    trials = [(role, t, c) for role, t, c in _key_trials(r) if t.user_attrs.get(Attr.CURVE)]
     if not trials:
         return note_figure(title, "No latency-vs-load curve to draw: neither the baseline nor the recommended "
                            "trial completed a load step.\n" + _failure_note(r), _subtitle(r))
     conf = r.confirm or {}
-    with _style():
+    with style():
         fig, axes = plt.subplots(1, 2, figsize=(14, 6.2))
         for ax, kind in zip(axes, ("ttft", "tpot")):
             ys: list[float] = []
@@ -638,12 +636,12 @@ def latency_vs_load(r: StudyResults) -> Figure:
             ax.set_title(f"{'TTFT' if kind == 'ttft' else 'TPOT'} percentiles vs request rate", loc="left",
                          fontsize=12)
         _fig_legend(fig, axes, ncol=3)
-        top = _header(fig, title, "Solid: p99, dashed: p50 (the capacity search's load steps); filled points met the SLO at "
+        top = header(fig, title, "Solid: p99, dashed: p50 (the capacity search's load steps); filled points met the SLO at "
                 "that rate, hollow did not; dotted verticals: each configuration's capacity; diamonds: the "
                 "confirmation repeats.  |  " + r.name)
         rows = math.ceil(len(fig.legends[0].get_texts()) / 3) if fig.legends else 0
         fig.tight_layout(rect=(0, (0.35 + 0.22 * rows) / fig.get_size_inches()[1], 1, top))
-    return _done(fig)
+    return finish(fig)
 
 
 def _latency_at_load(r: StudyResults) -> Figure:
@@ -657,7 +655,7 @@ def _latency_at_load(r: StudyResults) -> Figure:
     conf = r.confirm or {}
     stats = ("p50", "p90", "p99")
     width = 0.8 / len(trials)
-    with _style():
+    with style():
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
         for ax, kind in zip(axes, ("ttft", "tpot")):
             for i, (role, t, color) in enumerate(trials):
@@ -686,18 +684,18 @@ def _latency_at_load(r: StudyResults) -> Figure:
                           " (ms)")
             ax.set_title(f"{'TTFT' if kind == 'ttft' else 'TPOT'} percentiles", loc="left", fontsize=12)
         _fig_legend(fig, axes, ncol=3)
-        top = _header(fig, title, f"The {r.objective_kind} objective measures one load point per trial (latency-vs-load "
-                f"curves come from the capacity objective). Error bars: min-max over the confirmation repeats."
+        top = header(fig, title, f"The {r.objective_kind} objective measures one load point per trial (latency-vs-load "
+                f"curves come from an objective that measures several loads per trial, such as capacity). Error bars: min-max over the confirmation repeats."
                 f"  |  {r.name}")
         fig.tight_layout(rect=(0, 0.08, 1, top))
-    return _done(fig)
+    return finish(fig)
 
 
 # ----------------------------------------------------------------------------------------------- memory
 
 
 def _planned_kv(t: FrozenTrial) -> float | None:
-    plan = t.user_attrs.get("plan") or {}
+    plan = t.user_attrs.get(Attr.PLAN) or {}
     value = plan.get("kv_cache_tokens")
     if isinstance(value, (int, float)) and value > 0:
         return float(value)
@@ -715,7 +713,7 @@ def memory(r: StudyResults) -> Figure:
     if not trials or not (has_mem or has_kv):
         return note_figure(title, "No memory measurements and no planner estimates in this study.\n"
                            + _failure_note(r), _subtitle(r))
-    with _style():
+    with style():
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 8.5), sharex=True)
         numbers = [t.number for t in trials]
         # peak memory
@@ -772,7 +770,7 @@ def memory(r: StudyResults) -> Figure:
         ax2.set_xlim(min(numbers) - 0.7, max(numbers) + 0.7)
         _legend(ax2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         _layout(fig, title, _subtitle(r))
-    return _done(fig)
+    return finish(fig)
 
 
 # ----------------------------------------------------------------------------------------------- all
@@ -791,6 +789,11 @@ def all_figures(r: StudyResults, latency: str | None = None, throughput: str | N
     }
     return {name: make() for name, make in makers.items()}
 
+
+for _name, _view in (("history", optimization_history), ("pareto", pareto_front), ("importances", param_importances),
+                     ("slices", slices), ("latency_vs_load", latency_vs_load), ("memory", memory),
+                     ("figures", all_figures)):
+    register_view(_name, _view)
 
 __all__ = ["FIGURES", "all_figures", "importances", "latency_vs_load", "memory", "note_figure",
            "optimization_history", "param_importances", "pareto_front", "slices"]

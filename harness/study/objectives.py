@@ -19,7 +19,7 @@ The contract, for a subclass:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 from harness.deploy import Deployment
@@ -138,6 +138,10 @@ class Objective:
     def title(self) -> str:
         """The value in a few words, for figure titles."""
         raise NotImplementedError
+
+    def latency_value(self) -> str | None:
+        """The latency metric among the values (a pareto front's second axis), if any."""
+        return None
 
     def describe(self, load: str, slo: str) -> str:
         """The objective in one line, given its offered load and SLOs in words."""
@@ -271,6 +275,9 @@ class ParetoObjective(ThroughputObjective):
         latency = metric_value(record.metrics, self.latency_metric)
         return [float(record.metrics.output_throughput), float("inf") if latency is None else latency]
 
+    def latency_value(self) -> str | None:
+        return self.latency_metric
+
     def describe(self, load: str, slo: str) -> str:
         return f"output tokens/s vs {self.latency_metric} at {load} (NSGA-II), subject to {slo}"
 
@@ -290,7 +297,7 @@ def objective_class(kind: str) -> type[Objective]:
 def objective_from_dict(data: dict[str, Any]) -> Objective:
     """An objective back from its stored `to_dict()` (a study's identity); unknown keys are left out."""
     cls = objective_class(str(data.get("kind") or "capacity"))
-    names = set(cls.__dataclass_fields__)
+    names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names and k != "slo"}
     slo = data.get("slo") or {}
-    return cls(slo=SLO(**{k: v for k, v in slo.items() if k in SLO.__dataclass_fields__}), **kwargs)
+    return cls(slo=SLO(**{k: v for k, v in slo.items() if k in {f.name for f in fields(SLO)}}), **kwargs)

@@ -1,34 +1,33 @@
-"""Open the studies a sweep stored and give each one a `StudyResults`: the Optuna study, its trials table, its
-identity and confirmation, and one method per review figure.
+"""The report's data layer: open the studies a sweep stored and give each one a `StudyResults` (the Optuna
+study, its trials table, identity, objective and confirmation, and the numbers every figure and table uses).
 
-Everything comes from the Optuna storage (what the dashboard reads too); files in the results folder are only
-where reports are written, never parsed here.
+Everything comes from the Optuna storage (what the dashboard reads too), read through the trial schema
+(`harness.study.trials`); files in the results folder are only where reports are written, never parsed here.
+Drawing is not done here: `figures` and `document` import this module and register their entry points as views
+(`register_view`), which the notebook methods (`plot_history()`, `write_report()`, ...) call.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import UserError
-from harness.study import naming
-from harness.study.runner import make_storage, redact
+from harness.study.naming import study_dir
+from harness.study.objectives import Objective, objective_from_dict
+from harness.study.storage import default_storage, make_storage, redact
 from harness.study.table import trials_table
+from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, StudyAttr, baseline_of, best_feasible,
+                                  category_of, is_measured, outcome_of, reason_of, settings_of)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-BASELINE_DEFAULTS = "vllm-defaults"
-BASELINE_COMMITTED = "committed-config"
-MEASURED = ("ok", "slo_violated")  # outcomes that carry a measurement
 
 # Throughput-like metrics in a trial's `metrics` user attribute: (label, unit).
 THROUGHPUT_METRICS: dict[str, tuple[str, str]] = {
@@ -78,64 +77,14 @@ def check_throughput(name: str) -> str:
     return name
 
 
-# ------------------------------------------------------------------------------------------------- trials
+# ------------------------------------------------------------------------------------------------- views
+
+# name -> function(StudyResults, **options): the figures and the report, registered by `figures` and `document`
+VIEWS: dict[str, Callable[..., Any]] = {}
 
 
-def outcome_of(trial: FrozenTrial) -> str:
-    """ok | slo_violated | failed:<kind> | pruned | interrupted (FAIL) | running | waiting."""
-    outcome = trial.user_attrs.get("outcome")
-    if outcome:
-        return str(outcome)
-    if trial.state == TrialState.COMPLETE:
-        return "ok"
-    if trial.state == TrialState.PRUNED:
-        return "pruned"
-    if trial.state == TrialState.FAIL:
-        return "interrupted"
-    return trial.state.name.lower()
-
-
-def category_of(trial: FrozenTrial) -> str:
-    """The outcome without the failure kind: ok, slo_violated, failed, pruned, interrupted, running, waiting."""
-    return outcome_of(trial).split(":", 1)[0]
-
-
-def reason_of(trial: FrozenTrial) -> str:
-    reason = str(trial.user_attrs.get("reason") or "")
-    if not reason and trial.state == TrialState.FAIL:
-        reason = "the trial was interrupted or the harness raised (see the sweep's output); it may be retried"
-    return reason
-
-
-def constraints_of(trial: FrozenTrial) -> list[float]:
-    """Optuna's constraints (`Trial.set_constraint`), else the copy in the `constraints` user attribute (older
-    studies); as for the sampler, a trial that never reported any is infeasible."""
-    found = list(trial.constraints.values()) or trial.user_attrs.get("constraints") or []
-    return [float(c) for c in found] or [1.0]
-
-
-def is_feasible(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.COMPLETE and all(c <= 0 for c in constraints_of(trial))
-
-
-def is_measured(trial: FrozenTrial) -> bool:
-    """Completed with a real measurement (not a failed launch scored with the worst value)."""
-    return (trial.state == TrialState.COMPLETE and category_of(trial) in MEASURED and bool(trial.values)
-            and all(v is not None and math.isfinite(v) for v in trial.values))
-
-
-def metric_of(trial: FrozenTrial, name: str) -> float | None:
-    value = (trial.user_attrs.get("metrics") or {}).get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def label_of(trial: FrozenTrial) -> str:
-    """`#3` or `#0 (vLLM defaults)`."""
-    baseline = trial.user_attrs.get("baseline")
-    names = {BASELINE_DEFAULTS: "vLLM defaults", BASELINE_COMMITTED: "committed config"}
-    return f"#{trial.number}" + (f" ({names.get(baseline, baseline)})" if baseline else "")
+def register_view(name: str, view: Callable[..., Any]) -> None:
+    VIEWS[name] = view
 
 
 # ------------------------------------------------------------------------------------------------- storage
@@ -164,9 +113,9 @@ def _locate(path_or_url: str | Path, storage: str | None) -> _Location:
             raise UserError("not a results folder or a studies.db file", source=text)
         return _Location(f"sqlite:///{path.resolve()}", path.resolve().parent)
     if (path / "studies.db").is_file():
-        return _Location(naming.default_storage(path), path.resolve())
+        return _Location(default_storage(path), path.resolve())
     if (path.parent / "studies.db").is_file() and "__" in path.name:
-        return _Location(naming.default_storage(path.parent), path.parent.resolve(), only=path.name.replace("__", "@"))
+        return _Location(default_storage(path.parent), path.parent.resolve(), only=path.name.replace("__", "@"))
     if not any(path.iterdir()):
         raise UserError("the results folder is empty: no sweep has written here yet (run `python -m harness.sweep`, "
                         "or pass --storage URL if the sweep used another storage)", source=text)
@@ -217,7 +166,7 @@ def load_study(path_or_url: str | Path = "results", name: str | None = None, *,
 def _load(store: optuna.storages.BaseStorage, name: str, results_dir: Path | None, label: str) -> StudyResults:
     study = optuna.load_study(study_name=name, storage=store)
     result = StudyResults(name=name, study=study, table=pd.DataFrame(), identity={}, confirm=None,
-                          dir=naming.study_dir(results_dir, name) if results_dir is not None else None,
+                          dir=study_dir(results_dir, name) if results_dir is not None else None,
                           storage=label)
     result.refresh()
     return result
@@ -244,8 +193,8 @@ class StudyResults:
         self._trials = sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
         self.table = trials_table(self.study)
         attrs = self.study.user_attrs
-        self.identity = dict(attrs.get("identity") or {})
-        self.confirm = attrs.get("confirm")
+        self.identity = dict(attrs.get(StudyAttr.IDENTITY) or {})
+        self.confirm = attrs.get(StudyAttr.CONFIRM)
         return self
 
     # ------------------------------------------------------------------------------------------ identity
@@ -281,6 +230,11 @@ class StudyResults:
     @property
     def objective_kind(self) -> str:
         return str(self.objective.get("kind") or self.parts["objective"] or "capacity")
+
+    @property
+    def objective_spec(self) -> Objective:
+        """The study's objective as its class: what its values mean and how they are labelled."""
+        return objective_from_dict({**self.objective, "kind": self.objective_kind})
 
     @property
     def slo(self) -> dict[str, Any]:
@@ -320,38 +274,27 @@ class StudyResults:
         mem = f", {hw['memory_gib']:g} GiB each" if hw.get("memory_gib") else ""
         return f"{hw.get('count')}x {hw.get('name')}{mem}"
 
-    @property
-    def device_word(self) -> str:
-        return "CPU" if self.on_cpu else "GPU"
-
     # ------------------------------------------------------------------------------------------ objective
 
     @property
     def objective_metric(self) -> str:
         """The metrics key holding the objective's value (the first one for pareto)."""
-        return {"capacity": "capacity_rps", "goodput": "goodput"}.get(self.objective_kind, "output_throughput")
+        return self.objective_spec.metric
 
     @property
     def objective_unit(self) -> str:
-        return THROUGHPUT_METRICS[self.objective_metric][1]
+        return self.objective_spec.unit
 
     @property
     def objective_label(self) -> str:
         """Axis label for the objective, with its unit and SLO percentile where one applies."""
-        kind = self.objective_kind
-        pct = self.slo.get("percentile")
-        pct_txt = f"p{pct:g} " if isinstance(pct, (int, float)) else ""
-        if kind == "capacity":
-            return f"Capacity: highest rate meeting the {pct_txt}SLO (req/s)"
-        if kind == "goodput":
-            return "Goodput: requests meeting every SLO (req/s)"
-        return "Output throughput (tok/s)"
+        return self.objective_spec.value_label()
 
     @property
     def latency_metric(self) -> str:
-        """Default latency axis: the pareto objective's, else p99 TPOT."""
-        name = str(self.objective.get("latency_metric") or "")
-        return name if self.objective_kind == "pareto" and name in LATENCY_METRICS else "p99_tpot_ms"
+        """Default latency axis: the objective's own latency value (pareto), else p99 TPOT."""
+        name = self.objective_spec.latency_value()
+        return name if name in LATENCY_METRICS else "p99_tpot_ms"
 
     @property
     def load_label(self) -> str:
@@ -381,7 +324,7 @@ class StudyResults:
     def baseline_trial(self) -> FrozenTrial | None:
         """vLLM defaults (else the committed config): the level every win is measured against."""
         for label in (BASELINE_DEFAULTS, BASELINE_COMMITTED):
-            found = [t for t in self._trials if t.user_attrs.get("baseline") == label]
+            found = [t for t in self._trials if baseline_of(t) == label]
             done = [t for t in found if t.state == TrialState.COMPLETE]
             if done or found:
                 return (done or found)[-1]
@@ -392,9 +335,7 @@ class StudyResults:
         """The best feasible trial (the confirmation's winner once it ran)."""
         if self.confirm and self.confirm.get("winner_trial") is not None:
             return self._get(self.confirm["winner_trial"])
-        feasible = [t for t in self._trials if is_feasible(t) and t.values]
-        # the runner's rule (harness.study.runner.best_feasible): highest first value, earliest trial on a tie
-        return max(feasible, key=lambda t: (t.values[0], -t.number)) if feasible else None
+        return best_feasible(self._trials)
 
     @property
     def recommended_trial(self) -> FrozenTrial | None:
@@ -418,9 +359,7 @@ class StudyResults:
         the winner's capacity instead, which is not a capacity)."""
         if not self.confirm:
             return False
-        metric = str(self.confirm.get("metric") or "")
-        same = {"capacity": {"capacity_rps", "capacity"}, "goodput": {"goodput", "goodput_rps"}}
-        return metric in same.get(self.objective_kind, {"output_throughput", "throughput", "pareto"})
+        return self.objective_spec.confirms_on_own_scale(str(self.confirm.get("metric") or ""))
 
     @property
     def confirm_rate(self) -> float | None:
@@ -454,7 +393,7 @@ class StudyResults:
     @property
     def device_seconds(self) -> float:
         """Device time the trials held (seconds x devices), confirmation runs not included."""
-        return float(sum(float(t.user_attrs.get("device_seconds") or 0.0) for t in self._trials))
+        return float(sum(float(t.user_attrs.get(Attr.DEVICE_SECONDS) or 0.0) for t in self._trials))
 
     def improvement(self) -> dict[str, Any] | None:
         """Recommended vs baseline: from the confirmation (mean, std, n of repeats) when it ran, else one trial each."""
@@ -489,8 +428,8 @@ class StudyResults:
     def settings_table(self) -> pd.DataFrame:
         """Every setting of the recommended trial next to the baseline's, with the changed ones marked."""
         rec, base = self.recommended_trial, self.baseline_trial
-        rs = dict(rec.user_attrs.get("settings") or {}) if rec is not None else {}
-        bs = dict(base.user_attrs.get("settings") or {}) if base is not None else {}
+        rs = settings_of(rec) if rec is not None else {}
+        bs = settings_of(base) if base is not None else {}
         keys = list(dict.fromkeys([*rs, *self.knobs, *bs]))
         rows = []
         for key in keys:
@@ -507,13 +446,13 @@ class StudyResults:
             if category_of(t) == "ok":
                 continue
             rows.append({"number": t.number, "state": t.state.name, "outcome": outcome_of(t),
-                         "reason": reason_of(t), "settings": t.user_attrs.get("settings") or {}})
+                         "reason": reason_of(t), "settings": settings_of(t)})
         return pd.DataFrame(rows, columns=["number", "state", "outcome", "reason", "settings"])
 
     def curve(self, trial: FrozenTrial | int) -> pd.DataFrame:
         """Latency vs offered load of one capacity trial (one row per load step, by rate)."""
         t = self.trial(trial) if isinstance(trial, int) else trial
-        df = pd.DataFrame(t.user_attrs.get("curve") or [])
+        df = pd.DataFrame(t.user_attrs.get(Attr.CURVE) or [])
         return df.sort_values("rate").reset_index(drop=True) if "rate" in df else df
 
     def outcome(self) -> str:
@@ -549,55 +488,39 @@ class StudyResults:
 
     # ------------------------------------------------------------------------------------------ figures
 
-    def plot_history(self) -> Figure:
-        from harness.report import figures
+    def _view(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name not in VIEWS:  # registered when harness.report is imported, which importing this module does
+            raise RuntimeError(f"no report view {name!r}: import harness.report")
+        return VIEWS[name](self, *args, **kwargs)
 
-        return figures.optimization_history(self)
+    def plot_history(self) -> Figure:
+        return self._view("history")
 
     def plot_pareto(self, latency: str | None = None, throughput: str | None = None) -> Figure:
-        from harness.report import figures
-
-        return figures.pareto_front(self, latency=latency, throughput=throughput)
+        return self._view("pareto", latency=latency, throughput=throughput)
 
     def plot_importances(self) -> Figure:
-        from harness.report import figures
-
-        return figures.param_importances(self)
+        return self._view("importances")
 
     def plot_slices(self, params: list[str] | None = None, top: int = 3) -> Figure:
-        from harness.report import figures
-
-        return figures.slices(self, params=params, top=top)
+        return self._view("slices", params=params, top=top)
 
     def plot_latency_vs_load(self) -> Figure:
-        from harness.report import figures
-
-        return figures.latency_vs_load(self)
+        return self._view("latency_vs_load")
 
     def plot_memory(self) -> Figure:
-        from harness.report import figures
-
-        return figures.memory(self)
+        return self._view("memory")
 
     def figures(self, latency: str | None = None, throughput: str | None = None) -> dict[str, Figure]:
         """Every review figure, by file stem."""
-        from harness.report import figures
-
-        return figures.all_figures(self, latency=latency, throughput=throughput)
+        return self._view("figures", latency=latency, throughput=throughput)
 
     def write_report(self, out_dir: str | Path | None = None, latency: str | None = None,
                      throughput: str | None = None) -> Path:
         """Figures (PNG) + report.md + report.html into `out_dir` (default `<study dir>/report/`)."""
-        from harness.report.document import write_report
-
-        return write_report(self, out_dir, latency=latency, throughput=throughput)
+        return self._view("report", out_dir, latency=latency, throughput=throughput)
 
     def __repr__(self) -> str:
         c = self.counts()
         return (f"StudyResults({self.name!r}: {c['trials']} trials, {c['measured']} measured, {c['failed']} failed, "
                 f"{c['pruned']} pruned)")
-
-
-def quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
