@@ -87,10 +87,6 @@ class ModelFacts:
     def params_total(self) -> int:
         return self.params_linear + self.params_vocab + self.params_sharded_other + self.params_replicated
 
-    @property
-    def hub_name(self) -> str:
-        return self.name
-
     def dtype_for(self, dtype: str | None = "auto") -> str:
         """The dtype vLLM runs in for `--dtype` (auto: the checkpoint's, with float32 downcast to bfloat16)."""
         d = (dtype or "auto").lower()

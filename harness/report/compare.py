@@ -29,7 +29,7 @@ def plot_comparison(studies: list[StudyResults]) -> Figure:
     df = comparison_table(studies)
     names = [f"{r.model_short}\n{r.hw} / {r.wl} / {r.obj}" for r in _labels(studies)]
     units = set(df["unit"])
-    with F.style():
+    with F.figure_style():
         fig, (ax1, ax2) = F.plt.subplots(1, 2, figsize=(15, 2.6 + 0.9 * len(studies)),
                                          gridspec_kw={"width_ratios": [1.3, 1]})
         y = np.arange(len(studies))

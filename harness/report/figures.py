@@ -68,7 +68,7 @@ def _quiet() -> Iterator[None]:
 
 
 @contextmanager
-def style() -> Iterator[None]:
+def figure_style() -> Iterator[None]:
     """ggplot (what Optuna's plots use) with larger type; restores the caller's rcParams afterwards."""
     with _quiet(), plt.style.context("ggplot"), plt.rc_context(RC):
         yield
@@ -148,7 +148,7 @@ def _wrap(text: str, width: int, lines: int = 2) -> str:
 def note_figure(title: str, message: str, subtitle: str | None = None) -> Figure:
     """A figure that says why there is nothing to plot, so a report never has a hole without a reason."""
     body = "\n".join(_wrap(line, 120, 4) for line in message.split("\n"))
-    with style():
+    with figure_style():
         fig = plt.figure(figsize=(12, 1.3 + 0.24 * (body.count("\n") + 1)))
         top = header(fig, title, subtitle)
         fig.text(0.01, top, body, fontsize=11, va="top", ha="left", color="#333333", linespacing=1.35)
@@ -278,7 +278,7 @@ def optimization_history(r: StudyResults) -> Figure:
     derived = _derived_study(r, [direction], lambda t: [float(t.values[0])] if is_measured(t) else None,
                              params=False)
     ylabel = r.objective_label
-    with style():
+    with figure_style():
         ax = optuna.visualization.matplotlib.plot_optimization_history(derived, target_name=ylabel)
         fig = ax.figure
         fig.set_size_inches(12, 6)
@@ -348,7 +348,7 @@ def pareto_front(r: StudyResults, latency: str | None = None, throughput: str | 
         return note_figure(title, f"Nothing to plot: no trial has both {latency} and {throughput} measured.\n"
                            + _failure_note(r), _subtitle(r))
     derived = _derived_study(r, ["minimize", "maximize"], point, params=False)
-    with style():
+    with figure_style():
         ax = optuna.visualization.matplotlib.plot_pareto_front(derived, target_names=[xlabel, ylabel])
         fig = ax.figure
         fig.set_size_inches(15, 7.2)
@@ -433,7 +433,7 @@ def importances(r: StudyResults) -> dict[str, float]:
         return {}
     evaluator, _name, _how = _evaluator(len(derived.trials))
     target = _importance_target(r)
-    with style():
+    with figure_style():
         try:
             return dict(optuna.importance.get_param_importances(derived, evaluator=evaluator, target=target))
         except Exception:  # too few distinct values for the evaluator: say "unknown", not crash
@@ -453,7 +453,7 @@ def param_importances(r: StudyResults) -> Figure:
     if derived is None:
         return note_figure(title, why, _subtitle(r))
     evaluator, ev_name, how = _evaluator(len(derived.trials))
-    with style():
+    with figure_style():
         try:
             ax = optuna.visualization.matplotlib.plot_param_importances(
                 derived, evaluator=evaluator, target=_importance_target(r), target_name=r.objective_label)
@@ -487,7 +487,7 @@ def slices(r: StudyResults, params: list[str] | None = None, top: int = 3) -> Fi
         return note_figure(title, f"Knob(s) {unknown} did not vary among the measured trials; varied knobs: "
                            f"{varied}", _subtitle(r))
     ylabel = r.objective_label
-    with style():
+    with figure_style():
         out = optuna.visualization.matplotlib.plot_slice(derived, params=params, target=lambda t: t.values[0],
                                                          target_name=ylabel)
         axes = list(np.atleast_1d(out).ravel())
@@ -582,7 +582,7 @@ def latency_vs_load(r: StudyResults) -> Figure:
         return note_figure(title, "No latency-vs-load curve to draw: neither the baseline nor the recommended "
                            "trial completed a load step.\n" + _failure_note(r), _subtitle(r))
     conf = r.confirm or {}
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, 2, figsize=(14, 6.2))
         for ax, kind in zip(axes, ("ttft", "tpot")):
             ys: list[float] = []
@@ -655,7 +655,7 @@ def _latency_at_load(r: StudyResults) -> Figure:
     conf = r.confirm or {}
     stats = ("p50", "p90", "p99")
     width = 0.8 / len(trials)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
         for ax, kind in zip(axes, ("ttft", "tpot")):
             for i, (role, t, color) in enumerate(trials):
@@ -713,7 +713,7 @@ def memory(r: StudyResults) -> Figure:
     if not trials or not (has_mem or has_kv):
         return note_figure(title, "No memory measurements and no planner estimates in this study.\n"
                            + _failure_note(r), _subtitle(r))
-    with style():
+    with figure_style():
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(13, 8.5), sharex=True)
         numbers = [t.number for t in trials]
         # peak memory

@@ -56,7 +56,7 @@ def metric_label(metric: str, capacity_label: str = "Capacity at the SLO (req/s)
         return f"Goodput at {m.group(1)} req/s offered (req/s)", "req/s"
     if metric in ("goodput", "goodput_rps"):
         return "Goodput: requests meeting every SLO (req/s)", "req/s"
-    if metric in ("output_throughput", "throughput", "pareto"):
+    if metric in ("output_throughput", "throughput", "pareto"):  # older studies stored the objective's kind
         return "Output throughput (tok/s)", "tok/s"
     if metric == "capacity_rps":
         return capacity_label, "req/s"

@@ -53,9 +53,6 @@ class SearchSpace:
     def search_space_for_grid(self) -> dict[str, list[Any]]:
         return {n: k.values() for n, k in self.knobs.items()}
 
-    def setting_keys(self) -> set[str]:
-        return set(self.fixed) | set(self.knobs)
-
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "fixed": self.fixed,
                 "knobs": {n: {k: v for k, v in vars(kn).items() if v not in (None, (), False) and k != "name"}
