@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/compare_vllm_bench.py [--rounds 2] [--requests 64] [--concurrency 8]
 
 Starts one vLLM server (the tiny local model on vLLM's CPU build, or `--model` on a GPU host), then alternates our
-client (`harness.bench`'s `Deployment.run`) and vLLM's own benchmark client on it with fixed input/output lengths
+client (`harness.deploy`'s `Deployment.run`) and vLLM's own benchmark client on it with fixed input/output lengths
 and a closed loop, and prints both tools' TTFT / TPOT / ITL / throughput per round. Agreement between the two is
 the check that our metric definitions match `vllm bench serve`'s.
 """
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.bench import deploy
+from harness.deploy import deploy
 from harness.load.prompts import build_requests
 from harness.load.workload import parse_workload
 from harness.models import cached_tiny
