@@ -1,0 +1,52 @@
+"""The trial schema: what `record_trial` writes is what every reader (runner, table, report) reads back."""
+
+from __future__ import annotations
+
+import optuna
+
+from harness.records import Failure
+from harness.settings import Topology
+from harness.study.table import trials_table
+from harness.study.trials import (Attr, Evaluation, Outcome, best_feasible, constraints_of, gpus_of, is_feasible,
+                                  label_of, outcome_of, record_trial)
+
+
+def _study(evaluations: list[Evaluation]) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for ev in evaluations:
+        trial = study.ask()
+        record_trial(trial, ev)
+        if ev.values is None:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, ev.values[0])
+    return study
+
+
+def test_every_trial_records_its_gpu_count_and_outcome() -> None:
+    study = _study([
+        Evaluation(settings={"replicas": 2, "tensor_parallel_size": 2}, values=[3.0], constraints=[0.0]),
+        Evaluation(settings={"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, values=[5.0],
+                   constraints=[0.4]),
+        Evaluation(settings={"tensor_parallel_size": 8}, pruned_reason="needs 8 GPUs"),
+        Evaluation(settings={}, values=[0.0], constraints=[1.0], failure=Failure("oom", "out of memory")),
+    ])
+    trials = study.get_trials()
+    assert [t.user_attrs[Attr.GPUS] for t in trials] == [4, 4, 8, 1] == [gpus_of(t) for t in trials]
+    assert [outcome_of(t) for t in trials] == [Outcome.OK, Outcome.SLO_VIOLATED, Outcome.PRUNED, "failed:oom"]
+    assert [is_feasible(t) for t in trials] == [True, False, False, False]
+    assert constraints_of(trials[1]) == [0.4]
+    assert best_feasible(trials).number == 0  # the higher value violates its SLO
+    table = trials_table(study)
+    assert list(table["gpus"]) == [4, 4, 8, 1] and list(table["feasible"]) == [True, False, False, False]
+
+
+def test_readers_of_a_trial_without_attributes() -> None:
+    study = optuna.create_study()
+    study.enqueue_trial({}, user_attrs={Attr.BASELINE: "vllm-defaults", Attr.SETTINGS: {"replicas": 3}})
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    frozen = study.trials[0]
+    assert outcome_of(frozen) == Outcome.OK and not is_feasible(frozen)  # no constraint reported: infeasible
+    assert gpus_of(frozen) == Topology(replicas=3).gpus == 3
+    assert label_of(frozen) == "#0 (vLLM defaults)"
