@@ -685,7 +685,7 @@ def _latency_at_load(r: StudyResults) -> Figure:
             ax.set_title(f"{'TTFT' if kind == 'ttft' else 'TPOT'} percentiles", loc="left", fontsize=12)
         _fig_legend(fig, axes, ncol=3)
         top = header(fig, title, f"The {r.objective_kind} objective measures one load point per trial (latency-vs-load "
-                f"curves come from an objective that measures several loads per trial, such as capacity). Error bars: min-max over the confirmation repeats."
+                f"curves come from the capacity objective). Error bars: min-max over the confirmation repeats."
                 f"  |  {r.name}")
         fig.tight_layout(rect=(0, 0.08, 1, top))
     return finish(fig)
