@@ -51,8 +51,13 @@ def ordered_vllm_block(model: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_command(model: str, argv_tail: list[str]) -> str:
-    """The equivalent `vllm serve` line, for people; the harness itself only ever passes argv lists."""
-    return shlex.join(["vllm", "serve", model, *argv_tail])
+    """The equivalent `vllm serve` line, for people; the harness itself only ever passes argv lists.
+
+    Shell-quoted item by item. `vllm serve` takes the model as a positional argument, which argparse would read as
+    an option if it began with `-`; a hub name cannot, so such a model is a local directory, written `./-name`.
+    """
+    positional = f"./{model}" if model.startswith("-") else model
+    return shlex.join(["vllm", "serve", positional, *argv_tail])
 
 
 def write_config(path: Path, config: EmittedConfig, *, gpu_sets: list[list[int]] | None = None,

@@ -241,8 +241,8 @@ def test_cpu_server_matches_plan(tmp_path: Path) -> None:
     hw = _cpu(detect_hardware("CPU").memory_gib, 1e9, kv_space=1.0)
     plan = plan_candidate(load_model_facts(str(model)), hw, {"max_model_len": 1024, "enforce_eager": True})
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(_free_port()), "--enforce-eager", "--max-model-len", "1024"]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", f"--model={model}", "--host=127.0.0.1",
+           f"--port={_free_port()}", "--enforce-eager", "--max-model-len=1024"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:

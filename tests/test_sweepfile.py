@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,10 @@ def test_read_user_guide_format(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="needs 'model_name'"):
         (tmp_path / "b.yaml").write_text("vllm:\n  tensor_parallel_size: 1\n")
         read_config(tmp_path / "b.yaml")
+
+
+def test_serve_command_is_shell_correct_for_values_beginning_with_dash() -> None:
+    from harness.emit import serve_command
+
+    line = serve_command("-models/my model", ["--api-key=-k $x", "--served-model-name=-m"])
+    assert shlex.split(line) == ["vllm", "serve", "./-models/my model", "--api-key=-k $x", "--served-model-name=-m"]
