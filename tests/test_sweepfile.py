@@ -93,3 +93,20 @@ def test_serve_command_is_shell_correct_for_values_beginning_with_dash() -> None
 
     line = serve_command("-models/my model", ["--api-key=-k $x", "--served-model-name=-m"])
     assert shlex.split(line) == ["vllm", "serve", "./-models/my model", "--api-key=-k $x", "--served-model-name=-m"]
+
+
+def test_sweep_refuses_a_model_with_no_feasible_candidate_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.sweep import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("knobs:\n  max_model_len: [2048, 4096]\n  max_num_seqs: [8, 16]\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"models: [mistralai/Mistral-7B-Instruct-v0.2, microsoft/DialoGPT-medium]\nspace: {space}\n"
+                     "objective: {kind: capacity, slo: {ttft_ms: 1000}}\n"
+                     f"workload: chat-short\nresults_dir: {tmp_path / 'results'}\nconfigs_dir: {tmp_path / 'configs'}\n")
+    assert main([str(sweep), "--gpu", "L40S", "--num-gpus", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep}: models[dialogpt-medium]: no feasible candidate" in err
+    assert "max_model_len N exceeds the longest context" in err and "fix: set max_model_len <= 1024" in err
+    assert not (tmp_path / "results").exists()  # refused before the first model's study was created

@@ -101,7 +101,18 @@ def check_tp_over_pcie(facts: ModelFacts, hw: Hardware, r: Resolved, cap: Capaci
 # ---------------------------------------------------------------------------------------------- context
 
 
-def check_context(facts: ModelFacts, r: Resolved) -> list[Finding]:
+def check_context(facts: ModelFacts, r: Resolved, longest_request: int | None = None) -> list[Finding]:
+    """max_model_len against the model's longest context and (when known) the workload's longest request."""
+    if longest_request and longest_request > facts.max_context:
+        return [Finding("error", "max_model_len",
+                        f"the workload's longest request ({longest_request} tokens, prompt + output) exceeds the "
+                        f"longest context {facts.name} allows ({facts.max_context}): vLLM rejects those requests",
+                        f"use a workload of requests up to {facts.max_context} tokens (in a sweep: models[].workload)")]
+    if longest_request and not r.max_model_len_auto and r.max_model_len < longest_request:
+        return [Finding("error", "max_model_len",
+                        f"max_model_len {r.max_model_len} is shorter than the workload's longest request "
+                        f"({longest_request} tokens, prompt + output): vLLM rejects those requests",
+                        f"set max_model_len >= {longest_request}, or use a workload of shorter requests")]
     if r.max_model_len > facts.max_context:
         scaled = f" x RoPE factor {facts.rope_scaling_factor:g}" if facts.rope_scaling_factor != 1 else ""
         return [Finding("error", "max_model_len",

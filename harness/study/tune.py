@@ -58,6 +58,19 @@ def ensure_model(entry: ModelEntry) -> str:
     return entry.model
 
 
+def refuse_infeasible(sweep: Sweep, entry: ModelEntry, hardware: Any) -> None:
+    """Before any trial: UserError naming the reason and the fix when the model's space has no feasible candidate."""
+    from harness.load.workload import load_workload
+    from harness.plan import load_model_facts
+    from harness.plan.lint import require_feasible
+    from harness.space import load_space
+
+    facts = load_model_facts(ensure_model(entry))
+    space = load_space(sweep.space).for_model(facts.max_context, entry.fixed)
+    longest = load_workload(entry.workload or sweep.workload).max_total_tokens()
+    require_feasible(space, facts, hardware, source=sweep.source, key=f"models[{entry.name}]", longest_request=longest)
+
+
 def _load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -76,13 +89,12 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     from harness.plan import load_model_facts
     from harness.space import load_space
 
-    space = load_space(sweep.space)
-    space.fixed.update(entry.fixed)
+    facts = load_model_facts(model)
+    space = load_space(sweep.space).for_model(facts.max_context, entry.fixed)
     argspec = load_argspec()
     argspec.check(dict(space.fixed), space.source)
     argspec.check({k: None for k in space.knobs}, space.source)
-    workload = load_workload(sweep.workload)
-    facts = load_model_facts(model)
+    workload = load_workload(entry.workload or sweep.workload)
     tokenizer = _load_tokenizer(model)
     obj = sweep.objective
     n_requests = obj.num_requests + workload.warmup_requests
