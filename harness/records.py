@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.paths import portable
+
 # ---------------------------------------------------------------------------------------------- client side
 
 
@@ -224,7 +226,7 @@ def _convert(hint: Any, value: Any) -> Any:
 def save_record(record: RunRecord, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(record), indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(portable(to_dict(record)), indent=2, sort_keys=False))  # committed: no machine paths
     tmp.replace(path)
     return path
 

@@ -18,6 +18,7 @@ import optuna
 
 from harness.emit import EmittedConfig, read_config, write_config
 from harness.errors import UserError
+from harness.paths import portable
 from harness.study import naming
 from harness.study.confirm import Confirmation, confirm
 from harness.study.evaluate import StudyContext
@@ -264,4 +265,4 @@ def _hw_identity(hardware: Any) -> dict[str, Any]:
 def _storage_label(url: str | None, results_dir: Path) -> str:
     from harness.study.runner import redact
 
-    return redact(url) if url else naming.default_storage(results_dir)
+    return portable(redact(url) if url else naming.default_storage(results_dir))
