@@ -110,3 +110,28 @@ def test_sweep_refuses_a_model_with_no_feasible_candidate_before_it_starts(
     assert f"{sweep}: models[dialogpt-medium]: no feasible candidate" in err
     assert "max_model_len N exceeds the longest context" in err and "fix: set max_model_len <= 1024" in err
     assert not (tmp_path / "results").exists()  # refused before the first model's study was created
+
+
+def test_the_demo_writes_only_git_ignored_untracked_paths() -> None:
+    """The README's first command leaves a fresh clone's `git status` clean: every path the embedded demo writes
+    (model, config, study folder on any host, storage) is ignored and tracks no committed file."""
+    import subprocess
+
+    from harness.study import naming
+
+    root = Path(__file__).resolve().parents[1]
+    demo = parse_sweep(DEMO_SWEEP, "<demo>")
+    entry = demo.models[0]
+    written = [f"{entry.model}/config.json", f"{demo.configs_dir}/{entry.name}.yaml", f"{demo.results_dir}/studies.db"]
+    for hw in (naming.hardware_tag("CPU", 0), naming.hardware_tag("NVIDIA L40S", 1)):
+        sdir = naming.study_dir(demo.results_dir, naming.study_name(entry.name, hw, demo.workload,
+                                                                      demo.objective.kind))
+        written += [f"{sdir}/{f}" for f in ("trials.csv", "confirm.json", "runs/trial000-step1.json",
+                                             "report/report.md", "logs/trial000/server0.log")]
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *written],
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(written)
+    tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--", str(entry.model), *written],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == []
+    assert (root / "docs/evidence/cpu-demo" / f"{entry.name}.yaml").is_file()  # the committed run of the demo
