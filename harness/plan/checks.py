@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from harness.launch.vllm_args import REMOVED_KEYS
 from harness.plan.estimate import CUDA_CONTEXT_GIB as CUDA_CTX_GIB
 from harness.plan.estimate import Capacity, Memory, Resolved
-from harness.plan.hardware import GIB, Hardware
+from harness.plan.hardware import CPU_LAUNCH_MARGIN_GIB, GIB, Hardware, cpu_utilization_that_fits
 from harness.plan.modelfacts import (
     CHECKPOINT_METHODS,
     ONLINE_METHODS,
@@ -210,8 +210,13 @@ def _cpu_memory(hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[F
                 f"on the CPU build, gpu_memory_utilization is the share of the memory node vLLM claims: "
                 f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)}, but only "
                 f"{avail:.2f} GiB is available: vLLM refuses to start",
-                f"lower gpu_memory_utilization to <= {max(0.05, avail / hw.memory_gib - 0.05):.2f}, or set "
-                f"VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache"))
+                _cpu_fix(hw)))
+        elif avail is not None and mem.requested > (avail - CPU_LAUNCH_MARGIN_GIB) * GIB:
+            out.append(Finding(
+                "warning", "gpu_memory_utilization",
+                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)} leaves less than "
+                f"{CPU_LAUNCH_MARGIN_GIB:g} GiB of the {avail:.2f} GiB available for vLLM's own processes, which start "
+                f"before its memory check: the start-up may be refused", _cpu_fix(hw, CPU_LAUNCH_MARGIN_GIB)))
     elif avail is not None and mem.kv_budget > avail * GIB:
         out.append(Finding(
             "error", "VLLM_CPU_KVCACHE_SPACE",
@@ -219,6 +224,14 @@ def _cpu_memory(hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[F
             f"node: vLLM refuses to start",
             f"set VLLM_CPU_KVCACHE_SPACE <= {int(avail)}"))
     return out
+
+
+def _cpu_fix(hw: Hardware, margin_gib: float = 0.0) -> str:
+    util = cpu_utilization_that_fits(hw, margin_gib)
+    if util <= 0:
+        return "free memory on the node, or set VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache"
+    return (f"lower gpu_memory_utilization to <= {util:.2f} (the highest that fits the memory available now), or set "
+            f"VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache")
 
 
 def _next_tp(facts: ModelFacts, hw: Hardware, r: Resolved) -> int | None:
