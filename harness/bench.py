@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workload(args.workload)
     slo = _slo(args.slo)
     model_path = str(Path(model).resolve()) if Path(model).exists() else model
+    settings = _size_cpu_launch(settings)
     plan_dict = _plan(model_path, settings)
     tokenizer = load_tokenizer(model_path, key="--model")
     concurrency = args.concurrency if args.rate is None else None
@@ -187,6 +188,17 @@ def _default_gpus(settings: dict[str, Any]) -> tuple[int, ...]:
     if getattr(hw, "arch", "") == "cpu":
         return ()
     return tuple(range(Topology.of(settings).gpus))
+
+
+def _size_cpu_launch(settings: dict[str, Any]) -> dict[str, Any]:
+    """On the CPU build, vLLM's default gpu_memory_utilization lowered to what the memory node holds now."""
+    from harness.plan import detect_hardware
+    from harness.plan.hardware import size_cpu_launch
+
+    settings, note = size_cpu_launch(settings, detect_hardware(None, None))
+    if note:
+        print(f"planner: {note}", file=sys.stderr)
+    return settings
 
 
 def _plan(model: str, settings: dict[str, Any]) -> dict[str, Any] | None:

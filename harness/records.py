@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.paths import portable
 from harness.yamlfile import check_keys, positive
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -246,7 +247,7 @@ def _convert(hint: Any, value: Any) -> Any:
 def save_record(record: RunRecord, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(record), indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(portable(to_dict(record)), indent=2, sort_keys=False))  # committed: no machine paths
     tmp.replace(path)
     return path
 

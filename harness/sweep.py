@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.study.runner import configure_optuna_logging
     from harness.study.storage import make_storage
     from harness.study.sweepfile import load_sweep
-    from harness.study.tune import tune_model
+    from harness.study.tune import refuse_infeasible, tune_model
 
     configure_optuna_logging()
 
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise UserError(f"must be > 0, got {args.max_minutes}", key="--max-minutes")
     deadline = None if args.max_minutes is None else time.monotonic() + args.max_minutes * 60
+    for entry in models:  # a model no candidate of its space can run on this node stops the sweep before it starts
+        refuse_infeasible(sweep, entry, hardware)
     failures = 0
     _stop_servers_on_signals()
     try:

@@ -46,7 +46,7 @@ FAKE_GPU_SERVER = textwrap.dedent(
     """
     import http.server, subprocess, sys
     argv = sys.argv[1:]
-    port = int(argv[argv.index("--port") + 1])
+    port = int(next(a.split("=", 1)[1] for a in argv if a.startswith("--port=")))
     # the "engine core": holds 3 GiB of GPU memory in a child process of the same group
     core = subprocess.Popen([sys.executable, "-c", {alloc!r}, "3072", "600"], stdout=subprocess.PIPE, text=True)
     core.stdout.readline()

@@ -40,9 +40,10 @@ FAKE_SERVER = textwrap.dedent(
     """
     import http.server, os, signal, subprocess, sys, time
     argv = sys.argv[1:]
-    port = int(argv[argv.index("--port") + 1])
+    opts = dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    port = int(opts["--port"])
     mode = os.environ.get("FAKE_MODE", "serve")
-    print("fake vLLM argv:", " ".join(a if a != argv[argv.index("--api-key") + 1] else "***" for a in argv), flush=True)
+    print("fake vLLM argv:", " ".join("--api-key=***" if a.startswith("--api-key=") else a for a in argv), flush=True)
     if mode == "oom":
         print("(EngineCore pid=1) ERROR 11-27 10:00:09 [core.py:1510] torch.OutOfMemoryError: CUDA out of memory. "
               "Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.", flush=True)
@@ -110,9 +111,9 @@ def test_ready_argv_and_teardown_with_sigkill_escalation(
             assert resp.status == 200
         assert server.base_url.startswith("http://127.0.0.1:")
         assert server.argv[1:] == [
-            "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny", "--host", "127.0.0.1",
-            "--port", str(server.port), "--api-key", "<redacted>", "--served-model-name", "tiny",
-            "--max-num-seqs", "8", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
+            "-m", "vllm.entrypoints.openai.api_server", "--model=/models/tiny", "--host=127.0.0.1",
+            f"--port={server.port}", "--api-key=<redacted>", "--served-model-name=tiny",
+            "--max-num-seqs=8", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
         ]  # fmt: skip
         assert len(server.api_key) >= 20 and server.api_key not in json.dumps(server.argv)
         pgid = server.pgid
@@ -122,6 +123,16 @@ def test_ready_argv_and_teardown_with_sigkill_escalation(
     assert not group_pids(pgid)
     assert server.stop_s is not None and 1.0 <= server.stop_s < 10
     assert server.returncode == -signal.SIGKILL
+
+
+def test_argv_carries_dash_values_as_values(fake_python: str, vllm_argspec: ArgSpec) -> None:
+    """A random API key (or model, name) that begins with `-` is one `--flag=value` item, and is redacted."""
+    server = Server(ServerSpec(model="-m", python=fake_python, served_model_name="-tiny", port=8000), vllm_argspec)
+    server.api_key = "-Abc"
+    argv = server.build_argv()
+    assert argv[3:8] == ["--model=-m", "--host=127.0.0.1", "--port=8000", "--api-key=-Abc", "--served-model-name=-tiny"]
+    server._argv = argv
+    assert "--api-key=<redacted>" in server.argv and "-Abc" not in " ".join(server.argv)
 
 
 def test_start_failure_is_classified_within_seconds(fake_python: str, vllm_argspec: ArgSpec, tmp_path: Path) -> None:
@@ -304,9 +315,12 @@ def test_real_server_ready_capacity_metrics_and_stop(tiny_model: Path, tmp_path:
     from harness.measure.sampler import ResourceSampler
     from harness.measure.vllm_metrics import MetricsScraper, kv_capacity_from_log
 
+    # the served name and the random API key begin with `-`, as one key in ~64 from secrets.token_urlsafe does
     spec = ServerSpec(model=str(tiny_model), settings={**BASE, "max_num_seqs": 8}, env=CPU_ENV,
-                      log_path=tmp_path / "vllm.log", served_model_name="tiny")  # fmt: skip
-    with Server(spec) as server:
+                      log_path=tmp_path / "vllm.log", served_model_name="-tiny")  # fmt: skip
+    server = Server(spec)
+    server.api_key = "-" + server.api_key
+    with server:
         with urllib.request.urlopen(server.base_url + "/health", timeout=5) as resp:
             assert resp.status == 200
         with pytest.raises(urllib.error.HTTPError) as denied:  # the random key is required
@@ -321,12 +335,12 @@ def test_real_server_ready_capacity_metrics_and_stop(tiny_model: Path, tmp_path:
             [(server.base_url, server.api_key)], period_s=0.2
         ) as scraper:
             chat = _post(server, "/v1/chat/completions",
-                         {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})  # fmt: skip
+                         {"model": "-tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})  # fmt: skip
             assert chat["usage"]["completion_tokens"] == 8
-            comp = _post(server, "/v1/completions", {"model": "tiny", "prompt": "the model", "max_tokens": 8})
+            comp = _post(server, "/v1/completions", {"model": "-tiny", "prompt": "the model", "max_tokens": 8})
             assert comp["usage"]["prompt_tokens"] == 3  # BOS + 2 tokens
             # the launcher's measurement switch: usage says how many prompt tokens the prefix cache served
-            long = {"model": "tiny", "prompt": " ".join(["the model"] * 60), "max_tokens": 2}
+            long = {"model": "-tiny", "prompt": " ".join(["the model"] * 60), "max_tokens": 2}
             cached = [_post(server, "/v1/completions", long)["usage"]["prompt_tokens_details"]["cached_tokens"]
                       for _ in range(2)]
             assert isinstance(cached[0], int) and cached[1] >= cached[0]

@@ -9,6 +9,8 @@ the tiny model and compares live.
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 import signal
@@ -241,8 +243,8 @@ def test_cpu_server_matches_plan(tmp_path: Path) -> None:
     hw = _cpu(detect_hardware("CPU").memory_gib, 1e9, kv_space=1.0)
     plan = plan_candidate(load_model_facts(str(model)), hw, {"max_model_len": 1024, "enforce_eager": True})
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(_free_port()), "--enforce-eager", "--max-model-len", "1024"]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", f"--model={model}", "--host=127.0.0.1",
+           f"--port={_free_port()}", "--enforce-eager", "--max-model-len=1024"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -262,3 +264,43 @@ def test_cpu_server_matches_plan(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert reported is not None, log.read_text(errors="replace")[-3000:]
     assert abs(plan.kv_cache_tokens - reported) / reported < 0.01, (plan.kv_cache_tokens, reported)
+
+
+def test_cpu_startup_memory_check_is_vllms_own() -> None:
+    """The README's bench example on the 2-core machine: vLLM 0.32 refused with "Available memory on node 0
+    (13.71/15.34 GiB) on startup is less than desired CPU memory utilization (0.92, 14.11 GiB)"; the planner says
+    so first, with the highest utilization that fits (vllm/v1/worker/cpu_worker.py: ceil(total x util) > available)."""
+    from harness.plan.hardware import cpu_request_bytes, cpu_utilization_that_fits
+
+    f = facts_from_config(TINY, "tiny", "calibration")
+    hw = _cpu(15.34, 13.71)
+    plan = plan_candidate(f, hw, {"max_model_len": 512, "enforce_eager": True}, defaults=defaults_for("0.32.0"))
+    err = next(x for x in plan.errors() if x.key == "gpu_memory_utilization")
+    assert "0.92 x 15.34 GiB = 14.11 GiB, but only 13.71 GiB is available: vLLM refuses to start" in err.message
+    assert err.fix.startswith("lower gpu_memory_utilization to <= 0.89 ")  # 0.89 x 15.34 = 13.65 <= 13.71
+    assert plan_candidate(f, hw, {"max_model_len": 512, "enforce_eager": True, "gpu_memory_utilization": 0.89},
+                          defaults=defaults_for("0.32.0")).feasible
+    # exactly at the boundary, as vLLM compares bytes: a request equal to the available memory starts
+    edge = _cpu(10.0, 9.0)
+    assert cpu_request_bytes(edge, 0.9) == 9 * 2**30 and cpu_utilization_that_fits(edge) == 0.9
+    assert plan_candidate(f, edge, {"gpu_memory_utilization": 0.9, "enforce_eager": True}).feasible
+    assert not plan_candidate(f, edge, {"gpu_memory_utilization": 0.91, "enforce_eager": True}).feasible
+    # a fixed KV cache skips vLLM's start-up check (kv_cache_memory_bytes is set): no such error
+    fixed = plan_candidate(f, _cpu(15.34, 13.71, kv_space=1.0), {"max_model_len": 512, "enforce_eager": True})
+    assert not [x for x in fixed.errors() if x.key == "gpu_memory_utilization"]
+
+
+def test_size_cpu_launch_lowers_only_vllms_default() -> None:
+    from harness.plan.hardware import CPU_LAUNCH_MARGIN_GIB, size_cpu_launch
+
+    hw = _cpu(15.34, 13.71)
+    sized, note = size_cpu_launch({"max_model_len": 512}, hw, 0.92)
+    util = sized["gpu_memory_utilization"]
+    assert util == 0.82 and math.ceil(15.34 * 2**30 * util) <= (13.71 - CPU_LAUNCH_MARGIN_GIB) * 2**30
+    assert "vLLM's default 0.92 x 15.34 GiB exceeds the 13.71 GiB available" in note
+    f = facts_from_config(TINY, "tiny", "calibration")
+    assert plan_candidate(f, hw, {**sized, "enforce_eager": True}).feasible
+    assert size_cpu_launch({"gpu_memory_utilization": 0.95}, hw, 0.92) == ({"gpu_memory_utilization": 0.95}, "")
+    assert size_cpu_launch({}, _cpu(15.34, 13.71, kv_space=1.0), 0.92) == ({}, "")  # fixed KV: no check
+    assert size_cpu_launch({}, _cpu(64.0, 60.0), 0.92) == ({}, "")  # the default fits
+    assert size_cpu_launch({}, detect_hardware("L40S", 4), 0.92) == ({}, "")

@@ -221,3 +221,38 @@ def test_read_user_config_rejects_bad_devices(tmp_path: Path) -> None:
     p = _write(tmp_path, "d.yaml", "vllm_instances:\n  - model_name: mistral-7b\n    gpu_devices: 0\n")
     with pytest.raises(UserError, match="gpu_devices must be a list"):
         read_user_config(p)
+
+
+L40S_MODELS = ["microsoft/DialoGPT-medium", "mistralai/Mistral-7B-Instruct-v0.2", "codellama/CodeLlama-13b-Instruct-hf",
+               "meta-llama/Llama-2-70b-chat-hf"]
+
+
+@pytest.mark.parametrize("model", L40S_MODELS)
+def test_shipped_l40s_space_fits_every_model_of_the_l40s_sweep(model: str) -> None:
+    """The user's node: each model of sweeps/l40s.yaml has feasible candidates (DialoGPT-medium, 1,024 positions,
+    had none when every max_model_len choice was longer than its context)."""
+    from harness.space import load_space
+
+    rep = space_feasibility(load_space("l40s-4x"), load_model_facts(model), detect_hardware("L40S", 4),
+                            max_candidates=400)
+    assert rep.feasible > 0, rep.reasons[:3]
+
+
+def test_require_feasible_names_the_reason_and_the_fix(tmp_path: Path) -> None:
+    from harness.errors import UserError
+    from harness.plan.lint import require_feasible
+    from harness.space import load_space
+
+    space = load_space(_write(tmp_path, "s.yaml", "knobs:\n  max_model_len: [2048, 4096]\n"))
+    facts = load_model_facts("microsoft/DialoGPT-medium")
+    with pytest.raises(UserError) as exc:
+        require_feasible(space, facts, detect_hardware("L40S", 4), source="sweep.yaml", key="models[dialogpt]")
+    msg = str(exc.value)
+    assert msg.startswith("sweep.yaml: models[dialogpt]: no feasible candidate: space s for microsoft/DialoGPT-medium")
+    assert "0 of all 2 candidates feasible (0.0%)" in msg and "max_model_len: max_model_len N exceeds" in msg
+    assert "fix: set max_model_len <= 1024" in msg and "'model_max'" in msg and "models[].fixed" in msg
+    # the workload's longest request is a limit too: 2,048 tokens cannot hold chat-mix's 2,560
+    rep = require_feasible(load_space(_write(tmp_path, "t.yaml", "knobs:\n  max_model_len: [2048, model_max]\n")),
+                           load_model_facts("mistralai/Mistral-7B-Instruct-v0.2"), detect_hardware("L40S", 4),
+                           longest_request=2560)
+    assert rep.feasible == 1 and "shorter than the workload's longest request" in rep.reasons[0][0]

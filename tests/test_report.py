@@ -236,7 +236,7 @@ def _run_study(results: Path, storage: optuna.storages.BaseStorage, synth: Synth
                baselines: dict[str, dict[str, Any]] | None = None) -> optuna.Study:
     from harness.space import load_space
 
-    space = load_space(space_name)
+    space = load_space(space_name).for_model(8192)  # Meta-Llama-3-8B and Mistral-7B-v0.2 plan at 8,192 here
     obj = synth.objective
     study = open_study(synth.name, storage, obj.directions, make_sampler("auto", obj, space, 0, n_trials),
                        identity)

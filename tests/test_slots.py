@@ -275,7 +275,7 @@ def test_cpu_slots_run_real_servers_side_by_side(tiny_model: Path, tmp_path: Pat
         binds.append(found.group(1))
         assert [int(c) for c in cores.group(1).split(",")] == expand(found.group(1))
         argv = load_record(Path(t.user_attrs["records"][0])).argv[0]
-        ports.append(argv[argv.index("--port") + 1])
+        ports.append(next(a for a in argv if a.startswith("--port=")))
         # both servers started and were measured; whether the tiny SLO held while two servers and two load clients
         # share 2 cores is not what this test is about (the client self-check may reject a step there)
         assert t.user_attrs["outcome"] in ("ok", "slo_violated"), t.user_attrs

@@ -103,3 +103,44 @@ def test_space_violations() -> None:
     assert space.violations({"max_num_batched_tokens": 256, "max_num_seqs": 200}) == [
         "max_num_batched_tokens >= 2 * max_num_seqs"]
     assert space.violations({"max_num_batched_tokens": 256, "max_num_seqs": 8}) == []
+
+
+MODEL_MAX_SPACE = """
+name: mm
+fixed: {enforce_eager: true}
+knobs:
+  max_model_len: {type: categorical, choices: [2048, model_max]}
+  max_num_seqs: [8, 16]
+"""
+
+
+def test_model_max_resolves_per_model_and_keeps_the_distribution(tmp_path: Path) -> None:
+    """`model_max` is the literal in Optuna's distribution (equal for every model and rerun); the settings a trial
+    launches carry the model's own context."""
+    space = load_space(write(tmp_path, MODEL_MAX_SPACE))
+    assert space.knobs["max_model_len"].distribution() == optuna.distributions.CategoricalDistribution(
+        (2048, "model_max"))
+    short = space.for_model(1024)
+    assert sorted(g["max_model_len"] for g in short.grid()) == [1024, 1024, 2048, 2048]
+    assert space.for_model(4096).knobs["max_model_len"].distribution() == short.knobs["max_model_len"].distribution()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        settings = short.suggest(trial)
+        assert settings["max_model_len"] == (1024 if trial.params["max_model_len"] == "model_max" else 2048)
+        seen.add(trial.params["max_model_len"])
+        study.tell(trial, 1.0)
+    assert seen == {2048, "model_max"}
+    with pytest.raises(UserError, match="'model_max' needs a model"):
+        list(space.grid())  # not yet for a model: no number to launch
+
+
+def test_model_fixed_replaces_the_knob_and_model_max_elsewhere_is_refused(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, MODEL_MAX_SPACE)).for_model(1024, {"max_model_len": "model_max"})
+    assert "max_model_len" not in space.knobs and space.fixed == {"enforce_eager": True, "max_model_len": 1024}
+    assert {g["max_model_len"] for g in space.grid()} == {1024} and space.grid_size() == 2
+    with pytest.raises(UserError, match=r"knobs.max_num_seqs: 'model_max' is a value of max_model_len only"):
+        parse_space({"knobs": {"max_num_seqs": [8, "model_max"]}}, "s.yaml")
+    with pytest.raises(UserError, match=r"fixed.block_size: 'model_max' is a value of max_model_len only"):
+        parse_space({"fixed": {"block_size": "model_max"}, "knobs": {"max_num_seqs": [8]}}, "s.yaml")

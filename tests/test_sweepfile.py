@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,52 @@ def test_read_user_guide_format(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="needs 'model_name'"):
         (tmp_path / "b.yaml").write_text("vllm:\n  tensor_parallel_size: 1\n")
         read_config(tmp_path / "b.yaml")
+
+
+def test_serve_command_is_shell_correct_for_values_beginning_with_dash() -> None:
+    from harness.emit import serve_command
+
+    line = serve_command("-models/my model", ["--api-key=-k $x", "--served-model-name=-m"])
+    assert shlex.split(line) == ["vllm", "serve", "./-models/my model", "--api-key=-k $x", "--served-model-name=-m"]
+
+
+def test_sweep_refuses_a_model_with_no_feasible_candidate_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.sweep import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("knobs:\n  max_model_len: [2048, 4096]\n  max_num_seqs: [8, 16]\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"models: [mistralai/Mistral-7B-Instruct-v0.2, microsoft/DialoGPT-medium]\nspace: {space}\n"
+                     "objective: {kind: capacity, slo: {ttft_ms: 1000}}\n"
+                     f"workload: chat-short\nresults_dir: {tmp_path / 'results'}\nconfigs_dir: {tmp_path / 'configs'}\n")
+    assert main([str(sweep), "--gpu", "L40S", "--num-gpus", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep}: models[dialogpt-medium]: no feasible candidate" in err
+    assert "max_model_len N exceeds the longest context" in err and "fix: set max_model_len <= 1024" in err
+    assert not (tmp_path / "results").exists()  # refused before the first model's study was created
+
+
+def test_the_demo_writes_only_git_ignored_untracked_paths() -> None:
+    """The README's first command leaves a fresh clone's `git status` clean: every path the embedded demo writes
+    (model, config, study folder on any host, storage) is ignored and tracks no committed file."""
+    import subprocess
+
+    from harness.study import naming
+
+    root = Path(__file__).resolve().parents[1]
+    demo = parse_sweep(DEMO_SWEEP, "<demo>")
+    entry = demo.models[0]
+    written = [f"{entry.model}/config.json", f"{demo.configs_dir}/{entry.name}.yaml", f"{demo.results_dir}/studies.db"]
+    for hw in (naming.hardware_tag("CPU", 0), naming.hardware_tag("NVIDIA L40S", 1)):
+        sdir = naming.study_dir(demo.results_dir, naming.study_name(entry.name, hw, demo.workload,
+                                                                      demo.objective.kind))
+        written += [f"{sdir}/{f}" for f in ("trials.csv", "confirm.json", "runs/trial000-step1.json",
+                                             "report/report.md", "logs/trial000/server0.log")]
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *written],
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(written)
+    tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--", str(entry.model), *written],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == []
+    assert (root / "docs/evidence/cpu-demo" / f"{entry.name}.yaml").is_file()  # the committed run of the demo

@@ -34,7 +34,7 @@ import psutil
 
 from harness.errors import UserError
 from harness.launch.failures import classify
-from harness.launch.vllm_args import ArgSpec, load_argspec
+from harness.launch.vllm_args import ArgSpec, load_argspec, option
 from harness.nvml import nvml
 from harness.records import Failure
 
@@ -285,9 +285,9 @@ class Server(_Running):
     def argv(self) -> list[str]:
         """The argv the server was started with, API key redacted (for records)."""
         out = list(self._argv)
-        for i, arg in enumerate(out[:-1]):
-            if arg == "--api-key":
-                out[i + 1] = "<redacted>"
+        for i, arg in enumerate(out):
+            if arg.startswith("--api-key="):
+                out[i] = "--api-key=<redacted>"
         return out
 
     @property
@@ -302,7 +302,7 @@ class Server(_Running):
     # ---- argv / env
 
     def build_argv(self) -> list[str]:
-        """[python, -m, api_server, --model M, --host, --port, --api-key, ...settings]; settings checked first."""
+        """[python, -m, api_server, --model=M, --host=, --port=, --api-key=, ...settings]; settings checked first."""
         spec = self.spec
         settings = dict(spec.settings)
         model_name = settings.pop("model_name", None)
@@ -316,10 +316,10 @@ class Server(_Running):
                 raise UserError(f"extra argument '{arg}' is not accepted by vLLM {self.argspec.vllm_version}")
         if self.port is None:
             self.port = free_port(spec.host)
-        argv = [spec.python, "-m", API_SERVER_MODULE, "--model", str(spec.model),
-                "--host", spec.host, "--port", str(self.port), "--api-key", self.api_key]  # fmt: skip
+        argv = [spec.python, "-m", API_SERVER_MODULE, option("--model", spec.model), option("--host", spec.host),
+                option("--port", self.port), option("--api-key", self.api_key)]  # fmt: skip
         if spec.served_model_name and "served_model_name" not in settings:
-            argv += ["--served-model-name", spec.served_model_name]
+            argv.append(option("--served-model-name", spec.served_model_name))
         argv += self.argspec.to_argv(settings)
         # a measurement switch, not a tuning one: each response's usage then says how many prompt tokens came from
         # the prefix cache (RequestResult.cached_tokens); it changes nothing in scheduling or memory

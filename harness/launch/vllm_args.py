@@ -31,9 +31,12 @@ from harness.settings import HARNESS_KEYS, LAUNCHER_OWNED_DESTS, REMOVED_KEYS, s
 #   bool         BooleanOptionalAction: True -> --flag, False -> --no-flag
 #   store_true   True -> --flag, False -> nothing
 #   store_false  False -> --flag, True -> nothing
-#   value        one value: --flag VALUE (dicts as JSON)
-#   multi        nargs '+' / '*': --flag V1 V2 ...
-#   append       repeatable: --flag V1 --flag V2 ...
+#   value        one value: --flag=VALUE (dicts as JSON)
+#   multi        nargs '+' / '*': --flag=V for one value, --flag V1 V2 ... for several
+#   append       repeatable: --flag=V1 --flag=V2 ...
+# Values go in the `--flag=VALUE` form, the only one in which argparse takes a value that begins with `-` (a random
+# API key, a path, a name) as the value and not as an option. argparse has no such form for several values of one
+# nargs '+' flag, so a list item that begins with `-` is refused by `check` (one value is fine).
 ARG_KINDS = ("bool", "store_true", "store_false", "value", "multi", "append")
 
 _INT_TYPES = {"int", "human_readable_int", "human_readable_int_or_auto"}
@@ -121,6 +124,11 @@ class ArgSpec:
         values = list(value) if info.kind in ("multi", "append") and isinstance(value, (list, tuple)) else [value]
         if info.kind == "value" and isinstance(value, (list, tuple)):
             return f"expected one value, got a list {value!r}"
+        if info.kind == "multi" and len(values) > 1:
+            dashed = next((str(v) for v in values if _argv_value(v).startswith("-")), None)
+            if dashed is not None:
+                return (f"list item {dashed!r} begins with '-': vLLM's parser would read it as an option "
+                        f"(a list of several values cannot carry one); give it as the only value")
         for item in values:
             problem = self._item_problem(info, item)
             if problem:
@@ -171,6 +179,9 @@ class ArgSpec:
             info = self.args.get(dest)
             if info is None:
                 raise UserError(self._unknown_message(dest), key=dest)
+            problem = self._value_problem(info, value) if info.kind == "multi" else None
+            if problem:
+                raise UserError(problem, key=dest)
             argv += _argv_for(info, value)
         return argv
 
@@ -195,14 +206,18 @@ def _argv_for(info: ArgInfo, value: Any) -> list[str]:
         return [] if value else [info.flag]
     if info.kind == "multi":
         items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(items) == 1:
+            return [option(info.flag, items[0])]
         return [info.flag, *(_argv_value(v) for v in items)] if items else []
     if info.kind == "append":
         items = list(value) if isinstance(value, (list, tuple)) else [value]
-        out: list[str] = []
-        for v in items:
-            out += [info.flag, _argv_value(v)]
-        return out
-    return [info.flag, _argv_value(value)]
+        return [option(info.flag, v) for v in items]
+    return [option(info.flag, value)]
+
+
+def option(flag: str, value: Any) -> str:
+    """`--flag=VALUE`: one argv item, so a value that begins with `-` is still read as the value."""
+    return f"{flag}={_argv_value(value)}"
 
 
 def _argv_value(value: Any) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import UserError
+from harness.paths import portable_path
 from harness.yamlfile import read_yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "data" / "workloads"
@@ -126,7 +127,7 @@ class LengthDist:
     def to_dict(self) -> dict[str, Any]:
         keys = {"fixed": ("value",), "uniform": ("min", "max"), "normal": ("mean", "std", "min", "max")}
         if self.dist == "dataset":
-            return {"dist": "dataset", "path": self.path, "field": self.field}
+            return {"dist": "dataset", "path": portable_path(self.path), "field": self.field}
         return {"dist": self.dist, **{k: getattr(self, k) for k in keys[self.dist]}}
 
 
@@ -175,7 +176,7 @@ class Workload:
             "num_requests": self.num_requests,
             "duration_s": self.duration_s,
             "description": self.description,
-            "source": self.source,
+            "source": portable_path(self.source, presets=PRESET_DIR),  # committed with the record: no machine path
         }
 
     def dataset_rows(self) -> list[DatasetRow] | None:

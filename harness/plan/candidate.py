@@ -56,13 +56,14 @@ class Plan:
 
 def plan_candidate(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], *, argspec: Any = None,
                    defaults: VllmDefaults | None = None, context_len: int | None = None,
-                   source: str | None = None) -> Plan:
+                   source: str | None = None, longest_request: int | None = None) -> Plan:
     """Plan one candidate (settings by the user's key names) on `hw`. Fast: pure arithmetic, no I/O.
 
     `argspec` (harness.launch.vllm_args.ArgSpec) adds the unknown-key check and the installed vLLM's quantization
     methods; the sweep leaves it out because the space was checked once. `defaults` picks vLLM's defaults of
     another version (default: the installed vLLM's). `context_len` is the average context the decode roofline
-    assumes (default: half of max_model_len).
+    assumes (default: half of max_model_len). `longest_request` (the workload's longest prompt + output, tokens)
+    prunes a max_model_len that would make vLLM reject some of the workload's requests.
     """
     defaults = defaults or defaults_for(getattr(argspec, "vllm_version", None))
     findings: list[Finding] = []
@@ -75,7 +76,7 @@ def plan_candidate(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], *,
         return Plan(False, findings, hardware=hw.name, model=facts.name)
 
     findings += checks.check_parallel(facts, hw, r)
-    findings += checks.check_context(facts, r)
+    findings += checks.check_context(facts, r, longest_request)
     findings += checks.check_scheduler(r)
     quant_methods = getattr(argspec, "quantization_methods", None) or None
     platform = checks.check_platform(facts, hw, r, quant_methods)

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from harness.settings import REMOVED_KEYS
 from harness.plan.estimate import CUDA_CONTEXT_GIB as CUDA_CTX_GIB
 from harness.plan.estimate import Capacity, Memory, Resolved
-from harness.plan.hardware import GIB, Hardware
+from harness.plan.hardware import CPU_LAUNCH_MARGIN_GIB, GIB, Hardware, cpu_utilization_that_fits
 from harness.plan.modelfacts import (
     CHECKPOINT_METHODS,
     ONLINE_METHODS,
@@ -101,7 +101,18 @@ def check_tp_over_pcie(facts: ModelFacts, hw: Hardware, r: Resolved, cap: Capaci
 # ---------------------------------------------------------------------------------------------- context
 
 
-def check_context(facts: ModelFacts, r: Resolved) -> list[Finding]:
+def check_context(facts: ModelFacts, r: Resolved, longest_request: int | None = None) -> list[Finding]:
+    """max_model_len against the model's longest context and (when known) the workload's longest request."""
+    if longest_request and longest_request > facts.max_context:
+        return [Finding("error", "max_model_len",
+                        f"the workload's longest request ({longest_request} tokens, prompt + output) exceeds the "
+                        f"longest context {facts.name} allows ({facts.max_context}): vLLM rejects those requests",
+                        f"use a workload of requests up to {facts.max_context} tokens (in a sweep: models[].workload)")]
+    if longest_request and not r.max_model_len_auto and r.max_model_len < longest_request:
+        return [Finding("error", "max_model_len",
+                        f"max_model_len {r.max_model_len} is shorter than the workload's longest request "
+                        f"({longest_request} tokens, prompt + output): vLLM rejects those requests",
+                        f"set max_model_len >= {longest_request}, or use a workload of shorter requests")]
     if r.max_model_len > facts.max_context:
         scaled = f" x RoPE factor {facts.rope_scaling_factor:g}" if facts.rope_scaling_factor != 1 else ""
         return [Finding("error", "max_model_len",
@@ -199,8 +210,13 @@ def _cpu_memory(hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[F
                 f"on the CPU build, gpu_memory_utilization is the share of the memory node vLLM claims: "
                 f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)}, but only "
                 f"{avail:.2f} GiB is available: vLLM refuses to start",
-                f"lower gpu_memory_utilization to <= {max(0.05, avail / hw.memory_gib - 0.05):.2f}, or set "
-                f"VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache"))
+                _cpu_fix(hw)))
+        elif avail is not None and mem.requested > (avail - CPU_LAUNCH_MARGIN_GIB) * GIB:
+            out.append(Finding(
+                "warning", "gpu_memory_utilization",
+                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)} leaves less than "
+                f"{CPU_LAUNCH_MARGIN_GIB:g} GiB of the {avail:.2f} GiB available for vLLM's own processes, which start "
+                f"before its memory check: the start-up may be refused", _cpu_fix(hw, CPU_LAUNCH_MARGIN_GIB)))
     elif avail is not None and mem.kv_budget > avail * GIB:
         out.append(Finding(
             "error", "VLLM_CPU_KVCACHE_SPACE",
@@ -208,6 +224,14 @@ def _cpu_memory(hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[F
             f"node: vLLM refuses to start",
             f"set VLLM_CPU_KVCACHE_SPACE <= {int(avail)}"))
     return out
+
+
+def _cpu_fix(hw: Hardware, margin_gib: float = 0.0) -> str:
+    util = cpu_utilization_that_fits(hw, margin_gib)
+    if util <= 0:
+        return "free memory on the node, or set VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache"
+    return (f"lower gpu_memory_utilization to <= {util:.2f} (the highest that fits the memory available now), or set "
+            f"VLLM_CPU_KVCACHE_SPACE (GiB) for a fixed KV cache")
 
 
 def _next_tp(facts: ModelFacts, hw: Hardware, r: Resolved) -> int | None:

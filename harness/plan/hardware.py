@@ -8,6 +8,7 @@ vendor datasheet figures (dense, i.e. without 2:4 sparsity); they feed the decod
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -272,6 +273,55 @@ def _arch_for_cc(cc: tuple[int, ...]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CPU host
+
+# Memory vLLM's own processes take between the planner's read of the node and the CPU worker's start-up check: the
+# API server and the engine core import torch before the worker compares the node's available memory with its
+# request. A launch sized this much below the available memory still starts when the node's free memory moves a
+# little (other processes, a growing VM node); the planner's error itself is vLLM's exact check, with no margin.
+CPU_LAUNCH_MARGIN_GIB = 1.0
+
+
+def cpu_request_bytes(hw: Hardware, utilization: float) -> int:
+    """What vLLM's CPU worker requests at start-up: ceil(node total x gpu_memory_utilization)
+    (vllm/v1/worker/cpu_worker.py, the "desired CPU memory utilization" check)."""
+    return math.ceil(hw.memory_bytes * utilization)
+
+
+def cpu_utilization_that_fits(hw: Hardware, margin_gib: float = 0.0) -> float:
+    """The highest gpu_memory_utilization (two decimals) whose request the CPU worker accepts with the node's memory
+    as it is now, `margin_gib` kept free; 0.0 when none does. vLLM refuses when the request exceeds the available
+    memory (MemFree + file pages + SReclaimable of the node, clamped by the cgroup)."""
+    if hw.available_memory_gib is None or not hw.memory_bytes:
+        return 0.0
+    room = int(round((hw.available_memory_gib - margin_gib) * GIB))
+    util = math.floor(100 * room / hw.memory_bytes) / 100
+    while util > 0 and cpu_request_bytes(hw, util) > room:
+        util = round(util - 0.01, 2)
+    return max(0.0, min(util, 1.0))
+
+
+def size_cpu_launch(settings: dict[str, Any], hw: Hardware,
+                    default_utilization: float | None = None) -> tuple[dict[str, Any], str]:
+    """On the CPU host, settings whose start-up request fits the node now: when the user left gpu_memory_utilization
+    to vLLM's default and that does not fit, the highest utilization that fits (less CPU_LAUNCH_MARGIN_GIB). Returns
+    the settings and a note ('' when nothing changed). A fixed KV cache (kv_cache_memory_bytes,
+    VLLM_CPU_KVCACHE_SPACE) skips vLLM's check, and a value the user chose is theirs: the planner reports it."""
+    fixed_kv = settings.get("kv_cache_memory_bytes") is not None or hw.cpu_kv_cache_space_gib is not None
+    if not hw.is_cpu or fixed_kv or settings.get("gpu_memory_utilization") is not None:
+        return settings, ""
+    if default_utilization is None:
+        from harness.plan.defaults import defaults_for
+
+        default_utilization = defaults_for(None).gpu_memory_utilization  # the installed vLLM's
+    if cpu_request_bytes(hw, default_utilization) <= (hw.available_memory_gib or 0) * GIB - CPU_LAUNCH_MARGIN_GIB * GIB:
+        return settings, ""
+    util = cpu_utilization_that_fits(hw, CPU_LAUNCH_MARGIN_GIB)
+    if util <= 0:
+        return settings, ""  # nothing fits: the planner's error says so
+    note = (f"gpu_memory_utilization {util:g}: vLLM's default {default_utilization:g} x {hw.memory_gib:.2f} GiB "
+            f"exceeds the {hw.available_memory_gib:.2f} GiB available on the memory node now (vLLM's CPU build "
+            f"refuses to start then); {util:g} leaves {CPU_LAUNCH_MARGIN_GIB:g} GiB for vLLM's own processes")
+    return {**settings, "gpu_memory_utilization": util}, note
 
 
 def detect_cpu_host(kv_cache_space_gib: float | None = None) -> Hardware:

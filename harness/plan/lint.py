@@ -202,45 +202,78 @@ class SpaceReport:
     feasible: int
     reasons: list[tuple[str, int]]  # (key: first error's short reason, count)
     by_knob: dict[str, list[tuple[Any, int, int]]]  # knob -> [(value, feasible, evaluated)]
+    fixes: dict[str, str] = field(default_factory=dict)  # reason -> the planner's fix for its first candidate
 
     @property
     def feasible_fraction(self) -> float:
         return self.feasible / self.evaluated if self.evaluated else 0.0
 
+    def summary(self) -> str:
+        """One line: the feasible share and the most common reason for pruning, with its fix."""
+        how = f"{self.evaluated:,} sampled of {self.grid_size:,}" if self.sampled else f"all {self.grid_size:,}"
+        line = (f"space {self.space} for {self.model} on {self.hardware}: {self.feasible:,} of {how} candidates "
+                f"feasible ({100 * self.feasible_fraction:.1f}%)")
+        if self.reasons:
+            reason, count = self.reasons[0]
+            fix = self.fixes.get(reason)
+            line += f"; most pruned by {reason} ({count:,})" + (f"; fix: {fix}" if fix else "")
+        if self.violating_conditions:
+            line += f"; {self.violating_conditions:,} break a condition of the space"
+        return line
+
+
+def require_feasible(space: Any, facts: ModelFacts, hw: Hardware, *, source: str | None = None,
+                     key: str | None = None, max_candidates: int = 20000,
+                     longest_request: int | None = None) -> SpaceReport:
+    """The space's feasibility report, or UserError when no candidate can run: a sweep calls it before it starts a
+    model's study, so no trial budget is spent on candidates the planner prunes anyway."""
+    report = space_feasibility(space, facts, hw, max_candidates=max_candidates, longest_request=longest_request)
+    if report.feasible == 0:
+        hint = ("; in a space, the max_model_len choice 'model_max' is each model's longest context"
+                if report.reasons and report.reasons[0][0].startswith("max_model_len") else "")
+        raise UserError(f"no feasible candidate: {report.summary()}{hint}; or give this model its own values in "
+                        f"the sweep file (models[].fixed replaces the space's knob, models[].workload the sweep's "
+                        f"workload)", source=source, key=key)
+    return report
+
 
 def space_feasibility(space: Any, facts: ModelFacts, hw: Hardware, *, max_candidates: int = 20000,
-                      seed: int = 0) -> SpaceReport:
+                      seed: int = 0, longest_request: int | None = None) -> SpaceReport:
     """Plan every candidate of `space` (its full grid, or `max_candidates` uniform samples of a larger one).
 
     `space` is a harness.space.SearchSpace: `.knobs` (name -> knob with `.values()`), `.fixed`, `.grid()`,
-    `.grid_size()` and `.violations(settings)`.
+    `.grid_size()` and `.violations(settings)`; one not yet for a model is planned for `facts` (its `model_max`).
     """
+    if space.model_max_len is None:
+        space = space.for_model(facts.max_context)
     size = space.grid_size()
     sampled = size > max_candidates
     if sampled:
         rng = random.Random(seed)
-        values = {n: k.values() for n, k in space.knobs.items()}
-        candidates = ({**space.fixed, **{n: rng.choice(v) for n, v in values.items()}} for _ in range(max_candidates))
+        candidates = (space.sample(rng) for _ in range(max_candidates))
         n_eval = max_candidates
     else:
         candidates = space.grid()
         n_eval = size
     violating = infeasible = feasible = 0
     reasons: Counter[str] = Counter()
+    fixes: dict[str, str] = {}
     by_knob: dict[str, dict[Any, list[int]]] = {n: {} for n in space.knobs}
     for settings in candidates:
         ok = False
         if space.violations(settings):
             violating += 1
         else:
-            plan = plan_candidate(facts, hw, settings)
+            plan = plan_candidate(facts, hw, settings, longest_request=longest_request)
             if plan.feasible:
                 feasible += 1
                 ok = True
             else:
                 infeasible += 1
                 first = plan.errors()[0]
-                reasons[f"{first.key}: {_short(first.message)}"] += 1
+                reason = f"{first.key}: {_short(first.message)}"
+                reasons[reason] += 1
+                fixes.setdefault(reason, first.fix)
         for n in space.knobs:
             cell = by_knob[n].setdefault(_hashable(settings.get(n)), [0, 0])
             cell[0] += ok
@@ -249,7 +282,7 @@ def space_feasibility(space: Any, facts: ModelFacts, hw: Hardware, *, max_candid
         space=getattr(space, "name", "space"), model=facts.name,
         hardware=f"{hw.count}x {hw.name}" if not hw.is_cpu else "CPU", grid_size=size, evaluated=n_eval,
         sampled=sampled, violating_conditions=violating, infeasible=infeasible, feasible=feasible,
-        reasons=reasons.most_common(),
+        reasons=reasons.most_common(), fixes=fixes,
         by_knob={n: [(v, c[0], c[1]) for v, c in sorted(cells.items(), key=lambda kv: _sort_key(kv[0]))]
                  for n, cells in by_knob.items()})
 

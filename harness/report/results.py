@@ -19,6 +19,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import UserError
+from harness.paths import portable
 from harness.study.naming import study_dir
 from harness.study.objectives import Objective, objective_from_dict
 from harness.study.storage import default_storage, make_storage, redact
@@ -143,7 +144,7 @@ def load_studies(path_or_url: str | Path = "results", *, storage: str | None = N
     while reports still go under the folder. `study`: only this study (`@` or `__` form).
     """
     loc = _locate(path_or_url, storage)
-    label = redact(loc.storage_url)
+    label = portable(redact(loc.storage_url))  # the report is committed: no machine path
     store = make_storage(loc.storage_url)
     names = _study_names(store, label)
     wanted = study.replace("__", "@") if study else loc.only

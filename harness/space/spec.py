@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +18,11 @@ from harness.space.knobs import Knob, parse_knob
 
 SPACE_KEYS = ("name", "description", "fixed", "knobs", "conditions")
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+# A max_model_len value that stands for the model's longest context, so one space fits models of any context.
+# It stays the literal string in the Optuna distribution (the same for every model and every rerun); only the
+# settings a trial launches carry the number (`SearchSpace.for_model`).
+MODEL_MAX = "model_max"
+MODEL_MAX_KEY = "max_model_len"
 
 
 @dataclass
@@ -26,13 +33,36 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
     conditions: list[Condition] = field(default_factory=list)
     description: str = ""
+    model_max_len: int | None = None  # what `model_max` stands for, once the space is for one model
+
+    def for_model(self, max_context: int, fixed: dict[str, Any] | None = None) -> SearchSpace:
+        """This space for one model: `model_max` becomes its longest context, and the model's own fixed settings
+        (a sweep's `models[].fixed`) replace the knobs of the same keys, so one space file serves every model."""
+        fixed = dict(fixed or {})
+        space = dataclasses.replace(self, knobs={n: k for n, k in self.knobs.items() if n not in fixed},
+                                    fixed={**self.fixed, **fixed}, model_max_len=int(max_context))
+        space.fixed = space.resolve(space.fixed)
+        return space
+
+    def resolve(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Settings with `model_max` replaced by the model's longest context."""
+        if settings.get(MODEL_MAX_KEY) != MODEL_MAX:
+            return settings
+        if self.model_max_len is None:
+            raise UserError(f"'{MODEL_MAX}' needs a model: plan the space with --model", source=self.source,
+                            key=MODEL_MAX_KEY)
+        return {**settings, MODEL_MAX_KEY: self.model_max_len}
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         """Settings for one trial: the fixed ones plus one value per knob."""
         settings = dict(self.fixed)
         for knob in self.knobs.values():
             settings[knob.name] = knob.suggest(trial)
-        return settings
+        return self.resolve(settings)
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        """One candidate drawn uniformly from the grid (for feasibility counts of a large space)."""
+        return self.resolve({**self.fixed, **{n: rng.choice(k.values()) for n, k in self.knobs.items()}})
 
     def violations(self, settings: dict[str, Any]) -> list[str]:
         """The conditions this candidate breaks, as the text the user wrote."""
@@ -42,7 +72,7 @@ class SearchSpace:
         """Every combination of knob values (fixed settings included), conditions not applied."""
         names = list(self.knobs)
         for combo in itertools.product(*(self.knobs[n].values() for n in names)):
-            yield {**self.fixed, **dict(zip(names, combo))}
+            yield self.resolve({**self.fixed, **dict(zip(names, combo))})
 
     def grid_size(self) -> int:
         size = 1
@@ -97,5 +127,11 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     if not isinstance(conds, list):
         raise UserError("must be a list of expressions", source=source, key="conditions")
     conditions = [parse_condition(text, source, i) for i, text in enumerate(conds)]
+    for name, knob in knobs.items():
+        if name != MODEL_MAX_KEY and MODEL_MAX in knob.choices:
+            raise UserError(f"'{MODEL_MAX}' is a value of {MODEL_MAX_KEY} only", source=source, key=f"knobs.{name}")
+    for name, value in fixed.items():
+        if name != MODEL_MAX_KEY and value == MODEL_MAX:
+            raise UserError(f"'{MODEL_MAX}' is a value of {MODEL_MAX_KEY} only", source=source, key=f"fixed.{name}")
     return SearchSpace(name=str(data.get("name") or default_name), source=source, knobs=knobs, fixed=dict(fixed),
                        conditions=conditions, description=str(data.get("description") or ""))

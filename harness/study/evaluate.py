@@ -46,7 +46,7 @@ def _plan(ctx: StudyContext, settings: dict[str, Any]) -> Any:
         # vLLM's CPU build sizes its KV cache from the NUMA node's memory at launch, and on some VMs that grows
         # as memory is first touched: read it again right before each launch (it is a cheap /sys read).
         hardware = detect_hardware(None, None)
-    return plan_candidate(ctx.facts, hardware, settings)
+    return plan_candidate(ctx.facts, hardware, settings, longest_request=ctx.workload.max_total_tokens())
 
 
 def plan_settings(ctx: StudyContext, settings: dict[str, Any]) -> tuple[Evaluation, int]:

@@ -19,7 +19,7 @@ from harness.yamlfile import check_keys, positive, read_yaml
 
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
               "configs_dir", "start_timeout_s", "parallel", "sampler", "seed")
-MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials")
+MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials", "workload")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
                   "start_rate", "max_steps", "latency_metric", "min_rate")
 
@@ -32,6 +32,7 @@ class ModelEntry:
     model_name: str | None = None  # what the emitted config names (e.g. the hub name a local stand-in copies)
     fixed: dict[str, Any] = field(default_factory=dict)  # per-model settings on top of the space's fixed ones
     trials: int | None = None
+    workload: str | None = None  # this model's workload instead of the sweep's (a model of short context)
 
 
 @dataclass
@@ -112,7 +113,8 @@ def parse_sweep(data: Any, source: str) -> Sweep:
                                  model=str(entry["model"]), build=entry.get("build"),
                                  model_name=entry.get("model_name"),
                                  fixed=dict(entry.get("fixed") or {}),
-                                 trials=positive(entry.get("trials"), source, f"models[{i}].trials", integer=True)))
+                                 trials=positive(entry.get("trials"), source, f"models[{i}].trials", integer=True),
+                                 workload=entry.get("workload")))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"model names repeat: {names}", source=source, key="models")

@@ -26,7 +26,9 @@ from harness.load.prompts import build_requests
 from harness.load.tokenizer import load_tokenizer
 from harness.load.workload import load_workload
 from harness.models import build_from_config, build_tiny
+from harness.paths import portable
 from harness.plan import load_model_facts
+from harness.plan.lint import require_feasible
 from harness.settings import Topology, split_settings
 from harness.space import load_space
 from harness.study import naming
@@ -67,15 +69,22 @@ def ensure_model(entry: ModelEntry) -> str:
     return entry.model
 
 
+def refuse_infeasible(sweep: Sweep, entry: ModelEntry, hardware: Any) -> None:
+    """Before any trial: UserError naming the reason and the fix when the model's space has no feasible candidate."""
+    facts = load_model_facts(ensure_model(entry))
+    space = load_space(sweep.space).for_model(facts.max_context, entry.fixed)
+    longest = load_workload(entry.workload or sweep.workload).max_total_tokens()
+    require_feasible(space, facts, hardware, source=sweep.source, key=f"models[{entry.name}]", longest_request=longest)
+
+
 def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, parallel: int,
                   results_dir: Path) -> tuple[StudyContext, str]:
-    space = load_space(sweep.space)
-    space.fixed.update(entry.fixed)
+    facts = load_model_facts(model)
+    space = load_space(sweep.space).for_model(facts.max_context, entry.fixed)
     argspec = load_argspec()
     argspec.check(dict(space.fixed), space.source)
     argspec.check({k: None for k in space.knobs}, space.source)
-    workload = load_workload(sweep.workload)
-    facts = load_model_facts(model)
+    workload = load_workload(entry.workload or sweep.workload)
     tokenizer = load_tokenizer(model)
     obj = sweep.objective
     n_requests = obj.num_requests + workload.warmup_requests
@@ -221,4 +230,4 @@ def _hw_identity(hardware: Any) -> dict[str, Any]:
 
 
 def _storage_label(url: str | None, results_dir: Path) -> str:
-    return redact(url) if url else default_storage(results_dir)
+    return portable(redact(url) if url else default_storage(results_dir))
