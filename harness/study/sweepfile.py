@@ -18,7 +18,8 @@ from harness.records import SLO
 SLO_PERCENTILES = (50, 90, 95, 99)  # the percentiles every RunMetrics carries
 OBJECTIVES = ("capacity", "goodput", "throughput", "pareto")
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
-              "configs_dir", "start_timeout_s", "parallel", "sampler", "seed")
+              "configs_dir", "start_timeout_s", "parallel", "sampler", "seed",
+              "traffic")  # traffic: the node plan's expected load per model (harness.node.traffic)
 MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
                   "start_rate", "max_steps", "latency_metric", "min_rate")
