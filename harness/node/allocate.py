@@ -8,8 +8,8 @@ The rule (RULE below, also written into every plan):
    A higher-priority model reaches its target before a lower one gets any GPU it would need.
 2. Then the smallest headroom over all models, uncapped; ties go to the next smallest, and so on (leximin).
 3. Then the spare capacity: the sum of the headrooms (each model's capacity in units of its own target).
-4. Then fewer GPUs; then the first in a deterministic order (models in sweep order, each model's options by
-   GPUs per server, then replicas).
+4. Then fewer GPUs; then a fixed order: the plan giving the earlier models (in sweep order) more GPUs, and
+   lower TP before higher.
 With one priority level, 1 and 2 together maximize the smallest headroom, as asked of a node plan.
 """
 
@@ -23,7 +23,7 @@ from harness.node.topology import Topology
 
 RULE = ("maximize, in this order: (1) per priority level from the highest, the headrooms capped at 1, smallest "
         "first; (2) the smallest headroom over all models, then the next smallest; (3) the spare capacity (sum of "
-        "headrooms); (4) fewer GPUs; ties then go to the first option in sweep order, lower TP first")
+        "headrooms); (4) fewer GPUs; remaining ties give earlier models (sweep order) more GPUs, lower TP first")
 _DIGITS = 9  # headrooms equal to this many decimals are a tie, so float noise cannot pick a plan
 
 
@@ -142,7 +142,8 @@ def options_for(demand: Demand, node_gpus: int, topology_known: bool) -> list[_O
         if c.capacity_rps <= 0 or c.gpus < 1:
             continue
         raw += [_Option(c, n) for n in range(1, node_gpus // c.gpus + 1)]
-    raw.sort(key=lambda o: (o.gpus, o.candidate.gpus if o.candidate else 0, -o.capacity))
+    # more GPUs first, so that on a tie the earlier model (in sweep order) has the larger share; lower TP first
+    raw.sort(key=lambda o: (-o.gpus, o.candidate.gpus if o.candidate else 0, -o.capacity))
     kept: list[_Option] = []
     for o in raw:
         dominated = any(

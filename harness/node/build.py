@@ -54,7 +54,7 @@ def build_plan(inputs: NodeInputs, hardware: Hardware, topology: Topology, *, st
         print(f"capacity table: {t.name} ...", file=out, flush=True)
         workload = load_workload(t.workload)
         study_name = naming.study_name(entry.name, hw_tag, workload.name, sweep.objective.kind)
-        measured, note = measured_candidates(storage_url, study_name, t.slo)
+        measured, note = measured_candidates(storage_url, study_name, t.slo, sweep.results_dir)
         studies[t.name] = note
         facts = load_model_facts(entry.model)
         rows = capacity_rows(t.name, facts, hardware, shape_of(workload), t.slo, {**space.fixed, **entry.fixed},

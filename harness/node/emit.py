@@ -55,10 +55,15 @@ def serve_argv(model: str, settings: dict[str, Any], port: int, argspec: Any = N
             tokens = ([flag] if value else [f"--no-{dest.replace('_', '-')}"]) if isinstance(value, bool) else [
                 flag, str(value)]
             kind = "bool" if isinstance(value, bool) else "value"
-        if kind == "value" and len(tokens) == 2:
-            tokens = [f"{tokens[0]}={tokens[1]}"]
-        argv += tokens
+        argv += _joined(tokens, kind)
     return argv + ["--host=127.0.0.1", f"--port={port}"]
+
+
+def _joined(tokens: list[str], kind: str) -> list[str]:
+    """`--flag value` pairs as `--flag=value` (argparse reads both; only the second is safe for '-x' values)."""
+    if kind == "append" or (kind in ("value", "multi") and len(tokens) == 2):
+        return [f"{tokens[i]}={tokens[i + 1]}" for i in range(0, len(tokens), 2)]
+    return tokens  # switches, and multi-valued flags (their values follow the flag)
 
 
 def node_document(plan: NodePlan, *, argspec: Any = None, sweep_label: str | None = None) -> dict[str, Any]:

@@ -9,10 +9,12 @@ TFLOPS) and the workload's mean lengths. A mean-value model of vLLM's continuous
     =>  TPOT = a / (1 - lam T_pf - lam L_out b)   with a the batch-independent term, b the per-sequence one
 
 W weights per GPU, K KV bytes per token per GPU, c = L_in + L_out / 2 the mean context a decoding sequence holds,
-P parameters, t the tensor-parallel size, t_ar one all-reduce's fixed cost (TP > 1), F the GPU's dense TFLOPS (FP8 when the weights are FP8), A the all-reduce
-bytes per sequence and step over the GPU link. The capacity is the largest lam with TPOT <= the TPOT limit,
+P parameters, t the tensor-parallel size, t_ar one all-reduce's fixed cost (TP > 1), F the GPU's dense TFLOPS
+(FP8 when the weights are FP8), A the all-reduce bytes per sequence and step over the GPU link.
+The capacity is the largest lam with TPOT <= the TPOT limit,
 TTFT ~ T_pf(longest prompt) / (1 - lam T_pf) + one step <= the TTFT limit, E2E ~ TTFT + longest output x TPOT <=
-the E2E limit, and B <= min(max_num_seqs, KV cache tokens / c). ASSUMPTIONS says what this leaves out.
+the E2E limit, and B <= min(max_num_seqs, KV cache tokens / c); TPOT and TTFT are means scaled to the SLO's
+percentile (PERCENTILE_FACTORS). ASSUMPTIONS says what this leaves out.
 """
 
 from __future__ import annotations

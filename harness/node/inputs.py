@@ -55,14 +55,15 @@ def storage_for(results_dir: str | Path, storage: str | None) -> str | None:
     return f"sqlite:///{path.resolve()}" if path.is_file() else None
 
 
-def measured_candidates(storage: str | None, study_name: str, slo: SLO) -> tuple[list[Measured], str]:
+def measured_candidates(storage: str | None, study_name: str, slo: SLO, results_dir: str | Path = "results"
+                        ) -> tuple[list[Measured], str]:
     """Best measured candidate per GPU count from the capacity study `study_name`, and a note on what was used.
 
     Used only when the study scored capacity at the same SLO as this model's target: a capacity at another SLO is
     another number.
     """
     if storage is None:
-        return [], "no study storage"
+        return [], f"no measured study (no {Path(results_dir) / 'studies.db'})"
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
