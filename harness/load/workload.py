@@ -108,6 +108,18 @@ class LengthDist:
             return None
         return min(values), max(values)  # type: ignore[type-var]
 
+    def mean_value(self) -> float | None:
+        """Expected value (for planning: tokens per request); None where `bounds` is None."""
+        if self.dist == "fixed":
+            return float(self.value or 0)
+        if self.dist == "uniform":
+            return ((self.min or 0) + (self.max or 0)) / 2
+        if self.dist == "normal":
+            return float(np.clip(self.mean or 0.0, self.min, self.max))
+        if self.bounds() is None:
+            return None
+        return float(np.mean([self._row_value(r) for r in self.rows]))
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """Draw `n` integer lengths (not for `dataset`, whose rows are drawn by the workload)."""
         if self.dist == "fixed":

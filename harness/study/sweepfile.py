@@ -18,7 +18,8 @@ from harness.study.objectives import OBJECTIVES, Objective
 from harness.yamlfile import check_keys, positive, read_yaml
 
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
-              "configs_dir", "start_timeout_s", "parallel", "sampler", "seed")
+              "configs_dir", "start_timeout_s", "parallel", "sampler", "seed",
+              "traffic")  # traffic: the node plan's expected load per model (harness.node.traffic)
 MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials", "workload")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
                   "start_rate", "max_steps", "latency_metric", "min_rate")

@@ -1,0 +1,133 @@
+"""Write the node plan in the user's format: `vllm_instances:` (one server each, pinned to `gpu_devices`), the
+`vllm serve` command of each instance, and the provenance of every number.
+
+The instances hold only settings and `gpu_devices`, as in the user's guide, so their tooling and
+`python -m harness.plan` read them as they are; the commands sit beside them in `serve_commands:`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.emit import ordered_vllm_block
+from harness.errors import UserError
+from harness.node.allocate import Assignment
+from harness.node.build import NodePlan
+from harness.records import to_dict
+from harness.settings import split_settings
+
+BASE_PORT = 8000  # instance i listens on BASE_PORT + i
+
+
+def instances(plan: NodePlan) -> list[tuple[Assignment, dict[str, Any], tuple[int, ...]]]:
+    """(assignment, user-format settings, GPU set) per server, in model order."""
+    out = []
+    for a in plan.allocation.assignments:
+        if a.candidate is None:
+            continue
+        entry = plan.inputs.entry(a.demand.name)
+        block = ordered_vllm_block(entry.model_name or entry.model, dict(a.candidate.ref.settings))
+        for gpus in a.servers:
+            out.append((a, block, gpus))
+    return out
+
+
+def serve_argv(model: str, settings: dict[str, Any], port: int, argspec: Any = None) -> list[str]:
+    """`vllm serve MODEL --opt=value ...`: `=` keeps a value that starts with '-' a value. Flags from the installed
+    vLLM's parser when given (argspec), else vLLM's naming convention (dest with dashes, --no-X for false)."""
+    vllm_settings, _ = split_settings({k: v for k, v in settings.items() if k != "model_name"})
+    argv = ["vllm", "serve", model]
+    for dest, value in vllm_settings.items():
+        if value is None:
+            continue
+        if argspec is not None:
+            if dest not in argspec.args:
+                raise UserError(f"vLLM {argspec.vllm_version} has no setting '{dest}'", key=dest)
+            tokens = argspec.to_argv({dest: value})
+            kind = argspec.args[dest].kind
+        else:
+            flag = "--" + dest.replace("_", "-")
+            tokens = ([flag] if value else [f"--no-{dest.replace('_', '-')}"]) if isinstance(value, bool) else [
+                flag, str(value)]
+            kind = "bool" if isinstance(value, bool) else "value"
+        argv += _joined(tokens, kind)
+    return argv + ["--host=127.0.0.1", f"--port={port}"]
+
+
+def _joined(tokens: list[str], kind: str) -> list[str]:
+    """`--flag value` pairs as `--flag=value` (argparse reads both; only the second is safe for '-x' values)."""
+    if kind == "append" or (kind in ("value", "multi") and len(tokens) == 2):
+        return [f"{tokens[i]}={tokens[i + 1]}" for i in range(0, len(tokens), 2)]
+    return tokens  # switches, and multi-valued flags (their values follow the flag)
+
+
+def node_document(plan: NodePlan, *, argspec: Any = None, sweep_label: str | None = None) -> dict[str, Any]:
+    hw = plan.hardware
+    doc: dict[str, Any] = {"vllm_instances": [], "serve_commands": []}
+    for i, (a, block, gpus) in enumerate(instances(plan)):
+        doc["vllm_instances"].append({**block, "gpu_devices": list(gpus)})
+        argv = serve_argv(block["model_name"], block, BASE_PORT + i, argspec)
+        doc["serve_commands"].append({
+            "instance": i + 1, "model_name": block["model_name"], "gpu_devices": list(gpus),
+            "command": f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))} {shlex.join(argv)}"})
+    models = []
+    for a in plan.allocation.assignments:
+        t = plan.traffic(a.demand.name)
+        row = a.candidate.ref if a.candidate else None
+        item: dict[str, Any] = {
+            "name": t.name, "model": t.model, "target_rps": round(t.target_rps, 4),
+            "slo": {k: v for k, v in to_dict(t.slo).items() if v is not None}, "priority": t.priority,
+            "workload": t.workload, "gpus": a.gpus, "servers": [list(s) for s in a.servers],
+            "candidate": row.label if row else None,
+            "capacity_rps_per_server": round(row.capacity_rps, 4) if row else None,
+            "capacity_rps": round(a.capacity_rps, 4), "headroom": round(a.headroom, 3) if t.target_rps else None,
+            "source": row.source if row else None, "study": plan.studies.get(t.name),
+        }
+        if row is not None:
+            item["basis"] = row.detail
+        item["capacity_table"] = [
+            {"gpus_per_server": r.gpus, "candidate": r.label, "capacity_rps": round(r.capacity_rps, 4),
+             "source": r.source, **({"why_none": r.reason} if r.reason else {})} for r in plan.tables[t.name]]
+        models.append(item)
+    n_servers = len(doc["vllm_instances"])
+    doc["provenance"] = {
+        "generated_by": "vllm-tune node plan (python -m harness.node)",
+        "date": _dt.date.today().isoformat(),
+        "sweep": sweep_label or plan.inputs.sweep.source,
+        "hardware": {"gpu": hw.name, "num_gpus": hw.count, "memory_gib": round(hw.memory_gib, 2),
+                     "source": "detected" if hw.detected else "catalog", "topology": plan.topology.to_dict()},
+        "vllm_version": getattr(argspec, "vllm_version", None),
+        "capacity_sources": sorted(plan.sources) or ["none"],
+        "allocation_rule": plan.allocation.rule,
+        "min_headroom": round(plan.allocation.min_headroom, 3),
+        "models": models,
+        "unmet": [s.describe(hw.count) for s in plan.allocation.shortfalls],
+        "unused_gpus": list(plan.allocation.unused_gpus),
+        "assumptions": plan.assumptions,
+        "serve_commands": f"instance i (1-based) listens on 127.0.0.1:{BASE_PORT}+i-1; {n_servers} instance(s)",
+    }
+    return doc
+
+
+def write_node_config(path: str | Path, plan: NodePlan, *, argspec: Any = None, sweep_label: str | None = None
+                      ) -> Path:
+    path = Path(path)
+    doc = node_document(plan, argspec=argspec, sweep_label=sweep_label)
+    hw = plan.hardware
+    kinds = "+".join(sorted(plan.sources)) or "no"
+    header = [f"generated by vllm-tune node plan: {sweep_label or plan.inputs.sweep.source} on {hw.count}x {hw.name}, "
+              f"{_dt.date.today().isoformat()}",
+              f"capacities: {kinds} ({'not measured: ' if 'measured' not in plan.sources else ''}see provenance."
+              f"assumptions); smallest predicted headroom {plan.allocation.min_headroom:.2f}"]
+    if plan.allocation.shortfalls:
+        header.append("NOT every model meets its target on this node: see provenance.unmet")
+    text = "".join(f"# {line}\n" for line in header)
+    text += yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=116)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
