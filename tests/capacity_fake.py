@@ -215,3 +215,77 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+
+
+def requests_for(n: int, output_tokens: int, prompt_words: int = 4) -> list:
+    """`n` identical completions requests (the fake counts prompt tokens as words)."""
+    from harness.load.prompts import RequestSpec
+
+    return [RequestSpec(" ".join(["tok"] * prompt_words), None, prompt_words, output_tokens)] * n
+
+
+def wait_idle(fake: CapacityFake, timeout_s: float = 60.0) -> None:
+    """Until the fake's virtual queue is empty, so one step's backlog does not load the next."""
+    from harness.measure.vllm_metrics import RUNNING_METRIC, WAITING_METRIC, scrape
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        snap = scrape(fake.url)
+        if not (snap.total(WAITING_METRIC) or snap.total(RUNNING_METRIC)):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("capacity fake still busy")
+
+
+def window_measure(fake: CapacityFake, spec: Any, output_tokens: int, slo: Any = None, *, keep_client: bool = False,
+                   scrape_period_s: float = 0.25) -> Any:
+    """measure(rate) -> (RunRecord, Steady) running windowed steps on the fake, for `search_capacity`.
+
+    The warm-up and tail follow the last step's mean E2E. `keep_client=False` leaves the client check out of the
+    record: on a loaded 2-core test machine the client's sends can lag their schedule by tens of ms, which the
+    check rightly calls "not a server number" in production; here the verdict uses the actual send times, so the
+    steps still measure the fake, and the search must not read them as client-limited.
+    """
+    from harness.measure.step import run_window_step
+    from harness.records import RunRecord
+    from harness.study.capacity import step_verdict
+
+    last_e2e: list[float] = []
+
+    def measure(rate: float) -> Any:
+        wait_idle(fake)
+        plan = spec.plan(rate, last_e2e[-1] if last_e2e else None)
+        step = run_window_step([(fake.url, None)], requests_for(plan.requests_needed(), output_tokens), plan,
+                               model=fake.config.model, api="completions", slo=slo, scrape_period_s=scrape_period_s)
+        if step.metrics.e2e_ms is not None:
+            last_e2e.append(step.metrics.e2e_ms.mean / 1000.0)
+        record = RunRecord(run_id=f"rate{rate:.2f}", created="", model=fake.config.model, settings={}, workload={},
+                           arrival=plan.arrival().to_dict(), slo=slo, argv=[], metrics=step.metrics,
+                           client=step.load.client if keep_client else None, server=step.server)
+        record.steady = step_verdict(record, step.steady, slo)
+        return record, record.steady
+
+    return measure
+
+
+def count_measure(fake: CapacityFake, num_requests: int, output_tokens: int, slo: Any = None) -> Any:
+    """measure(rate) -> RunRecord for today's request-count steps (`harness.study.scoring.capacity_search`):
+    `num_requests` Poisson arrivals at the rate, all measured, metrics as `harness.measure.stats` defines them."""
+    from harness.load.arrival import Arrival
+    from harness.load.client import run_load_sync
+    from harness.measure.stats import summarize
+    from harness.records import RunRecord
+
+    def measure(rate: float) -> Any:
+        wait_idle(fake)
+        arrival = Arrival(mode="poisson", rate=rate, num_requests=num_requests)
+        load = run_load_sync([(fake.url, None)], requests_for(num_requests, output_tokens), arrival,
+                             model=fake.config.model, api="completions", warmup=0, timeout_s=300)
+        return RunRecord(run_id=f"rate{rate:.2f}", created="", model=fake.config.model, settings={}, workload={},
+                         arrival=arrival.to_dict(), slo=slo, argv=[], metrics=summarize(load.results, load.duration_s, slo),
+                         client=None)
+
+    return measure

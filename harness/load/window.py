@@ -20,8 +20,10 @@ has no time to build and the step looks fine. A windowed step is:
 - drain: nothing more is sent; requests in flight finish or fail at `drain_s` after their send (the per-request
   timeout), which bounds the time an overloaded step can spend draining its queue.
 
-Arrivals are Poisson (or gamma with `burstiness`) from `seed`; the schedule is duration-limited, not rescaled, so
-the realised rate in the window is what the steady verdict reports as the offered rate.
+Arrivals are Poisson (or gamma with `burstiness`) from `seed`: rate x send_s requests whose schedule is rescaled to
+span the send time exactly, so a step offers its rate over the whole schedule (as `vllm bench serve` rescales);
+within the window the count still varies (a window of a minute at 20 req/s by about +-2%), and the steady verdict
+reports the window's realised rate as the offered rate.
 """
 
 from __future__ import annotations
@@ -116,15 +118,15 @@ class WindowPlan:
         return self.warmup_s + self.step_s + self.tail_s
 
     def arrival(self) -> Arrival:
-        """The open-loop arrival process the client runs (no client-side warm-up: the warm-up is in the schedule)."""
+        """The open-loop arrival process the client runs (no client-side warm-up: the warm-up is in the schedule):
+        rate x send_s requests, their schedule rescaled to span send_s exactly (as `vllm bench serve` does)."""
         mode = "poisson" if self.burstiness == 1.0 else "gamma"
-        return Arrival(mode=mode, rate=self.rate, burstiness=self.burstiness, duration_s=self.send_s, seed=self.seed)
+        return Arrival(mode=mode, rate=self.rate, burstiness=self.burstiness, num_requests=self.requests_needed(),
+                       seed=self.seed)
 
     def requests_needed(self) -> int:
-        """How many requests to build so the schedule does not run out (the arrival's own margin)."""
-        need = self.arrival().requests_needed()
-        assert need is not None
-        return need
+        """How many requests the step sends: rate x (warm-up + window + tail), the first at 0."""
+        return math.floor(self.rate * self.send_s) + 1
 
     def expected_requests(self) -> float:
         """Arrivals the window should hold on average: rate x step_s."""
