@@ -186,37 +186,6 @@ class CapacityFake:
         self.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--config", default="{}", help="CapacityConfig fields as JSON")
-    args = parser.parse_args()
-    config = CapacityConfig(**json.loads(args.config))
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
-
-    async def serve() -> None:
-        runner = web.AppRunner(make_app(config), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", args.port)
-        await site.start()
-        print(f"PORT {runner.addresses[0][1]}", flush=True)
-        await asyncio.Event().wait()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
-
-
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------------------------------- drivers
 
 
@@ -289,3 +258,34 @@ def count_measure(fake: CapacityFake, num_requests: int, output_tokens: int, slo
                          client=None)
 
     return measure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--config", default="{}", help="CapacityConfig fields as JSON")
+    args = parser.parse_args()
+    config = CapacityConfig(**json.loads(args.config))
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+    async def serve() -> None:
+        runner = web.AppRunner(make_app(config), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", args.port)
+        await site.start()
+        print(f"PORT {runner.addresses[0][1]}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

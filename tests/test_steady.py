@@ -220,7 +220,8 @@ class ModelServer:
         ratio = achieved / rate
         kept = ratio >= 0.95
         s = Steady(holds=kept, kept_up=kept, offered_rate=rate, achieved_rate=achieved, completion_ratio=ratio,
-                   target_rate=rate, reasons=[] if kept else ["completions"])
+                   target_rate=rate, reasons=[] if kept else ["completions"], window_s=60.0,
+                   requests=round(rate * 60), completed=round(achieved * 60), inflight_mean=achieved * SERVICE_S)
         if self.slo_rate is not None:
             s = apply_slo(s, rate <= self.slo_rate)
         valid = self.client_limit is None or rate <= self.client_limit
@@ -258,6 +259,23 @@ def test_capacity_is_clipped_to_the_sustained_throughput() -> None:
     b = search_capacity(ModelServer(25.0), start_rate=26.0, max_steps=1)
     assert b.steps[0].holds and b.capacity_lo == 25.0 and b.capacity_hi == 26.0
     assert all(b.capacity_lo <= s.steady.achieved_rate for s in b.steps if s.holds and s.steady.achieved_rate == b.capacity_lo)
+
+
+def test_a_steady_step_short_by_noise_does_not_cap_the_search() -> None:
+    """51 arrivals, 49 completions in a 5 s window at half capacity: Poisson noise, not a ceiling."""
+    calls: list[float] = []
+
+    def measure(rate: float) -> tuple[RunRecord, Steady]:
+        calls.append(rate)
+        if len(calls) == 1:
+            s = Steady(holds=True, kept_up=True, offered_rate=10.2, achieved_rate=9.8, requests=51, completed=49,
+                       inflight_mean=2.0, window_s=5.0)
+        else:
+            s = Steady(holds=False, kept_up=False, offered_rate=rate, achieved_rate=20.0)
+        return RunRecord("r", "", "m", {}, {}, {}, None, []), s
+
+    b = search_capacity(measure, start_rate=10.0, max_steps=2)
+    assert len(calls) == 2 and calls[1] == pytest.approx(20.4) and b.capacity_lo == 9.8
 
 
 def test_bracket_uses_the_realised_offered_rate() -> None:

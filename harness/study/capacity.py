@@ -7,8 +7,9 @@ Pure logic over `measure(rate) -> (record, steady)`: one call is one time-window
   so the bracket is about loads that were tested, not asked for.
 - `capacity_lo` is the highest steady step's rate clipped to the throughput it sustained there
   (`achieved_rate`): the result is never above a throughput that was measured. `capacity_hi` is the lowest rate
-  that did not hold, or that held while serving less than (1 - precision / 2) of its offered load (the clip bit:
-  the step was above the throughput the server delivers). `capacity` = `capacity_lo`.
+  that did not hold, or that held while serving clearly less than it offered (below (1 - precision / 2) of it, and
+  by more than a steady load's noise: the clip bit, the step was above what the server delivers).
+  `capacity` = `capacity_lo`.
 - Rates go up x`growth` until a step fails. A step that fails for throughput (completions or a growing queue)
   measured the server's sustained throughput, which estimates its capacity: the next step goes straight to just
   below it (x (1 - precision / 2)) instead of halving step by step; once a rate holds, the search probes just
@@ -129,10 +130,18 @@ def _lo_candidate(s: SearchStep) -> float:
 def _bracket(steps: list[SearchStep], precision: float) -> tuple[float, float | None]:
     lo = max((_lo_candidate(s) for s in steps if s.holds), default=0.0)
     uppers = [s.offered_rate for s in steps if not s.holds]
-    # held, but served clearly less than offered: the rate is above what the server delivers
-    uppers += [s.offered_rate for s in steps if s.holds and s.steady.achieved_rate < s.offered_rate * (1 - precision / 2)]
+    uppers += [s.offered_rate for s in steps if s.holds and _served_short(s.steady, precision)]
     uppers = [u for u in uppers if u > lo]
     return lo, (min(uppers) if uppers else None)
+
+
+def _served_short(steady: Steady, precision: float) -> bool:
+    """Held, but served clearly less than offered: by more than half the precision and by more than two standard
+    deviations of a steady load's shortfall (sqrt(2 x mean in flight + 1), see `harness.measure.steady`), so the
+    rate is above what the server delivers, not unlucky in its window."""
+    shortfall = steady.requests - steady.completed
+    return (steady.achieved_rate < steady.offered_rate * (1 - precision / 2)
+            and shortfall > 2.0 * math.sqrt(2.0 * steady.inflight_mean + 1.0))
 
 
 def _throughput_estimate(steps: list[SearchStep]) -> float | None:
