@@ -122,6 +122,40 @@ class ClientCheck:
     dispatch_lag_mean_ms: float | None = None
 
 
+@dataclass
+class Steady:
+    """Did the server keep up over a measured time window at one rate? (`harness.measure.steady` decides.)
+
+    Counts are over the window [warmup_s, warmup_s + window_s) of the step's schedule; "arrivals" are requests the
+    client sent inside it, "completions" requests that finished OK inside it (whenever they were sent), so the
+    ratio does not depend on how long the drain after the window lasts. Growths are a least-squares slope across
+    the window times its length, in requests; a limit is the most growth that still counts as no trend.
+    """
+
+    holds: bool  # kept_up and (slo_ok is not False)
+    kept_up: bool  # completion ratio, in-flight trend and server waiting trend all within their limits
+    reasons: list[str] = field(default_factory=list)  # why it does not hold
+    warnings: list[str] = field(default_factory=list)  # worth knowing (too few requests, no server series)
+    window_s: float = 0.0
+    warmup_s: float = 0.0
+    target_rate: float | None = None  # requests / s the schedule asked for
+    offered_rate: float = 0.0  # arrivals in the window / window_s (the realised Poisson/gamma rate)
+    achieved_rate: float = 0.0  # sustained throughput: completions in the window / window_s
+    requests: int = 0  # arrivals in the window: the requests the step's latency metrics are over
+    completed: int = 0  # completions in the window
+    completion_ratio: float = 0.0  # completed / requests
+    completion_limit: float = 0.0  # the most shortfall (requests - completed) that still holds
+    fraction: float = 0.95  # the completion fraction asked for
+    inflight_mean: float = 0.0  # our own requests in flight, mean over the window
+    inflight_slope: float = 0.0  # requests / s
+    inflight_growth: float = 0.0  # requests over the window
+    growth_limit: float = 0.0  # the most growth (in-flight or waiting) that still holds
+    waiting_slope: float | None = None  # vllm:num_requests_waiting, requests / s (None: no series)
+    waiting_growth: float | None = None
+    waiting_samples: int = 0
+    slo_ok: bool | None = None  # the SLO percentiles over the window's requests (None: not judged)
+
+
 # ---------------------------------------------------------------------------------------------- server side
 
 
@@ -194,6 +228,7 @@ class RunRecord:
     env: dict[str, Any] = field(default_factory=dict)
     log_paths: list[str] = field(default_factory=list)
     startup_s: float | None = None
+    steady: Steady | None = None  # the steady-state verdict of a time-window load step
 
     @property
     def ok(self) -> bool:

@@ -34,6 +34,9 @@ PREEMPTION_METRICS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
 PREFIX_HITS_METRICS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
 PREFIX_QUERIES_METRICS = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 CACHE_INFO_METRIC = "vllm:cache_config_info"
+WAITING_METRIC = "vllm:num_requests_waiting"  # requests queued for a batch slot (gauge)
+RUNNING_METRIC = "vllm:num_requests_running"  # requests in the running batch (gauge)
+SERIES_METRICS = (WAITING_METRIC, RUNNING_METRIC)
 
 
 @dataclass
@@ -210,6 +213,10 @@ class MetricsScraper:
     Start it right before the measured load and stop it right after: `result()` then reports counters
     (preemptions, prefix-cache hits/queries) as deltas over the run, summed over all servers (replicas), and the
     highest KV usage any server showed. Scrape errors are counted, not raised: a busy server may answer late.
+
+    `series[name]` keeps, for each gauge of SERIES_METRICS, (time.perf_counter() of the scrape round, value summed
+    over all servers) for every round in which every server answered, so a steady-state verdict can test the
+    server's queue for a trend on the load client's clock.
     """
 
     def __init__(self, targets: list[tuple[str, str | None]], period_s: float = 0.5, timeout_s: float = 3.0) -> None:
@@ -221,15 +228,19 @@ class MetricsScraper:
         self.peak_kv_usage: float | None = None
         self.scrapes = 0
         self.errors = 0
+        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in SERIES_METRICS}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _scrape_all(self) -> None:
+        t = time.perf_counter()
+        sums: dict[str, float] | None = dict.fromkeys(SERIES_METRICS, 0.0)
         for i, (url, key) in enumerate(self.targets):
             try:
                 snap = scrape(url, key, self.timeout_s)
             except (urllib.error.URLError, OSError, TimeoutError):
                 self.errors += 1
+                sums = None
                 continue
             self.scrapes += 1
             if self.first[i] is None:
@@ -238,6 +249,17 @@ class MetricsScraper:
             usage = snap.maximum(*KV_USAGE_METRICS)
             if usage is not None and (self.peak_kv_usage is None or usage > self.peak_kv_usage):
                 self.peak_kv_usage = usage
+            if sums is not None:
+                for name in SERIES_METRICS:
+                    value = snap.total(name)
+                    if value is None:
+                        sums.pop(name, None)
+                    elif name in sums:
+                        sums[name] += value
+        if sums is not None and self.targets:
+            t = (t + time.perf_counter()) / 2  # the round's midpoint
+            for name, value in sums.items():
+                self.series[name].append((t, value))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
