@@ -399,7 +399,10 @@ class _Conn(asyncio.Protocol):
                         times.append(ts)
                         toks.append(carried)
                         req.last_ct = ct
-                elif text:
+                elif text or not chat:
+                    # without per-chunk usage a completions chunk is a token chunk even when its text is empty (a
+                    # token that decodes to ""), as vLLM sends none without tokens; a chat delta without content
+                    # is the role chunk
                     times.append(ts)
                     toks.append(-1)
             elif usage:
