@@ -41,6 +41,7 @@ import math
 import resource
 import ssl as ssl_module
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -69,6 +70,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency of vllm, but ke
 perf_ns = time.perf_counter_ns
 
 MAX_DISPATCH_LAG_MS = 10.0
+PROGRESS_INTERVAL_S = 1.0
 MIN_RATE_FRACTION = 0.95
 MAX_CLIENT_CPU_PERCENT = 90.0
 _MAX_HEAD_BYTES = 64 * 1024
@@ -95,6 +97,76 @@ class LoadResult:
 
     def measured(self) -> list[RequestResult]:
         return [r for r in self.results if not r.warmup]
+
+
+@dataclass
+class LoadProgress:
+    """Where a measured load step stands, for a live display (`run_load(progress=...)`, about once a second).
+
+    Counts and medians cover the measured requests only (warmup excluded); the medians are over the requests
+    completed so far (None before the first), TPOT per request as in the final metrics.
+    """
+
+    elapsed_s: float  # since the measured phase began
+    total_s: float | None  # the step's planned length: duration_s, or an open loop's schedule span; None if unknown
+    sent: int
+    completed: int  # finished OK
+    failed: int
+    in_flight: int
+    p50_ttft_ms: float | None
+    p50_tpot_ms: float | None
+
+
+class _Progress:
+    """Counts and latencies of finished measured requests, reported by a timer on the loop (nothing per chunk)."""
+
+    def __init__(self, fn: Callable[[LoadProgress], None], interval_s: float) -> None:
+        self.fn = fn
+        self.interval_s = interval_s
+        self.sent = 0
+        self.completed = 0
+        self.failed = 0
+        self.ttft_ns: list[int] = []
+        self.tpot_ns: list[float] = []
+        self.start_ns = 0
+        self.total_s: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def finished(self, req: _Req) -> None:
+        times = req.times
+        if req.error is None and req.usage is not None and times:
+            self.completed += 1
+            self.ttft_ns.append(times[0] - req.send_ns)
+            n_out = int(req.usage.get("completion_tokens") or 0)
+            if n_out > 1:
+                self.tpot_ns.append((req.end_ns - times[0]) / (n_out - 1))
+        else:
+            self.failed += 1
+
+    def start(self, loop: asyncio.AbstractEventLoop, total_s: float | None) -> None:
+        self.loop = loop
+        self.start_ns = perf_ns()
+        self.total_s = total_s
+        self.timer = loop.call_later(self.interval_s, self._tick)
+
+    def _tick(self) -> None:
+        assert self.loop is not None
+        self.timer = self.loop.call_later(self.interval_s, self._tick)
+        self.report()
+
+    def report(self) -> None:
+        ttft = float(np.median(self.ttft_ns)) / 1e6 if self.ttft_ns else None
+        tpot = float(np.median(self.tpot_ns)) / 1e6 if self.tpot_ns else None
+        done = self.completed + self.failed
+        self.fn(LoadProgress(elapsed_s=(perf_ns() - self.start_ns) / 1e9, total_s=self.total_s, sent=self.sent,
+                             completed=self.completed, failed=self.failed, in_flight=self.sent - done,
+                             p50_ttft_ms=ttft, p50_tpot_ms=tpot))
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 # ---------------------------------------------------------------------------------------------- HTTP plumbing
@@ -500,6 +572,7 @@ class _Run:
         self.deadline_ns: int | None = None
         self.exhausted = False
         self.cap_waits = 0
+        self.progress: _Progress | None = None  # set for the measured phase when a progress callback is given
 
     # -- dispatch
     def _pick(self) -> _Endpoint:
@@ -517,6 +590,8 @@ class _Run:
         req.sched_ns = sched_ns
         req.send_ns = perf_ns()
         req.timer = self.loop.call_later(self.timeout_s, self._timeout, req)
+        if self.progress is not None and not req.warmup:
+            self.progress.sent += 1
         self._send(ep, req)
 
     def _send(self, ep: _Endpoint, req: _Req) -> None:
@@ -576,6 +651,8 @@ class _Run:
         assert req.ep is not None
         req.ep.outstanding -= 1
         self.outstanding -= 1
+        if self.progress is not None and not req.warmup:
+            self.progress.finished(req)
         if self.closed_loop_slots:
             self._next_closed(ts)
         elif self.slot_free is not None and not self.slot_free.done():
@@ -690,11 +767,15 @@ async def run_load(
     warmup: int,
     timeout_s: float,
     extra_body: dict[str, Any] | None = None,
+    progress: Callable[[LoadProgress], None] | None = None,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
 ) -> LoadResult:
     """Send `requests` to `targets` (replicas of one config): the first `warmup` unmeasured, the rest under `arrival`.
 
     `timeout_s` bounds each request (send -> end of stream). A duration-limited run stops sending at
     `arrival.duration_s` and waits for the requests in flight. `extra_body` adds fields to every request body.
+    `progress` is called on the event loop every `progress_interval_s` of the measured phase and once at its end
+    with a `LoadProgress`; it must return quickly (it runs between reads, like the client itself).
     """
     _raise_fd_limit()
     run = _Run(
@@ -724,23 +805,35 @@ async def run_load(
         if not arrival.open_loop:
             slots = arrival.max_concurrency or 1
             await run.open_connections(math.ceil(slots / len(run.eps)))
+        if progress is not None:
+            run.progress = _Progress(progress, progress_interval_s)
         wall0 = time.time()
         cpu0 = time.thread_time()
         t_start = perf_ns()
         if measured_n > 0:
             if arrival.open_loop:
                 offsets = arrival.schedule(measured_n)
+                if run.progress is not None:
+                    span = float(offsets[-1]) if len(offsets) else 0.0
+                    run.progress.start(run.loop, arrival.duration_s or span)
                 if arrival.duration_s is not None and len(offsets) == measured_n:
                     # the schedule wanted more requests than were built before duration_s
                     more = arrival.schedule(measured_n + 1)
                     exhausted = len(more) > measured_n
                 await run.open_loop(warmup, offsets, arrival.max_concurrency)
             else:
+                if run.progress is not None:
+                    run.progress.start(run.loop, arrival.duration_s)
                 await run.closed_loop(warmup, stop, arrival.max_concurrency or 1, arrival.duration_s)
                 exhausted = run.exhausted
         t_end = perf_ns()
         cpu1 = time.thread_time()
+        if run.progress is not None and run.progress.timer is not None:
+            run.progress.stop()
+            run.progress.report()  # the final state
     finally:
+        if run.progress is not None:
+            run.progress.stop()
         for ep in run.eps:
             for conn in list(ep.idle):
                 if conn.transport is not None:
@@ -777,6 +870,7 @@ def run_load_sync(
     timeout_s: float,
     extra_body: dict[str, Any] | None = None,
     use_uvloop: bool = True,
+    progress: Callable[[LoadProgress], None] | None = None,
 ) -> LoadResult:
     """`run_load` on a fresh event loop (uvloop when installed: lower dispatch lag and per-read cost)."""
     factory = None
@@ -795,7 +889,7 @@ def run_load_sync(
         box.append(
             await run_load(
                 targets, requests, arrival, model=model, api=api, warmup=warmup, timeout_s=timeout_s,
-                extra_body=extra_body,
+                extra_body=extra_body, progress=progress,
             )
         )
 
