@@ -17,7 +17,6 @@ measurement, not a pass/fail test.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 import time
@@ -30,10 +29,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from fakeserver import FakeConfig, FakeServer  # noqa: E402
+from vllm_client import VllmClientMissing, request_module  # noqa: E402
 
 from harness.load.arrival import Arrival  # noqa: E402
-from harness.load.client import Target, run_load_sync  # noqa: E402
+from harness.load.client import JSON_PARSER, Target, run_load_sync  # noqa: E402
 from harness.load.prompts import RequestSpec  # noqa: E402
 
 N_REQUESTS = 384
@@ -53,19 +55,10 @@ _PAIRED: dict[str, float] = {}
 
 
 def _vllm_request_module() -> ModuleType:
-    """vllm/benchmarks/lib/endpoint_request_func.py, loaded by path: importing the vllm package itself starts
-    its whole engine import (~10 s) and is not needed for this one module (it imports aiohttp, regex, tqdm)."""
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("vllm is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "benchmarks" / "lib" / "endpoint_request_func.py"
-    if not path.exists():
-        pytest.skip(f"{path} not found in this vllm version")
-    mod_spec = importlib.util.spec_from_file_location("vllm_endpoint_request_func", path)
-    assert mod_spec is not None and mod_spec.loader is not None
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    try:
+        return request_module()
+    except VllmClientMissing as exc:
+        pytest.skip(str(exc))
 
 
 def _by_idleness(cpus: list[int], sample_s: float = 0.3) -> list[int]:
@@ -100,7 +93,7 @@ def _write_table(request: pytest.FixtureRequest, client_cpu: int | None, server_
         "",
         f"streamed chunks per second, client on one core: {N_REQUESTS} requests x {OUTPUT_TOKENS} chunks, "
         f"concurrency {CONCURRENCY}, {ROUNDS} rounds (median / best), client CPU {client_cpu}, "
-        f"fake server CPU {server_cpu}",
+        f"fake server CPU {server_cpu}, our JSON parser {JSON_PARSER}, load average {os.getloadavg()[0]:.1f}",
         f"{'client':36s} {'wall median':>12s} {'wall best':>12s} {'per CPU-s':>12s} {'x vLLM wall':>12s} "
         f"{'x vLLM CPU':>11s} {'server busy':>12s}",
     ]
