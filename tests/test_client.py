@@ -14,6 +14,9 @@ next gap (ITL deadlines do not drift).
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
 import statistics
 import time
 from typing import Any
@@ -26,6 +29,7 @@ from harness.errors import UserError
 from harness.load.arrival import Arrival
 from harness.load.client import LoadProgress, Target, _Conn, _Endpoint, _Req, _result, run_load, run_load_sync
 from harness.load.prompts import RequestSpec
+from harness.load.spread import WorkerFailed, resolve_processes, split, usable_cpus
 from harness.measure.stats import summarize
 
 
@@ -55,23 +59,30 @@ def specs(n: int, max_tokens: int = 8, chat: bool = False) -> list[RequestSpec]:
     return out
 
 
+# what the self-check of a client that a loaded machine made late says: its mean lag, or a rate below the schedule's
+LATE = ("dispatch lag", "of the schedule's")
+
+
 def closed(c: int) -> Arrival:
     return Arrival(mode="concurrency", max_concurrency=c)
 
 
 def run(srv: FakeServer, reqs: list[RequestSpec], arrival: Arrival, *, api: str = "completions", warmup: int = 0,
-        timeout_s: float = 10.0, key: str | None = None) -> Any:
+        timeout_s: float = 10.0, key: str | None = None, processes: int = 1, **kw: Any) -> Any:
     return run_load_sync([Target(srv.url, key)], reqs, arrival, model="fake", api=api, warmup=warmup,
-                         timeout_s=timeout_s)
+                         timeout_s=timeout_s, processes=processes, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- timings
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("api", ["completions", "chat"])
-def test_ttft_and_itl_match_the_wire(srv: FakeServer, api: str) -> None:
+def test_ttft_and_itl_match_the_wire(srv: FakeServer, api: str, processes: int) -> None:
+    """The same truth with the load spread over 2 worker processes: every timestamp is on the one system clock."""
     srv.configure(first_token_delay_s=0.050, chunk_delay_s=0.020)
-    res = run(srv, specs(12, max_tokens=8, chat=api == "chat"), closed(4), api=api)
+    res = run(srv, specs(12, max_tokens=8, chat=api == "chat"), closed(4), api=api, processes=processes)
+    assert res.client.processes == processes
     assert all(r.ok for r in res.results), [r.error for r in res.results]
     log = {e["prompt_tokens"]: e for e in srv.log()}
     ttft_err, itl_err, server_ttft = [], [], []
@@ -270,7 +281,7 @@ def test_duration_mode_stops_sending(srv: FakeServer) -> None:
     assert len(res.results) == len(arrival.schedule(n)) < n
     assert max(r.send_s for r in res.results) < 0.4 + 0.2
     # valid, unless a loaded machine made the client late, which its self-check must then say
-    assert res.client.valid or all("dispatch lag" in x for x in res.client.reasons), res.client.reasons
+    assert res.client.valid or all(any(w in x for w in LATE) for x in res.client.reasons), res.client.reasons
     # too few requests for the duration: flagged
     short = run(srv, specs(5, max_tokens=3), arrival)
     assert not short.client.valid and any("ran out of requests" in x for x in short.client.reasons)
@@ -328,6 +339,138 @@ def test_progress_callback(srv: FakeServer) -> None:
         assert a.elapsed_s <= b.elapsed_s and a.sent <= b.sent and a.completed <= b.completed
         assert a.in_flight == a.sent - a.completed - a.failed >= 0
     assert any(p.in_flight > 0 for p in seen[:-1])
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+
+
+def _by_words(log: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The server's log by prompt length (request i has i + 1 words); each request must have arrived once."""
+    words = [e["prompt_tokens"] for e in log]
+    assert len(words) == len(set(words)), "a request reached the server twice"
+    return {e["prompt_tokens"]: e for e in log}
+
+
+def _max_in_flight(log: list[dict[str, Any]]) -> int:
+    """Most requests the server held at once: each from its receipt to its last write. A client slot's next request
+    leaves after the client read the end of the previous one, so one slot never counts twice."""
+    events = sorted([(e["recv_ns"], 1) for e in log] + [(e["writes_ns"][-1], -1) for e in log])
+    held = peak = 0
+    for _, step in events:
+        held += step
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("arrival", [Arrival(mode="poisson", rate=40.0, seed=4),
+                                     Arrival(mode="gamma", rate=60.0, burstiness=0.5, duration_s=0.6, seed=5)],
+                         ids=["poisson", "gamma-duration"])
+def test_processes_keep_the_schedule(srv: FakeServer, arrival: Arrival) -> None:
+    """Over 2 processes every request is sent once, none twice, none before its scheduled instant (exact: the
+    server's receipt and the client's send stamp are never earlier than start + offset on the one clock); warm-up,
+    a duration limit (a time-window step's arrival) and merged progress behave as in one process."""
+    srv.configure(first_token_delay_s=0.005, chunk_delay_s=0.002)
+    n = 2 + (arrival.requests_needed() or 30)
+    seen: list[LoadProgress] = []
+    res = run(srv, specs(n, max_tokens=4), arrival, warmup=2, processes=2, progress=seen.append,
+              progress_interval_s=0.1)
+    offsets = arrival.schedule(n - 2)
+    assert len(res.results) == 2 + len(offsets)  # a duration-limited schedule sends only what is due before it ends
+    assert all(r.ok for r in res.results), [r.error for r in res.results if not r.ok]
+    assert [r.warmup for r in res.results] == [True, True] + [False] * len(offsets)
+    log = _by_words(srv.log())
+    assert sorted(log) == list(range(1, len(res.results) + 1))
+    due = (res.start_perf_ns + np.rint(offsets * 1e9)).astype(np.int64)
+    for k, r in enumerate(res.measured()):
+        assert log[k + 3]["recv_ns"] >= due[k]  # exact, integer nanoseconds
+        assert res.t0_perf_ns + r.send_s * 1e9 >= due[k] - 1e3  # exact up to the float seconds of send_s
+    assert min(r.send_s for r in res.measured()) == 0.0
+    # the self-check covers both workers' sends, and its lag is >= the lateness seen here
+    lateness = [(res.t0_perf_ns + r.send_s * 1e9 - d) / 1e6 for r, d in zip(res.measured(), due)]
+    assert res.client.processes == 2
+    assert res.client.dispatch_lag_mean_ms is not None
+    assert res.client.dispatch_lag_mean_ms == pytest.approx(float(np.mean(lateness)), abs=0.01)
+    assert res.client.valid or all(any(w in x for w in LATE) for x in res.client.reasons), res.client.reasons
+    last = seen[-1]
+    assert (last.sent, last.completed, last.failed, last.in_flight) == (len(offsets), len(offsets), 0, 0)
+    assert last.p50_ttft_ms is not None and last.p50_ttft_ms >= 5.0  # exact lower bound
+    assert all(a.sent <= b.sent and a.completed <= b.completed for a, b in zip(seen, seen[1:]))
+
+
+def test_processes_closed_loop_concurrency(srv: FakeServer) -> None:
+    """C = 5 over 2 processes (3 + 2 slots, one shared queue): the server never holds more than 5, and holds 5."""
+    srv.configure(first_token_delay_s=0.03, chunk_delay_s=0.01)
+    res = run(srv, specs(30, max_tokens=6), closed(5), warmup=3, processes=2)
+    assert all(r.ok for r in res.results)
+    log = srv.log()
+    _by_words(log)
+    assert len(log) == 30 and len(res.measured()) == 27
+    assert _max_in_flight(log) == 5  # <= 5 is the claim; == 5: each slot takes the next request as soon as it frees
+    # an open loop's cap over processes: at most 3 in flight even at 500 req/s
+    srv.reset()
+    res = run(srv, specs(20, max_tokens=2), Arrival(mode="poisson", rate=500.0, max_concurrency=3), processes=2)
+    assert all(r.ok for r in res.results)
+    assert _max_in_flight(srv.log()) <= 3
+
+
+def test_processes_errors_propagate(srv: FakeServer) -> None:
+    srv.configure(error_every=3)
+    res = run(srv, specs(9), closed(3), processes=2)
+    bad = [r for r in res.results if not r.ok]
+    assert len(bad) == 3 and all(r.error and r.error.startswith("HTTP 500") for r in bad)
+    # bad input fails before any process starts
+    with pytest.raises(UserError, match="api chat needs requests built with messages"):
+        run(srv, specs(1), closed(1), api="chat", processes=2)
+    with pytest.raises(UserError, match="processes"):
+        run(srv, specs(1), closed(1), processes=0)
+
+
+def test_dead_worker_fails_the_run(srv: FakeServer) -> None:
+    """A worker killed mid-run: the run raises at once, names the worker, and leaves no process behind."""
+    srv.configure(chunk_delay_s=0.05)  # 40 requests x 20 chunks x 50 ms at 2 in flight: ~20 s if it hung on
+
+    def kill_one(p: LoadProgress) -> None:
+        for c in multiprocessing.active_children():
+            if c.name == "vllm-tune-load-1" and c.pid is not None:
+                os.kill(c.pid, signal.SIGKILL)
+
+    t = time.perf_counter()
+    with pytest.raises(WorkerFailed, match=r"load worker 1 .* exited with code -9"):
+        run(srv, specs(40, max_tokens=20), closed(2), processes=2, progress=kill_one, progress_interval_s=0.2)
+    assert time.perf_counter() - t < 10.0
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("vllm-tune-load-")]
+
+
+def test_processes_in_a_running_loop(srv: FakeServer) -> None:
+    seen: list[LoadProgress] = []
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+
+        def on_loop(p: LoadProgress) -> None:
+            assert asyncio.get_running_loop() is loop  # progress still runs on the caller's loop
+            seen.append(p)
+
+        return await run_load([Target(srv.url)], specs(6), closed(3), model="m", api="completions", warmup=0,
+                              timeout_s=5, processes=2, progress=on_loop, progress_interval_s=0.1)
+
+    res = asyncio.run(main())
+    assert all(r.ok for r in res.results) and len(res.results) == 6
+    assert seen and seen[-1].completed == 6
+
+
+def test_resolve_processes() -> None:
+    reqs = specs(10, max_tokens=500)
+    assert resolve_processes(3, reqs, closed(8), 0) == 3
+    assert resolve_processes(4, reqs, closed(2), 0) == 2  # never more workers than slots
+    # auto: 400 req/s x 500 tokens = 200k chunks/s -> 2 workers at 100k each, if there are 2 CPUs
+    assert resolve_processes("auto", reqs, Arrival(mode="poisson", rate=400.0), 0) == min(2, usable_cpus())
+    assert resolve_processes("auto", reqs, Arrival(mode="poisson", rate=4.0), 0) == 1
+    assert resolve_processes("auto", reqs, closed(16), 0) == 1  # 16 streams x 200 tok/s
+    for bad in (0, -1, 1.5, "two", True):
+        with pytest.raises(UserError, match="processes"):
+            resolve_processes(bad, reqs, closed(1), 0)  # type: ignore[arg-type]
+    assert split(7, 3) == [3, 2, 2] and split(2, 3) == [1, 1, 0] and sum(split(5, 2)) == 5
 
 
 # ---------------------------------------------------------------------------------------------- the parser
