@@ -12,7 +12,8 @@ request function driven as `vllm bench serve` drives it) and each load shape thi
 - TTFT bias: measured TTFT - the server's own receipt -> first write (= way in + way out), i.e. what the
   client adds to the server's TTFT.
 
-Rounds alternate the two clients. Load shapes: a closed loop at fixed concurrency (connections warm) and a
+Rounds alternate the clients; ours runs in one process and spread over 2 worker processes
+(`run_load(processes=2)`), whose timestamps must stay as exact. Load shapes: a closed loop at fixed concurrency (connections warm) and a
 Poisson open loop with many requests in flight (new connections opened during the run).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -43,9 +45,11 @@ def _specs(n: int) -> list[RequestSpec]:
     return [RequestSpec(" ".join(["w"] * (i + 1)), None, i + 1, OUTPUT_TOKENS) for i in range(n)]
 
 
-def _ours(srv: FakeServer, specs: list[RequestSpec], arrival: Arrival) -> list[tuple[int, float, float]]:
+def _ours(srv: FakeServer, specs: list[RequestSpec], arrival: Arrival, processes: int = 1) -> list[tuple[int, float, float]]:
     """(prompt words, send stamp s, TTFT s) per request."""
-    res = run_load_sync([Target(srv.url)], specs, arrival, model="fake", api="completions", warmup=0, timeout_s=60)
+    res = run_load_sync([Target(srv.url)], specs, arrival, model="fake", api="completions", warmup=0, timeout_s=60,
+                        processes=processes)
+    assert res.client.processes == processes
     assert all(r.ok for r in res.results), [r.error for r in res.results if not r.ok][:3]
     return [(r.prompt_tokens, res.t0_perf_ns / 1e9 + r.send_s, r.ttft_s) for r in res.results]
 
@@ -94,7 +98,8 @@ def main() -> int:
         f"closed loop x{args.concurrency}": Arrival(mode="concurrency", max_concurrency=args.concurrency),
         f"poisson {args.rate:g} req/s": Arrival(mode="poisson", rate=args.rate, seed=1),
     }
-    clients = {"vllm-tune": _ours, "vllm bench serve": _vllm}
+    clients = {"vllm-tune": _ours, "vllm-tune, 2 processes": functools.partial(_ours, processes=2),
+               "vllm bench serve": _vllm}
     specs = _specs(args.requests)
     acc: dict[tuple[str, str], dict[str, list[float]]] = {}
     with FakeServer(config, process=True) as srv:

@@ -31,19 +31,32 @@ below 95% of the schedule's rate, when the client's event-loop thread used >= 90
 duration-limited run ran out of requests; an occasional late send (p99 lag > 10 ms, e.g. the OS scheduling the
 client behind a busy server on a small machine) is a warning, since each latency is measured from the actual send.
 Dispatch lag is the actual send time minus the scheduled one (open loop) or minus the instant the previous
-request's slot freed (closed loop); time held back by a `max_concurrency` cap is not lag.
+request's slot freed (closed loop); time held back by a `max_concurrency` cap is not lag. No request leaves before
+its scheduled instant.
+
+Beyond one core (`processes=N` or "auto"): N worker processes run this client, each on its own event loop, on the
+one system-wide monotonic clock, so every timestamp stays as exact as in one process and the results merge into
+one `LoadResult` (all requests in request order, send_s from the first measured send, one self-check over all
+sends; CPU summed over workers, saturation judged on the busiest). Open-loop request i is due at the shared start
+instant + offset i in whichever worker sends it; a shared counter deals requests in order to whichever worker has
+a free slot, and a concurrency C is split over the workers (remainder to the first), so exactly C are in flight
+however long each request is. Warm-up runs in every worker before the common start; progress is merged in the
+parent. A worker that raises or dies fails the run (`harness.load.spread.WorkerFailed`) and the others are stopped.
+Workers are started by forkserver (spawn where there is none); a script that calls `run_load_sync(processes=...)`
+needs the usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import resource
 import ssl as ssl_module
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -109,6 +122,7 @@ class LoadResult:
     started_at: float  # wall-clock (time.time()) of the first measured send, to line up with server samples
     t0_perf_ns: int = 0  # time.perf_counter_ns() of the first measured send: `send_s` is relative to it
     start_perf_ns: int = 0  # the instant the measured schedule counts from (open loop: request i due at + offset i)
+    worker_cpu_s: list[float] = field(default_factory=list)  # CPU time of each worker process, start to end
 
     def measured(self) -> list[RequestResult]:
         return [r for r in self.results if not r.warmup]
@@ -1017,7 +1031,7 @@ async def _run_here(targets: list[Target], bodies: list[bytes], arrival: Arrival
 # ---------------------------------------------------------------------------------------------- worker processes
 
 # how far ahead of "now" the parent puts the start instant, so every worker is awake and waiting when it comes
-_START_LEAD_S = 0.2
+_START_LEAD_S = 0.1
 
 
 class _Job(NamedTuple):
@@ -1034,6 +1048,7 @@ class _Job(NamedTuple):
     slots: int | None
     progress_interval_s: float | None
     use_uvloop: bool
+    cpus: set[int] | None  # the caller's CPU affinity: workers run where the caller may run
 
 
 def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arrival, *, chat: bool, warmup: int,
@@ -1062,7 +1077,8 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
     ctx = context()
     shared = ctx.Value("q", 0)
     interval = progress_interval_s if progress is not None else None
-    jobs = [(_Job(targets, bodies, arrival, chat, warmup, timeout_s, warm[k], shares[k], interval, use_uvloop),
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    jobs = [(_Job(targets, bodies, arrival, chat, warmup, timeout_s, warm[k], shares[k], interval, use_uvloop, cpus),
              shared, plan) for k in range(n)]
     tally = _Tally()
     with Workers(ctx, _worker, jobs) as workers:
@@ -1071,7 +1087,7 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
         wall0 = time.time() + _START_LEAD_S
         t_start = now + int(_START_LEAD_S * 1e9)
         workers.send_all(("go", t_start))
-        done: dict[int, tuple[list[_Sent], float, int, bool]] = {}
+        done: dict[int, tuple[list[_Sent], float, int, bool, float]] = {}
         next_tick = t_start + int(progress_interval_s * 1e9)
         while len(done) < n:
             wait_s = max(0.0, (next_tick - perf_ns()) / 1e9) if progress is not None else None
@@ -1087,18 +1103,22 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
     if progress is not None:
         progress(tally.progress((t_end - t_start) / 1e9, plan.total_s))  # the final state
     sent = sorted((s for k in range(n) for s in done[k][0]), key=lambda s: s.idx)
-    return _load_result(sent, plan, arrival, [done[k][1] for k in range(n)], sum(done[k][2] for k in range(n)),
-                        any(done[k][3] for k in range(n)), t_start, t_end, wall0)
+    result = _load_result(sent, plan, arrival, [done[k][1] for k in range(n)], sum(done[k][2] for k in range(n)),
+                          any(done[k][3] for k in range(n)), t_start, t_end, wall0)
+    result.worker_cpu_s = [done[k][4] for k in range(n)]
+    return result
 
 
 def _worker(conn: Any, job: _Job, shared: Any, plan: _Plan) -> None:
     """One worker process: warm up its share, say ready, wait for the start instant, run, send back what it sent."""
     try:
+        if job.cpus is not None:
+            os.sched_setaffinity(0, job.cpus)  # a forkserver started earlier may have had another affinity
         _raise_fd_limit()
         box: list[Any] = []
         with asyncio.Runner(loop_factory=_loop_factory(job.use_uvloop)) as runner:
             runner.run(_work(conn, job, shared, plan, box))
-        conn.send(("done", box[0]))
+        conn.send(("done", (*box[0], time.process_time())))
     except BaseException:  # noqa: BLE001 - everything goes to the parent, which fails the run
         try:
             conn.send(("error", traceback.format_exc()))
