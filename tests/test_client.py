@@ -29,7 +29,7 @@ from harness.errors import UserError
 from harness.load.arrival import Arrival
 from harness.load.client import LoadProgress, Target, _Conn, _Endpoint, _Req, _result, run_load, run_load_sync
 from harness.load.prompts import RequestSpec
-from harness.load.spread import WorkerFailed, resolve_processes, split, usable_cpus
+from harness.load.spread import Workers, WorkerFailed, context, resolve_processes, split, usable_cpus
 from harness.measure.stats import summarize
 
 
@@ -439,6 +439,15 @@ def test_dead_worker_fails_the_run(srv: FakeServer) -> None:
         run(srv, specs(40, max_tokens=20), closed(2), processes=2, progress=kill_one, progress_interval_s=0.2)
     assert time.perf_counter() - t < 10.0
     assert not [c for c in multiprocessing.active_children() if c.name.startswith("vllm-tune-load-")]
+
+
+def test_worker_exception_fails_the_run() -> None:
+    """An exception inside a worker reaches the parent with the worker's traceback."""
+    from harness.load import client
+
+    with Workers(context(), client._worker, [(None, None)]) as workers:
+        with pytest.raises(WorkerFailed, match=r"(?s)load worker 0 failed:.*AttributeError"):
+            workers.gather("ready")
 
 
 def test_processes_in_a_running_loop(srv: FakeServer) -> None:

@@ -1049,6 +1049,19 @@ class _Job(NamedTuple):
     progress_interval_s: float | None
     use_uvloop: bool
     cpus: set[int] | None  # the caller's CPU affinity: workers run where the caller may run
+    plan: _Plan
+
+
+class _Done(NamedTuple):
+    """What a worker sends back: its requests, its event loop's CPU seconds over the measured phase, cap waits,
+    whether it ran out of requests, when its measured phase ended, and its whole process's CPU seconds."""
+
+    sent: list[_Sent]
+    loop_cpu_s: float
+    cap_waits: int
+    exhausted: bool
+    end_ns: int
+    process_cpu_s: float
 
 
 def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arrival, *, chat: bool, warmup: int,
@@ -1061,9 +1074,9 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
     - Requests: one shared counter deals them in order to whichever worker has a free slot (`spread.Counter`);
       each is sent exactly once.
     - Concurrency: a closed loop's C (an open loop's cap, the warm-up's slots) is split over the workers,
-      remainder to the first ones; since a worker takes the next request whenever one of its slots frees, exactly
-      C are in flight until the requests run out, however long each is (only the last C requests' tail differs
-      from one process: a slot that frees then has nothing left, in one process as here).
+      remainder to the first ones; since a worker takes the next request from the shared queue whenever one of its
+      slots frees, exactly C are in flight until the queue runs dry, however long each request is, as in one
+      process (a static split of the requests would leave a worker idle while another still had long ones).
     - Warm-up: each worker runs its share and the measured phase starts only when all are done.
     - Progress: workers ship their counts and new latencies every interval; the parent adds them up and reports.
     - Result: all requests in request order on the one clock, send_s from the first measured send, duration over
@@ -1078,8 +1091,8 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
     shared = ctx.Value("q", 0)
     interval = progress_interval_s if progress is not None else None
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    jobs = [(_Job(targets, bodies, arrival, chat, warmup, timeout_s, warm[k], shares[k], interval, use_uvloop, cpus),
-             shared, plan) for k in range(n)]
+    jobs = [(_Job(targets, bodies, arrival, chat, warmup, timeout_s, warm[k], shares[k], interval, use_uvloop, cpus,
+                  plan), shared) for k in range(n)]
     tally = _Tally()
     with Workers(ctx, _worker, jobs) as workers:
         workers.gather("ready")
@@ -1087,7 +1100,7 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
         wall0 = time.time() + _START_LEAD_S
         t_start = now + int(_START_LEAD_S * 1e9)
         workers.send_all(("go", t_start))
-        done: dict[int, tuple[list[_Sent], float, int, bool, float]] = {}
+        done: dict[int, _Done] = {}
         next_tick = t_start + int(progress_interval_s * 1e9)
         while len(done) < n:
             wait_s = max(0.0, (next_tick - perf_ns()) / 1e9) if progress is not None else None
@@ -1099,17 +1112,18 @@ def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arr
             if progress is not None and perf_ns() >= next_tick:
                 next_tick += int(progress_interval_s * 1e9)
                 progress(tally.progress(max(0.0, (perf_ns() - t_start) / 1e9), plan.total_s))
-        t_end = perf_ns()
+    parts = [done[k] for k in range(n)]
+    t_end = max(d.end_ns for d in parts)
     if progress is not None:
         progress(tally.progress((t_end - t_start) / 1e9, plan.total_s))  # the final state
-    sent = sorted((s for k in range(n) for s in done[k][0]), key=lambda s: s.idx)
-    result = _load_result(sent, plan, arrival, [done[k][1] for k in range(n)], sum(done[k][2] for k in range(n)),
-                          any(done[k][3] for k in range(n)), t_start, t_end, wall0)
-    result.worker_cpu_s = [done[k][4] for k in range(n)]
+    sent = sorted((s for d in parts for s in d.sent), key=lambda s: s.idx)
+    result = _load_result(sent, plan, arrival, [d.loop_cpu_s for d in parts], sum(d.cap_waits for d in parts),
+                          any(d.exhausted for d in parts), t_start, t_end, wall0)
+    result.worker_cpu_s = [d.process_cpu_s for d in parts]
     return result
 
 
-def _worker(conn: Any, job: _Job, shared: Any, plan: _Plan) -> None:
+def _worker(conn: Any, job: _Job, shared: Any) -> None:
     """One worker process: warm up its share, say ready, wait for the start instant, run, send back what it sent."""
     try:
         if job.cpus is not None:
@@ -1117,8 +1131,8 @@ def _worker(conn: Any, job: _Job, shared: Any, plan: _Plan) -> None:
         _raise_fd_limit()
         box: list[Any] = []
         with asyncio.Runner(loop_factory=_loop_factory(job.use_uvloop)) as runner:
-            runner.run(_work(conn, job, shared, plan, box))
-        conn.send(("done", (*box[0], time.process_time())))
+            runner.run(_work(conn, job, shared, box))
+        conn.send(("done", box[0]._replace(process_cpu_s=time.process_time())))
     except BaseException:  # noqa: BLE001 - everything goes to the parent, which fails the run
         try:
             conn.send(("error", traceback.format_exc()))
@@ -1126,7 +1140,8 @@ def _worker(conn: Any, job: _Job, shared: Any, plan: _Plan) -> None:
             pass
 
 
-async def _work(conn: Any, job: _Job, shared: Any, plan: _Plan, box: list[Any]) -> None:
+async def _work(conn: Any, job: _Job, shared: Any, box: list[_Done]) -> None:
+    plan = job.plan
     run = _Run(job.targets, job.bodies, job.warmup, chat=job.chat, timeout_s=job.timeout_s, counter=Counter(shared))
     ticker: _Ticker | None = None
     try:
@@ -1141,6 +1156,7 @@ async def _work(conn: Any, job: _Job, shared: Any, plan: _Plan, box: list[Any]) 
         cpu0 = time.thread_time()
         if plan.stop > plan.start:
             await run.measure(job.arrival, plan.start, plan.stop, plan.offsets, job.slots, start_ns)
+        end_ns = perf_ns()
         cpu_s = time.thread_time() - cpu0
         if ticker is not None:
             ticker.stop()
@@ -1149,7 +1165,7 @@ async def _work(conn: Any, job: _Job, shared: Any, plan: _Plan, box: list[Any]) 
         if ticker is not None:
             ticker.stop()
         run.close()
-    box.append((run.sent(), cpu_s, run.cap_waits, run.exhausted))
+    box.append(_Done(run.sent(), cpu_s, run.cap_waits, run.exhausted, end_ns, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------- results
