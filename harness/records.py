@@ -115,11 +115,13 @@ class ClientCheck:
     requested_rate: float | None  # requests / s asked for (None for closed loop)
     achieved_rate: float  # requests / s actually sent
     dispatch_lag_p99_ms: float  # how late requests left compared with their schedule
-    client_cpu_percent: float  # CPU of the client process over the run (100 = one core)
+    client_cpu_percent: float  # CPU of the client's event loop(s) over the run, summed over processes (100 = one core)
     valid: bool
     reasons: list[str] = field(default_factory=list)  # why the run is invalid
     warnings: list[str] = field(default_factory=list)  # worth knowing, not enough to discard the run
     dispatch_lag_mean_ms: float | None = None
+    processes: int = 1  # client worker processes (run_load(processes=...))
+    busiest_process_cpu_percent: float | None = None  # the busiest process's loop: what "saturated" is judged on
 
 
 @dataclass

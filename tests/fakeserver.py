@@ -41,8 +41,8 @@ perf_ns = time.perf_counter_ns
 class FakeConfig:
     """What the server does with each streaming request."""
 
-    first_token_delay_s: float = 0.0  # request received -> first chunk written
-    chunk_delay_s: float = 0.0  # between chunks (scheduled on absolute deadlines: no drift)
+    first_token_delay_s: float = 0.0  # request received -> first chunk written (at least this long, never less)
+    chunk_delay_s: float = 0.0  # between chunks (on absolute deadlines from the request's arrival: no drift)
     tokens_per_chunk: int = 1  # multi-token chunks (speculative decoding, stream intervals)
     error_every: int = 0  # every k-th request answers HTTP `error_status` (0: never)
     error_status: int = 500
@@ -57,6 +57,20 @@ class FakeConfig:
 
 
 # ---------------------------------------------------------------------------------------------- the app
+
+
+async def sleep_until(deadline_ns: int) -> None:
+    """Sleep until `perf_counter_ns() >= deadline_ns`, never less.
+
+    Event-loop timers can fire early: uvloop rounds a delay to whole milliseconds and counts it from the loop's
+    cached time (taken at the start of the iteration, truncated to 1 ms), so `asyncio.sleep(0.030)` there may return
+    after 29.3 ms. A ground-truth delay must be a lower bound, so the remainder is slept again until the deadline.
+    """
+    while True:
+        left = deadline_ns - perf_ns()
+        if left <= 0:
+            return
+        await asyncio.sleep(left / 1e9)
 
 
 def _frame(data: bytes) -> bytes:
@@ -181,8 +195,9 @@ class _App:
             return resp
 
         await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + c.stall_s + c.first_token_delay_s
+        # deadlines on the clock the client uses, from the moment the request arrived
+        start = recv + round((c.stall_s + c.first_token_delay_s) * 1e9)
+        step = round(c.chunk_delay_s * 1e9)
         events = self.events(chat, n_tokens, prompt_tokens, continuous, include_usage)
         for i, event in enumerate(events):
             if drop and i >= c.drop_after_chunks:
@@ -191,9 +206,7 @@ class _App:
                 entry["status"] = "dropped"
                 return resp
             if i < len(events) - 1:  # the usage / [DONE] tail follows the last token chunk at once, as in vLLM
-                delay = start + i * c.chunk_delay_s - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await sleep_until(start + i * step)
             entry["writes_ns"].append(perf_ns())  # just before the bytes go to the socket
             await resp.write(event)
         await resp.write_eof()
