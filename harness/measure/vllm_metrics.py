@@ -207,6 +207,38 @@ def capacity_from_cache_info(snap: MetricsSnapshot) -> LogCapacity:
     return cap
 
 
+# CacheConfig fields vLLM computes rather than takes (init=False): capacity goes to ServerStats, the rest is internal
+_DERIVED_CACHE_FIELDS = frozenset({
+    "engine", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_max_concurrency",
+    "user_specified_block_size", "kv_cache_layout", "effective_attention_block_size", "hash_block_size",
+    "cache_hit_alignment_tokens", "use_kda_recoverssm",
+})
+
+
+def settings_from_cache_info(snap: MetricsSnapshot) -> dict[str, bool | int | float | str]:
+    """The cache settings a server runs with, from its `vllm:cache_config_info` labels (vLLM's CacheConfig, by
+    the names that are also its engine arguments: block_size, gpu_memory_utilization, enable_prefix_caching, ...);
+    values typed back from their label strings, unset (`None`) and computed fields left out. Empty when absent."""
+    info = snap.labels(CACHE_INFO_METRIC) or {}
+    out: dict[str, bool | int | float | str] = {}
+    for key, text in sorted(info.items()):
+        if key.startswith("_") or key in _DERIVED_CACHE_FIELDS or text in ("None", "", "[]", "{}"):
+            continue
+        out[key] = _typed(text)
+    return out
+
+
+def _typed(text: str) -> bool | int | float | str:
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
 class MetricsScraper:
     """Scrapes one or more servers' /metrics every `period_s` during a run and keeps the peak KV usage.
 
