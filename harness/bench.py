@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                     "name the server serves")
     p.add_argument("--url", action="append", metavar="http://HOST:PORT",
                    help="measure this running server instead of starting one (repeat for replicas of one model)")
-    p.add_argument("--api-key", help="with --url: the server's API key")
+    p.add_argument("--api-key", help="with --url: the server's API key (--api-key=KEY when it begins with -)")
     p.add_argument("--tokenizer", help="with --url: the served model's tokenizer directory (default: --model, if a "
                                        "local directory)")
     p.add_argument("--config", help="a config in the user's format (vllm: block); --set overrides its values")
