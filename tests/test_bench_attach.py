@@ -63,8 +63,8 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- the record
 
 
-def test_attached_record_has_metrics_and_says_what_it_lacks(fake: CapacityFake, tokenizer_dir: Path,
-                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_attached_record_has_metrics_and_says_what_it_lacks(
+        fake: CapacityFake, tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--url", fake.url + "/v1/", f"--api-key={KEY}", "--model", "served-tiny", "--tokenizer",
                  str(tokenizer_dir), "--workload", "tiny-cpu", "--num-requests", "12", "--concurrency", "4",
                  "--results-dir", str(tmp_path)])
@@ -186,7 +186,8 @@ def test_bad_url() -> None:
 def test_observed_cache_settings_from_real_labels() -> None:
     """vLLM 0.32's labels (one line of a real CPU server's /metrics): settings typed, computed fields left out."""
     text = ('vllm:cache_config_info{block_size="128",cache_dtype="auto",calculate_kv_scales="False",'
-            'cpu_kvcache_space_bytes="1073741824",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.92",'
+            'cpu_kvcache_space_bytes="1073741824",enable_prefix_caching="True",engine="0",'
+            'gpu_memory_utilization="0.92",'
             'kv_cache_max_concurrency="1024.0",kv_cache_memory_bytes="None",kv_cache_size_tokens="524288",'
             'kv_cache_dtype_skip_layers="[]",num_cpu_blocks="None",num_gpu_blocks="4096",'
             'prefix_caching_hash_algo="sha256",user_specified_block_size="False"} 1.0')
