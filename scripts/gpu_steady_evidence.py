@@ -31,6 +31,7 @@ steps, low rates, the two servers on separate CPU cores), to run every code path
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -132,8 +133,16 @@ class Profile:
     units: tuple[Unit, ...]
     window: Any  # harness.load.window.WindowSpec
     start_timeout_s: float
-    cpu: bool = False
     drain_guess_s: float = 10.0  # the last requests' E2E after a comparison run's schedule ends
+    models_dir: Path = ROOT / "models"
+
+    def model_path(self, name: str) -> Path:
+        return self.models_dir / name
+
+    def missing(self, names: set[str] | None = None) -> list[ModelBuild]:
+        """Models not built yet (the working tree, or a /tmp that did not survive, may be fresh each command)."""
+        return [b for b in self.builds if (names is None or b.path in names)
+                and not (self.model_path(b.path) / "config.json").exists()]
 
     def first_item_s(self, unit: Unit) -> float:
         """What must fit before a unit's server starts: the start and the unit's first resumable item (a
@@ -158,7 +167,7 @@ class Profile:
 
     def unit_estimate_s(self, unit: Unit, with_start: bool = True) -> float:
         if unit.kind == "build":
-            return sum(b.estimate_s for b in self.builds if not (ROOT / b.path / "config.json").exists()) or 1.0
+            return sum(b.estimate_s for b in self.missing()) or 1.0
         start = (self.configs[unit.config].startup_estimate_s + TEARDOWN_S) if with_start else 0.0  # type: ignore[index]
         if unit.kind == "compare":
             assert unit.compare is not None
@@ -169,13 +178,25 @@ class Profile:
         return start + unit.capacity.max_steps * self.step_estimate_s(plan, e2e) + 10.0
 
 
+def make_units(compare: CompareSpec, mistral: CapacitySpec, dialogpt: CapacitySpec) -> tuple[Unit, ...]:
+    """The units in their order (UNITS), each with its configuration."""
+    return (
+        Unit("build", "build"),
+        Unit("mistral-defaults-compare", "compare", "mistral-defaults", compare=compare),
+        Unit("mistral-defaults-capacity", "capacity", "mistral-defaults", capacity=mistral),
+        Unit("mistral-user-capacity", "capacity", "mistral-user", capacity=mistral),
+        Unit("dialogpt-1server", "capacity", "dialogpt-1", capacity=dialogpt),
+        Unit("dialogpt-2servers", "capacity", "dialogpt-2", capacity=dialogpt),
+    )
+
+
 def gpu_profile(step_s: float) -> Profile:
     from harness.launch.placement import Slot
     from harness.load.window import WindowSpec
 
     gpu0 = Slot(gpu_ids=(0,))
     slo = SLO(ttft_ms=1000.0, tpot_ms=50.0)
-    mistral, dialogpt = "models/mistral-7b", "models/dialogpt-medium"
+    mistral, dialogpt = "mistral-7b", "dialogpt-medium"
     configs = {
         "mistral-defaults": ServerConfig("mistral-defaults", "vLLM defaults", mistral, "chat-mix", ({},), (gpu0,),
                                          180.0),
@@ -193,14 +214,7 @@ def gpu_profile(step_s: float) -> Profile:
                           output_len="64:512", vllm_client_overhead_s=15.0)
     mcap = CapacitySpec(start_rate=16.0, slo=slo, precision=0.05, max_steps=6, expected_e2e_s=8.0)
     dcap = CapacitySpec(start_rate=32.0, slo=slo, precision=0.05, max_steps=6, expected_e2e_s=2.0)
-    units = (
-        Unit("build", "build"),
-        Unit("mistral-defaults-compare", "compare", "mistral-defaults", compare=compare),
-        Unit("mistral-defaults-capacity", "capacity", "mistral-defaults", capacity=mcap),
-        Unit("mistral-user-capacity", "capacity", "mistral-user", capacity=mcap),
-        Unit("dialogpt-1server", "capacity", "dialogpt-1", capacity=dcap),
-        Unit("dialogpt-2servers", "capacity", "dialogpt-2", capacity=dcap),
-    )
+    units = make_units(compare, mcap, dcap)
     builds = (ModelBuild("mistral-7b", mistral, 60.0), ModelBuild("dialogpt-medium", dialogpt, 30.0))
     return Profile("1x H200", builds, configs, units, WindowSpec(step_s=step_s, warmup_s=10.0, drain_s=60.0),
                    start_timeout_s=600.0)
@@ -211,7 +225,7 @@ def cpu_profile(step_s: float) -> Profile:
     from harness.launch.placement import Slot
     from harness.load.window import WindowSpec
 
-    tiny = "models/tiny-llama"
+    tiny = "tiny-llama"
     base = {"enforce_eager": True, "max_model_len": 512}
     slo = SLO(ttft_ms=3000.0, tpot_ms=300.0)
     cores = sorted(os.sched_getaffinity(0))
@@ -231,16 +245,10 @@ def cpu_profile(step_s: float) -> Profile:
     compare = CompareSpec(rates=(2.0, 4.0), requests=(8, 16), rounds=1, input_len="32:64", output_len="16:32",
                           vllm_client_overhead_s=40.0)
     cap = CapacitySpec(start_rate=2.0, slo=slo, precision=0.25, max_steps=2, expected_e2e_s=1.0)
-    units = (
-        Unit("build", "build"),
-        Unit("mistral-defaults-compare", "compare", "mistral-defaults", compare=compare),
-        Unit("mistral-defaults-capacity", "capacity", "mistral-defaults", capacity=cap),
-        Unit("mistral-user-capacity", "capacity", "mistral-user", capacity=cap),
-        Unit("dialogpt-1server", "capacity", "dialogpt-1", capacity=cap),
-        Unit("dialogpt-2servers", "capacity", "dialogpt-2", capacity=cap),
-    )
+    units = make_units(compare, cap, cap)
     return Profile("CPU (vLLM CPU build)", (ModelBuild("tiny", tiny, 30.0),), configs, units,
-                   WindowSpec(step_s=step_s, warmup_s=2.0, drain_s=60.0), start_timeout_s=600.0, cpu=True, drain_guess_s=5.0)
+                   WindowSpec(step_s=step_s, warmup_s=2.0, drain_s=60.0), start_timeout_s=600.0,
+                   drain_guess_s=5.0)
 
 
 # ---------------------------------------------------------------------------------------------- state, deadline
@@ -339,15 +347,19 @@ def restore_state(tgz: Path, state_dir: Path) -> int:
 # ---------------------------------------------------------------------------------------------- units
 
 
-def run_build(profile: Profile, state: State, deadline: Deadline) -> dict[str, Any]:
+def run_build(profile: Profile, deadline: Deadline, names: set[str] | None = None) -> dict[str, Any]:
+    """Build the missing models (all, or `names`); a model already there is kept."""
     built = []
+    todo = profile.missing(names)
     for b in profile.builds:
-        if (ROOT / b.path / "config.json").exists():
-            built.append({"model": b.path, "built": False})
+        if b not in todo:
+            if names is None or b.path in names:
+                built.append({"model": b.path, "built": False})
             continue
         deadline.require(b.estimate_s, f"build {b.path}")
-        argv = ([sys.executable, "-m", "harness.models", "tiny", b.path] if b.arch == "tiny"
-                else [sys.executable, "-m", "harness.models", "arch", b.arch, b.path])
+        dest = str(profile.model_path(b.path))
+        argv = ([sys.executable, "-m", "harness.models", "tiny", dest] if b.arch == "tiny"
+                else [sys.executable, "-m", "harness.models", "arch", b.arch, dest])
         say(f"build: {' '.join(argv[1:])}")
         t0 = time.monotonic()
         proc = subprocess.run(argv, cwd=ROOT, env=_child_env(), capture_output=True, text=True)
@@ -417,7 +429,7 @@ def _plan_kv(profile: Profile, cfg: ServerConfig, settings: dict[str, Any], work
         from harness.plan import detect_hardware, load_model_facts, plan_candidate
 
         hw = detect_hardware(None, None)
-        plan = plan_candidate(load_model_facts(str(ROOT / cfg.model)), hw, settings,
+        plan = plan_candidate(load_model_facts(str(profile.model_path(cfg.model))), hw, settings,
                               longest_request=workload.max_total_tokens())
         return plan.to_dict()
     except Exception as exc:  # noqa: BLE001 - the plan is a comparison figure; a failing planner is reported
@@ -557,22 +569,25 @@ def run_group(profile: Profile, state: State, deadline: Deadline, config: str | 
     from harness.launch.server import ServerStartError
     from harness.records import to_dict
 
+    if config is None:  # build: idempotent and cheap when the models are there, so it always runs
+        for u in units:
+            deadline.require(profile.unit_estimate_s(u), u.name)
+            t0 = time.monotonic()
+            res = run_build(profile, deadline)
+            state.finish(u.name, {**res, "unit": u.name, "seconds": round(time.monotonic() - t0, 1)})
+        return
     pending = [u for u in units if not state.done(u.name)]
     for u in units:
         if u not in pending:
             say(f"{u.name}: done earlier ({state.result(u.name).get('status')}), skipped")  # type: ignore[union-attr]
     if not pending:
         return
-    if config is None:  # build
-        for u in pending:
-            deadline.require(profile.unit_estimate_s(u), u.name)
-            t0 = time.monotonic()
-            res = run_build(profile, state, deadline)
-            state.finish(u.name, {**res, "unit": u.name, "seconds": round(time.monotonic() - t0, 1)})
-        return
     cfg = profile.configs[config]
     first = pending[0]
-    deadline.require(profile.first_item_s(first), f"start {config} for {first.name}")
+    build_s = sum(b.estimate_s for b in profile.missing({cfg.model}))
+    deadline.require(build_s + profile.first_item_s(first), f"start {config} for {first.name}")
+    if build_s:  # the model is gone (a fresh host): build it again first
+        run_build(profile, deadline, {cfg.model})
     log_root = state.root / "logs" / config / time.strftime("%Y%m%dT%H%M%S")
     jobs = [(dict(s), slot, log_root / f"deployment{i}") for i, (s, slot) in enumerate(zip(cfg.deployments, cfg.slots))]
     say(f"{config}: starting {len(jobs)} server(s) for {', '.join(u.name for u in pending)} "
@@ -580,7 +595,7 @@ def run_group(profile: Profile, state: State, deadline: Deadline, config: str | 
     t0 = time.monotonic()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     try:
-        with deploy_together(str(ROOT / cfg.model), jobs, start_timeout_s=profile.start_timeout_s) as deps:
+        with deploy_together(str(profile.model_path(cfg.model)), jobs, start_timeout_s=profile.start_timeout_s) as deps:
             wall = time.monotonic() - t0
             startup = {"startup_s": [round(d.startup_s or 0.0, 1) for d in deps], "startup_wall_s": round(wall, 1),
                        "started": started, "log_dir": log_root.relative_to(state.root).as_posix()}
@@ -701,7 +716,7 @@ def print_plan(profile: Profile, state: State, names: list[str]) -> None:
                   f"start ~{cfg.startup_estimate_s:.0f} s")
             for i, (settings, slot) in enumerate(zip(cfg.deployments, cfg.slots)):
                 for p in replica_placement(settings, slot):
-                    argv = Server(ServerSpec(model=str(ROOT / cfg.model), settings=settings, gpus=p.gpus, env=p.env,
+                    argv = Server(ServerSpec(model=str(profile.model_path(cfg.model)), settings=settings, gpus=p.gpus, env=p.env,
                                              port=8000 + i)).build_argv()
                     argv = [a if not a.startswith("--api-key=") else "--api-key=<random>" for a in argv]
                     env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} if p.gpus is not None else {}) | p.env
@@ -732,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help=f"comma list of: {', '.join(UNITS)}")
     ap.add_argument("--restore", type=Path, default=None, help="an earlier command's gpu-state.tgz")
     ap.add_argument("--step-s", type=float, default=None, help="measured window per step (GPU 30, CPU smoke 4)")
+    ap.add_argument("--models-dir", type=Path, default=None,
+                    help="where the random-weight models are built (default: models/ in the project)")
     ap.add_argument("--retry-failed", action="store_true", help="run units recorded as failed again")
     ap.add_argument("--print-plan", action="store_true", help="print each unit's settings and time; start nothing")
     ap.add_argument("--cpu-smoke", action="store_true", help="every unit on the tiny model and vLLM's CPU build")
@@ -744,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--deadline-s: got {args.deadline_s!r}; must be seconds > 0")
     deadline = Deadline(args.deadline_s)
     profile = (cpu_profile(args.step_s or 4.0) if args.cpu_smoke else gpu_profile(args.step_s or 30.0))
+    if args.models_dir is not None:
+        profile = dataclasses.replace(profile, models_dir=args.models_dir.resolve())
     state_dir = Path(args.state_dir or ("results/runs/gpu-smoke" if args.cpu_smoke else "results/gpu-h200x1"))
     if not state_dir.is_absolute():
         state_dir = ROOT / state_dir
