@@ -110,6 +110,11 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
                     start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
     """Several deployments (settings, slot, log dir) started at once: their start-ups (minutes each on GPUs, for
     torch.compile and CUDA graphs) overlap instead of adding up. All are torn down on exit or on any start failure.
+
+    Deployments that share a GPU (several servers on one GPU, each with its share of gpu_memory_utilization)
+    start one after another instead: vLLM sizes its KV cache from the device's free memory before and after its
+    own profiling run, so memory another server allocates meanwhile would be counted as this server's (a smaller
+    KV cache, or a failed start). The next one starts once those before it on its GPUs are ready.
     """
     groups: list[ServerGroup] = []
     gpu_ids: list[list[int]] = []
@@ -121,7 +126,9 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
                                    for i, p in enumerate(placement)]))
         gpu_ids.append([g for p in placement for g in (p.gpus or [])])
     try:
-        for group in groups:
+        for k, group in enumerate(groups):
+            if any(set(gpu_ids[k]) & set(ids) for ids in gpu_ids[:k]):
+                wait_all_ready(groups[:k])
             group.start()
         wait_all_ready(groups)
         yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s)

@@ -151,6 +151,30 @@ def scrape(base_url: str, api_key: str | None = None, timeout_s: float = 5.0) ->
     return parse_prometheus(fetch_metrics_text(base_url, api_key, timeout_s))
 
 
+def wait_idle(targets: list[tuple[str, str | None]], timeout_s: float = 120.0, poll_s: float = 0.1) -> float:
+    """Until every server's queue is empty (waiting + running == 0 on /metrics), so one load step's backlog does
+    not load the next; returns the seconds waited. Raises TimeoutError when a server is still busy (or does not
+    answer) after `timeout_s`."""
+    t0 = time.monotonic()
+    busy = list(targets)
+    while True:
+        still = []
+        for url, key in busy:
+            try:
+                snap = scrape(url, key)
+            except (urllib.error.URLError, OSError, TimeoutError):
+                still.append((url, key))
+                continue
+            if (snap.total(WAITING_METRIC) or 0.0) + (snap.total(RUNNING_METRIC) or 0.0) > 0:
+                still.append((url, key))
+        busy = still
+        if not busy:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{len(busy)} server(s) still busy after {timeout_s:g} s: {busy[0][0]}")
+        time.sleep(poll_s)
+
+
 def stats_from_snapshot(snap: MetricsSnapshot, since: MetricsSnapshot | None = None) -> ServerStats:
     """ServerStats from one scrape; counters (preemptions, prefix hits) as deltas from `since` when given.
 
