@@ -96,10 +96,11 @@ class CompareSpec:
     input_len: str
     output_len: str
     vllm_client_overhead_s: float  # `vllm bench serve` process start (imports) per round
+    clients: tuple[str, ...] = ("ours", "vllm")  # benchmarks/compare_vllm_bench.py --clients
 
     def rate_estimate_s(self, rate: float, requests: int, drain_s: float) -> float:
         """One rate: every round sends through both clients, then `vllm bench serve`'s process starts again."""
-        return self.rounds * (2 * (requests / rate + drain_s) + self.vllm_client_overhead_s) + 10.0
+        return self.rounds * (len(self.clients) * (requests / rate + drain_s) + self.vllm_client_overhead_s) + 10.0
 
     def estimate_s(self, drain_s: float) -> float:
         return sum(self.rate_estimate_s(r, n, drain_s) for r, n in zip(self.rates, self.requests))
@@ -210,10 +211,11 @@ def gpu_profile(step_s: float) -> Profile:
                                    "chat-short", ({"gpu_memory_utilization": 0.45, "max_model_len": 1024},) * 2,
                                    (gpu0, gpu0), 220.0),
     }
-    compare = CompareSpec(rates=(8.0, 16.0), requests=(100, 200), rounds=3, input_len="128:2048",
-                          output_len="64:512", vllm_client_overhead_s=15.0)
-    mcap = CapacitySpec(start_rate=16.0, slo=slo, precision=0.05, max_steps=6, expected_e2e_s=8.0)
-    dcap = CapacitySpec(start_rate=32.0, slo=slo, precision=0.05, max_steps=6, expected_e2e_s=2.0)
+    # one rate below the ~22 req/s one H200 sustains; a third client row sends our default body (per-chunk usage)
+    compare = CompareSpec(rates=(16.0,), requests=(240,), rounds=3, input_len="128:2048", output_len="64:512",
+                          vllm_client_overhead_s=15.0, clients=("ours", "vllm", "ours-usage"))
+    mcap = CapacitySpec(start_rate=16.0, slo=slo, precision=0.05, max_steps=5, expected_e2e_s=8.0)
+    dcap = CapacitySpec(start_rate=32.0, slo=slo, precision=0.05, max_steps=4, expected_e2e_s=2.0)
     units = make_units(compare, mcap, dcap)
     builds = (ModelBuild("mistral-7b", mistral, 60.0), ModelBuild("dialogpt-medium", dialogpt, 30.0))
     return Profile("1x H200", builds, configs, units, WindowSpec(step_s=step_s, warmup_s=10.0, drain_s=60.0),
@@ -397,9 +399,10 @@ def run_compare(unit: Unit, deps: list[Any], state: State, deadline: Deadline, d
         deadline.require(spec.rate_estimate_s(rate, n, drain_s), f"{unit.name} at {rate:g} req/s")
         argv = [sys.executable, str(ROOT / "benchmarks" / "compare_vllm_bench.py"), "--url", url, "--model", dep.model,
                 "--tokenizer", dep.model, "--out", str(out), "--rounds", str(spec.rounds), "--requests", str(n),
-                "--rate", str(rate), "--input-len", spec.input_len, "--output-len", spec.output_len, "--seed", "0"]
+                "--rate", str(rate), "--input-len", spec.input_len, "--output-len", spec.output_len, "--seed", "0",
+                "--clients", ",".join(spec.clients)]
         env = {**_child_env(), "OPENAI_API_KEY": key}
-        say(f"{unit.name}: rate {rate:g} req/s, {n} requests x {spec.rounds} rounds x 2 clients "
+        say(f"{unit.name}: rate {rate:g} req/s, {n} requests x {spec.rounds} rounds x {len(spec.clients)} clients "
             f"(elapsed {deadline.elapsed():.0f} s)")
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None

@@ -165,7 +165,7 @@ def test_gpu_profile_is_the_asked_for_run(ev):
                                                         "max_num_batched_tokens": 32768}
     cap = p.unit("mistral-user-capacity").capacity
     assert (cap.start_rate, cap.slo.ttft_ms, cap.slo.tpot_ms, cap.precision, cap.max_steps) == (16.0, 1000.0, 50.0,
-                                                                                                0.05, 6)
+                                                                                                0.05, 5)
     assert p.unit("dialogpt-2servers").capacity.start_rate == 32.0
     # every resumable item fits a 9-minute command with its server start
     for u in p.units[1:]:
