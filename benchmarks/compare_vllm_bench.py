@@ -132,10 +132,18 @@ def run_vllm(target: Target, model: str, tokenizer: str, dataset: Path, args: ar
         ok = not data["errors"][i]
         results.append(RequestResult(
             ok=ok, send_s=data["start_times"][i] - t0, prompt_tokens=int(data["input_lens"][i] or 0),
-            output_tokens=int(data["output_lens"][i] or 0), ttft_s=data["ttfts"][i], e2e_s=data["latencies"][i],
+            output_tokens=int(data["output_lens"][i] or 0), ttft_s=data["ttfts"][i], e2e_s=_e2e(data, i),
             itl_s=list(data["itls"][i]), chunk_tokens=[1] * (len(data["itls"][i]) + 1) if ok else [],
             error=data["errors"][i] or None))
     return results, float(data["duration"]), data
+
+
+def _e2e(data: dict[str, Any], i: int) -> float:
+    """vLLM 0.32 saves each request's latency; 0.26's detailed result has none, and vLLM itself then takes
+    TTFT + the sum of the inter-token gaps (the last chunk's arrival), which is what we use there too."""
+    if "latencies" in data:
+        return data["latencies"][i]
+    return (data["ttfts"][i] or 0.0) + sum(data["itls"][i] or [])
 
 
 # ---------------------------------------------------------------------------------------------- the server
