@@ -155,6 +155,7 @@ class Steady:
     waiting_slope: float | None = None  # vllm:num_requests_waiting, requests / s (None: no series)
     waiting_growth: float | None = None
     waiting_samples: int = 0
+    batch_fill_s: float | None = None  # p99 decode time (E2E - TTFT) of the step's requests: the next warm-up
     slo_ok: bool | None = None  # the SLO percentiles over the window's requests (None: not judged)
 
 

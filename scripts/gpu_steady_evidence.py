@@ -493,8 +493,7 @@ def run_capacity(unit: Unit, deps: list[Any], profile: Profile, state: State, de
     replay = list(saved)
     last_e2e = None
     for s in replay:
-        m = s["record"].get("metrics") or {}
-        last_e2e = (m.get("e2e_ms") or {}).get("mean", 0) / 1000.0 or last_e2e
+        last_e2e = (s["record"].get("steady") or {}).get("batch_fill_s") or last_e2e
     live = live_measure(deps, workload, requests_for, profile.window, spec.slo, before_step=before_step,
                         first_step=len(replay), expected_e2e_s=last_e2e, progress=progress)
     k = [0]

@@ -326,3 +326,18 @@ def test_per_gpu_ranks_one_gpu_above_two_gpus_of_less_than_twice_its_capacity() 
     assert per_gpu(None, 2) is None
     with pytest.raises(ValueError):
         per_gpu(1.0, 0)
+
+
+def test_batch_fill_is_the_longest_decode_not_the_queue():
+    """After an overloaded step the mean E2E is mostly queue (TTFT); the next warm-up needs only the time the
+    longest requests spend decoding, so a queue of a minute must not make it a minute."""
+    from harness.measure.steady import batch_fill_s
+
+    rs = [RequestResult(ok=True, send_s=float(i), prompt_tokens=4, output_tokens=64, ttft_s=60.0 + i,
+                        e2e_s=60.0 + i + (1.0 if i % 10 else 8.0)) for i in range(100)]
+    fill = batch_fill_s(rs)
+    assert fill is not None and 7.0 < fill <= 8.0  # the long decodes (8 s), none of the 60-160 s of queue
+    assert batch_fill_s([RequestResult(ok=False, send_s=0.0, prompt_tokens=1, output_tokens=0, e2e_s=0.0,
+                                       error="x")]) is None
+    steady = assess(rs, (0.0, 50.0))
+    assert steady.batch_fill_s == pytest.approx(fill)

@@ -69,7 +69,7 @@ class WindowSpec:
             raise UserError(f"got {self.burstiness!r}; must be > 0", source=source, key="burstiness")
 
     def plan(self, rate: float, expected_e2e_s: float | None = None) -> WindowPlan:
-        """The step at `rate` requests/s; `expected_e2e_s` (e.g. the previous step's mean E2E) sizes warm-up and tail."""
+        """The step at `rate` requests/s; `expected_e2e_s` (the previous step's `Steady.batch_fill_s`) sizes warm-up and tail."""
         if not _finite_positive(rate):
             raise ValueError(f"rate must be > 0, got {rate!r}")
         e2e = expected_e2e_s if expected_e2e_s is not None and expected_e2e_s > 0 else 0.0

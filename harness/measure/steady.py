@@ -168,7 +168,20 @@ def assess(
         waiting_slope=w_slope,
         waiting_growth=w_growth,
         waiting_samples=n_wait,
+        batch_fill_s=batch_fill_s(results),
     )
+
+
+def batch_fill_s(results: Sequence[RequestResult]) -> float | None:
+    """How long the longest requests stay in the running batch: p99 over finished requests of E2E minus TTFT.
+
+    A step's running batch is full once its longest requests have been in it for their whole decode, so this is
+    the warm-up the next step needs (`WindowSpec.plan(rate, expected_e2e_s=...)`). Queueing (TTFT) is left out:
+    after an overloaded step the mean E2E is mostly queue, and a warm-up sized from it is minutes of load that
+    measure nothing. None when no request finished.
+    """
+    decode = [r.e2e_s - r.ttft_s for r in results if r.ok and r.ttft_s is not None and r.e2e_s > 0]
+    return float(np.percentile(decode, 99)) if decode else None
 
 
 def apply_slo(steady: Steady, ok: bool, detail: str = "") -> Steady:

@@ -68,7 +68,7 @@ def live_measure(
 
     `requests_for(step, n)` gives step `step`'s `n` requests; `before_step(step, plan)` may raise to stop the
     search before a step starts (a deadline); a server that died raises `ServerDied`. A search resumed after
-    `first_step` steps (replayed from their records) passes their count and the last step's mean E2E, so the
+    `first_step` steps (replayed from their records) passes their count and the last step's batch fill time, so the
     next step gets the prompts and the warm-up an uninterrupted search would have given it. `progress(step, p)`
     is the client's live progress.
     """
@@ -87,8 +87,8 @@ def live_measure(
                                api=workload.api, slo=slo,
                                progress=None if progress is None else (lambda p: progress(step_k, p)))
         k[0] += 1
-        if step.metrics.e2e_ms is not None:
-            last_e2e.append(step.metrics.e2e_ms.mean / 1000.0)
+        if step.steady.batch_fill_s is not None:
+            last_e2e.append(step.steady.batch_fill_s)
         log_stats = server_stats_from_log(first.group.servers[0].read_log())
         now = _dt.datetime.now(_dt.timezone.utc)
         record = RunRecord(
