@@ -640,6 +640,21 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def bracket_verdict(new: dict[str, Any], old: dict[str, Any]) -> str:
+    """Compare two capacity brackets [lo, hi) without claiming more than they show: a gain is only a gain when
+    one bracket lies wholly above the other, and then it is given as the range the brackets allow."""
+    lo_n, hi_n, lo_o, hi_o = (b.get(k) for b in (new, old) for k in ("capacity_lo", "capacity_hi"))
+    if not lo_n or not lo_o:
+        return f"no comparison (capacity {_fmt(lo_n)} vs {_fmt(lo_o)} req/s)"
+    brackets = f"[{_fmt(lo_n)}, {_fmt(hi_n)}) vs [{_fmt(lo_o)}, {_fmt(hi_o)}) req/s at the SLO"
+    if hi_o and lo_n >= hi_o:
+        top = f"{hi_n / lo_o - 1:+.0%}" if hi_n else "open"
+        return f"higher: {brackets}, a gain of at least {lo_n / hi_o - 1:+.0%} and at most {top}"
+    if hi_n and hi_n <= lo_o:
+        return f"lower: {brackets}"
+    return f"no verdict: the brackets overlap ({brackets}; held {lo_n / lo_o - 1:+.0%} higher rate)"
+
+
 def write_summary(profile: Profile, state: State, names: list[str], notes: list[str]) -> str:
     lines = [f"# Steady-state evidence: {profile.hardware_label}", "",
              "Every number below used one device: " + profile.hardware_label + " (capacities are per GPU: the "
@@ -676,17 +691,13 @@ def write_summary(profile: Profile, state: State, names: list[str], notes: list[
             f"{startup_txt} | {len(res.get('steps') or [])} |")
     one, two = caps.get("dialogpt-1server"), caps.get("dialogpt-2servers")
     if one and two and one.get("status") == two.get("status") == "ok" and one.get("bracket") and two.get("bracket"):
-        c1, c2 = one["bracket"]["capacity_lo"], two["bracket"]["capacity_lo"]
-        verdict = "raised" if c2 > c1 * (1 + one["bracket"]["precision"]) else "did not raise"
-        lines += ["", f"Two servers per GPU {verdict} capacity per GPU: {c2:.2f} vs {c1:.2f} req/s at the SLO "
-                      f"({(c2 / c1 - 1) if c1 else float('nan'):+.0%}; ceilings {_fmt((two.get('ceiling') or {}).get('req_s'))} vs "
-                      f"{_fmt((one.get('ceiling') or {}).get('req_s'))} req/s), {profile.hardware_label} on both sides."]
+        lines += ["", "Two servers per GPU vs one: " + bracket_verdict(two["bracket"], one["bracket"])
+                  + f" (ceilings {_fmt((two.get('ceiling') or {}).get('req_s'))} vs "
+                    f"{_fmt((one.get('ceiling') or {}).get('req_s'))} req/s), {profile.hardware_label} on both sides."]
     d, u = caps.get("mistral-defaults-capacity"), caps.get("mistral-user-capacity")
-    if d and u and d.get("status") == u.get("status") == "ok" and (d.get("bracket") or {}).get("capacity_lo") \
-            and u.get("bracket"):
-        ratio = u["bracket"]["capacity_lo"] / d["bracket"]["capacity_lo"] - 1
-        lines += ["", f"User's setting vs vLLM's defaults (Mistral-7B architecture): {ratio:+.0%} capacity per GPU "
-                      f"at the SLO, {profile.hardware_label} on both sides."]
+    if d and u and d.get("status") == u.get("status") == "ok" and d.get("bracket") and u.get("bracket"):
+        lines += ["", "User's setting vs vLLM's defaults (Mistral-7B architecture): "
+                  + bracket_verdict(u["bracket"], d["bracket"]) + f", {profile.hardware_label} on both sides."]
     comp = state.root / "mistral-defaults-compare" / "compare.md"
     res = state.result("mistral-defaults-compare")
     lines += ["", "## Our client vs `vllm bench serve` (identical requests, live vLLM defaults server, "
