@@ -60,7 +60,7 @@ def test_finished_units_are_skipped_on_rerun(ev, tmp_path, monkeypatch):
     assert "left to run: nothing" in text
     assert "| dialogpt-2servers | dialogpt-2 | 1x H200 | ok | 30.00 / 31.20 | 36.00 / 9000 | 800 / 40.0 | " \
            "1,000 / 990 | 100 | 4 |" in text
-    assert "Two servers per GPU raised capacity per GPU: 30.00 vs 20.00 req/s at the SLO (+50%" in text
+    assert "Two servers per GPU vs one: higher: [30.00, 31.20) vs [20.00, 20.80) req/s at the SLO, a gain of at least +44% and at most +56%" in text
 
 
 def test_failed_unit_is_kept_unless_retried(ev, tmp_path):
