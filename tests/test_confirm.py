@@ -185,6 +185,37 @@ def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest
     assert conf.winner.runs == [5.0, 5.2] and all(m["client_valid"] for m in conf.winner_metrics)
 
 
+def test_repeats_the_client_still_limited_are_marked_and_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat still client-limited after its retries is kept, marked invalid, and left out of mean/sd/n; no
+    recommendation rests on it, and the saved confirmation reads back the same."""
+    from types import SimpleNamespace
+
+    _fake_live(monkeypatch, {}, {"w": 1, "b": 1}, [], [])
+    runs = {"w": [(9.0, False)] * 3 + [(6.0, True)], "b": [(4.0, True), (4.2, True)]}
+
+    def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
+                     repeat_of: list[float] | None = None) -> Evaluation:
+        value, valid = runs[dep].pop(0)
+        ev.values = [value]
+        ev.record = SimpleNamespace(metrics=None, memory=None, server=None, startup_s=None,  # type: ignore[assignment]
+                                    client=SimpleNamespace(valid=valid, reasons=[] if valid else ["dispatch lag 40 ms"]))
+        return ev
+
+    monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
+    conf = confirm(_gpu_ctx(4), frozen(5, 9.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
+    assert conf.winner.runs == [9.0, 6.0] and conf.winner.valid == [False, True]
+    assert conf.winner.mean == 6.0 and conf.winner.std == 0.0  # the invalid 9.0 is not in the mean
+    saved = conf.to_dict()
+    assert saved["winner"]["n"] == 1 and saved["winner"]["invalid"] == [9.0] and saved["winner"]["max"] == 6.0
+    assert conf.recommended_trial == 0 and "client-limited (invalid)" in conf.verdict
+    assert conf.winner_metrics[0]["client_valid"] is False and "dispatch lag" in conf.winner_metrics[0]["client_reason"]
+    back = confirm_mod.Confirmation.from_dict(saved)
+    assert back.winner.valid == [False, True] and back.winner.mean == 6.0
+    # a confirmation saved before `valid` existed: the per-repeat client_valid says which runs count
+    old = {**saved, "winner": {"runs": [9.0, 6.0]}}
+    assert confirm_mod.Confirmation.from_dict(old).winner.valid_runs == [6.0]
+
+
 # ---------------------------------------------------------------------------------------------- time budget
 
 

@@ -39,6 +39,14 @@ class Measurement:
     record: RunRecord | None  # the run the values come from
     curve: list[dict[str, Any]] = field(default_factory=list)  # latency vs offered load, one point per load step
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers for the trial's metrics
+    client_reasons: list[str] = field(default_factory=list)  # why the load client, not the server, set the values
+    values_invalid: bool = False  # the values come from a run the client limited: not a server number at all
+
+
+def client_reasons(record: RunRecord) -> list[str]:
+    """Why the load client, not the server, limited this run (its self-check); empty for a server number."""
+    client = record.client
+    return list(client.reasons or ["the client self-check failed"]) if client is not None and not client.valid else []
 
 
 @dataclass
@@ -165,9 +173,13 @@ class CapacityObjective(Objective):
         result = capacity_search(
             lambda rate: steps.run(rate=rate, burstiness=self.burstiness, num_requests=self.num_requests),
             self.slo, start_rate=start, max_steps=self.max_steps, min_rate=self.min_rate)
+        limited = [st for st in result.steps if st.record.client is not None and not st.record.client.valid]
+        reasons = [f"the client limited the step at {st.rate:.3g} req/s ({'; '.join(st.record.client.reasons)}): "
+                   f"the capacity is a lower bound set by the client" for st in limited[:1]]
         return Measurement(values=[result.capacity], constraints=[0.0 if result.capacity > 0 else 1.0],
                            record=result.best or result.steps[-1].record, curve=result.curve(),
-                           metrics={self.metric: result.capacity})
+                           metrics={self.metric: result.capacity}, client_reasons=reasons,
+                           values_invalid=bool(limited) and result.best is None)
 
     def confirm_metric(self, winner_values: list[float]) -> str:
         return f"goodput_rps_at_{winner_values[0]:.3g}_rps" if winner_values else "goodput_rps"
@@ -177,7 +189,8 @@ class CapacityObjective(Objective):
             return self.measure(steps)
         record = steps.run(rate=winner_values[0], burstiness=self.burstiness, num_requests=self.num_requests)
         return Measurement(values=[float(record.metrics.goodput or 0.0) if record.metrics else 0.0],
-                           constraints=slo_violations(record, self.slo), record=record)
+                           constraints=slo_violations(record, self.slo), record=record,
+                           client_reasons=client_reasons(record), values_invalid=bool(client_reasons(record)))
 
     def confirms_on_own_scale(self, metric: str) -> bool:
         return metric in (self.metric, self.kind)
@@ -204,7 +217,8 @@ class FixedLoadObjective(Objective):
                                 {"rate": self.rate, "burstiness": self.burstiness})
         record = steps.run(**load, num_requests=self.num_requests, duration_s=self.duration_s)
         values = self.values(record) if record.metrics is not None else self.worst_values()
-        return Measurement(values=values, constraints=slo_violations(record, self.slo), record=record)
+        return Measurement(values=values, constraints=slo_violations(record, self.slo), record=record,
+                           client_reasons=client_reasons(record), values_invalid=bool(client_reasons(record)))
 
     def values(self, record: RunRecord) -> list[float]:
         """The values of one measured run (which has metrics)."""

@@ -59,8 +59,11 @@ DEMO_SWEEP: dict[str, Any] = {
     "models": [{"name": "tiny-llama", "model": "models/tiny-llama", "build": "tiny"}],
     "space": "cpu-demo",
     "workload": "tiny-cpu",
+    # Sized for 2 cores: the server runs on core 1 and the load client on core 0 (harness.launch.placement), where
+    # the tiny model serves ~8 req/s at TTFT ~30 ms and TPOT ~10 ms; 80 requests make a step of 10 s at the start
+    # rate and ~2.5 s at 32 req/s, and five steps double then bisect the capacity.
     "objective": {"kind": "capacity", "slo": {"ttft_ms": 250, "tpot_ms": 40, "percentile": 90},
-                  "num_requests": 40, "start_rate": 4.0, "max_steps": 4},
+                  "num_requests": 80, "start_rate": 8.0, "max_steps": 5},
     "trials": 6,
     "confirm": {"repeats": 3},
 }
