@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -71,3 +72,26 @@ def test_bench_refuses_when_nothing_fits(tiny_model: Path, tmp_path: Path, monke
                      "--results-dir", str(tmp_path / "results")])
     assert rc == 2 and no_server == []
     assert "error: --set: gpu_memory_utilization: " in capsys.readouterr().err
+
+
+def test_a_cpu_trial_whose_memory_no_longer_fits_is_pruned_not_launched(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep re-reads the CPU host's memory right before each launch: planned when it fitted, pruned when the
+    node's available memory has since dropped below the candidate's request."""
+    from harness.launch.placement import SlotPool
+    from harness.plan import load_model_facts
+    from harness.space.spec import parse_space
+    from harness.study import evaluate as evaluate_mod
+    from harness.study.objectives import CapacityObjective
+
+    monkeypatch.setattr(evaluate_mod, "deploy", lambda *a, **k: pytest.fail("a server was started"))
+    monkeypatch.setattr(evaluate_mod, "detect_hardware", lambda *a: _cpu(15.34, 5.0))  # now: 5 GiB available
+    space = parse_space({"name": "t", "fixed": {"max_model_len": 512}, "knobs": {}}, "test")
+    ctx = evaluate_mod.StudyContext(
+        model=str(tiny_model), model_name="tiny", slug="tiny", facts=load_model_facts(str(tiny_model)),
+        hardware=_cpu(15.34, 13.71), space=space, workload=SimpleNamespace(max_total_tokens=lambda: 96),
+        objective=CapacityObjective(), requests_for=lambda step: [], study_dir=tmp_path, start_timeout_s=10,
+        slots=SlotPool(cpu_sets=[()]))
+    ev = evaluate_mod.evaluate(ctx, {"max_model_len": 512, "gpu_memory_utilization": 0.5}, "trial000")
+    assert ev.values is None and ev.pruned_reason and ev.pruned_reason.startswith("gpu_memory_utilization:")
+    assert "5.00 GiB is available" in ev.pruned_reason

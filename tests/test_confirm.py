@@ -247,3 +247,15 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
                               out=out, deadline=time.monotonic() - 1)
     assert outcome.config_path is None and "before the confirmation" in outcome.message
     assert not (tmp_path / "configs" / "tiny.yaml").exists()
+
+
+def test_a_repeat_that_could_not_start_is_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat pruned at launch (the host's memory changed since the trial) is not a 0 in the spread."""
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None) -> Evaluation:
+        return Evaluation(settings=settings, pruned_reason="gpu_memory_utilization: only 2.74 GiB is available")
+
+    monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
+    b = frozen(0, 5.0, {"who": "w"})
+    conf = confirm(Ctx(), b, b, 3, "goodput_rps")
+    assert conf.winner.runs == [] and conf.to_dict()["winner"]["mean"] is None
+    assert conf.verdict.startswith("not confirmed: 3 confirmation repeat(s) could not be measured (not started: ")

@@ -21,59 +21,13 @@ from optuna.trial import FrozenTrial
 from harness.deploy import deploy_together
 from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
-from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, settings_of
+from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
 
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
 SLOT_WAIT_S = 30.0  # for devices whose memory the last trial's servers are still releasing; then: not free now
 MODE_LIVE = "live servers, repeats interleaved"
 MODE_IN_TURN = "live servers, one configuration at a time"
 MODE_FRESH = "fresh server per repeat"
-
-
-@dataclass
-class Spread:
-    """One configuration's confirmation repeats. A repeat the load client limited (its self-check failed) is kept
-    in `runs` with `valid` False and left out of mean, sd, min, max and n: it measured the client, not the server."""
-
-    runs: list[float]
-    valid: list[bool] | None = None  # per run; None: all valid
-
-    @property
-    def flags(self) -> list[bool]:
-        return list(self.valid) if self.valid is not None else [True] * len(self.runs)
-
-    @property
-    def valid_runs(self) -> list[float]:
-        return [v for v, ok in zip(self.runs, self.flags) if ok]
-
-    @property
-    def invalid_runs(self) -> list[float]:
-        return [v for v, ok in zip(self.runs, self.flags) if not ok]
-
-    @property
-    def mean(self) -> float:
-        runs = self.valid_runs
-        return statistics.fmean(runs) if runs else 0.0
-
-    @property
-    def std(self) -> float:
-        runs = self.valid_runs
-        return statistics.stdev(runs) if len(runs) > 1 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        runs = self.valid_runs
-        return {"runs": self.runs, "valid": self.flags, "mean": self.mean if runs else None,
-                "std": self.std if runs else None, "min": min(runs, default=None), "max": max(runs, default=None),
-                "n": len(runs), "invalid": self.invalid_runs}
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> Spread:
-        """Back from `to_dict()`; a confirmation saved before `valid` existed takes it from the per-repeat
-        metrics' `client_valid`."""
-        valid = saved.get("valid")
-        if valid is None and metrics and len(metrics) == len(saved["runs"]):
-            valid = [bool(m.get("client_valid", True)) for m in metrics]
-        return cls(list(saved["runs"]), None if valid is None else [bool(v) for v in valid])
 
 
 @dataclass
@@ -122,10 +76,14 @@ def _client_limited(ev: Evaluation) -> list[str]:
 
 
 def _verdict(winner: FrozenTrial, baseline: FrozenTrial | None, w: Spread, b: Spread, metric: str,
-             same: bool) -> tuple[str, int]:
-    """(verdict, recommended trial). The rank test needs every repeat of both sides valid: a client-limited repeat
-    is no server number, and with fewer repeats `beats` would no longer be a test at p = 0.05."""
+             same: bool, missing: list[str]) -> tuple[str, int]:
+    """(verdict, recommended trial). The rank test needs every repeat of both sides measured and valid: a
+    client-limited repeat is no server number, and with fewer repeats `beats` would no longer be a test at p = 0.05."""
     kept = winner.number if same or baseline is None else baseline.number
+    if missing:
+        return (f"not confirmed: {len(missing)} confirmation repeat(s) could not be measured ({missing[0]}); "
+                + ("the baseline (vLLM defaults) is kept" if same or baseline is None else
+                   f"the baseline is kept (trial #{winner.number} stays unconfirmed)"), kept)
     invalid = len(w.invalid_runs) + (0 if same else len(b.invalid_runs))
     total = len(w.runs) + (0 if same else len(b.runs))
     if invalid:
@@ -165,6 +123,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     pairs = [("winner", winner)] + ([] if same else [("baseline", baseline)])
     runs: dict[str, list[float]] = {"winner": [], "baseline": []}
     valid: dict[str, list[bool]] = {"winner": [], "baseline": []}
+    unmeasured: dict[str, list[str]] = {"winner": [], "baseline": []}
     metrics: dict[str, list[dict[str, Any]]] = {"winner": [], "baseline": []}
     modes: list[str] = []
     with contextlib.closing(_phases(ctx, pairs, repeats)) as phases:
@@ -187,7 +146,12 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         break
                     if log is not None:
                         print(f"    -> not a server number ({reasons[0]}); measured again", file=log, flush=True)
-                value = ev.values[0] if ev.values else 0.0
+                if ev.values is None:  # pruned at launch (the host's memory changed): no number at all
+                    unmeasured[who].append(f"not started: {ev.pruned_reason}")
+                    if log is not None:
+                        print(f"    -> not measured: {ev.pruned_reason}", file=log, flush=True)
+                    continue
+                value = ev.values[0]
                 runs[who].append(float(value))
                 valid[who].append(not reasons)
                 metrics[who].append({**ev.summary(), "client_valid": not reasons,
@@ -198,7 +162,8 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                           file=log, flush=True)
     w = Spread(runs["winner"], valid["winner"])
     b = Spread(runs["baseline"], valid["baseline"]) if not same else Spread(list(w.runs), list(w.flags))
-    verdict, rec = _verdict(winner, baseline, w, b, metric, same)
+    missing = unmeasured["winner"] + ([] if same else unmeasured["baseline"])
+    verdict, rec = _verdict(winner, baseline, w, b, metric, same, missing)
     return Confirmation(metric=metric, winner_trial=winner.number,
                         baseline_trial=None if baseline is None else baseline.number, winner=w,
                         baseline=b, recommended_trial=rec, verdict=verdict,

@@ -19,6 +19,7 @@ The contract, for a subclass:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
@@ -113,6 +114,27 @@ class Objective:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **to_dict(self)}
 
+    # ---------------------------------------------------------------------------------------------- planning
+
+    def expected_steps(self) -> int:
+        """Load steps one trial runs (a dry run's GPU-time estimate)."""
+        return 1
+
+    def expected_step_s(self, request_s: float) -> float:
+        """Seconds one load step is expected to take: its duration when the objective fixes one, else its requests
+        at the offered load; `request_s` (one request's expected end-to-end time) paces a closed loop. The one
+        home of this estimate: a dry run asks the objective, never the kind."""
+        if self.duration_s is not None:
+            return float(self.duration_s)
+        rate = self.offered_rate()
+        if rate is not None:
+            return self.num_requests / rate + request_s  # the last arrival, then its own latency
+        return math.ceil(self.num_requests / max(self.concurrency or 1, 1)) * request_s
+
+    def offered_rate(self) -> float | None:
+        """The open-loop rate a load step offers (None for a closed loop)."""
+        return self.rate if self.concurrency is None else None
+
     # ---------------------------------------------------------------------------------------------- measuring
 
     def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
@@ -180,6 +202,13 @@ class CapacityObjective(Objective):
                            record=result.best or result.steps[-1].record, curve=result.curve(),
                            metrics={self.metric: result.capacity}, client_reasons=reasons,
                            values_invalid=bool(limited) and result.best is None)
+
+    def expected_steps(self) -> int:
+        return self.max_steps
+
+    def offered_rate(self) -> float | None:
+        # the search starts at start_rate and doubles: its first step is the longest
+        return self.start_rate
 
     def confirm_metric(self, winner_values: list[float]) -> str:
         return f"goodput_rps_at_{winner_values[0]:.3g}_rps" if winner_values else "goodput_rps"

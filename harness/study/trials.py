@@ -9,6 +9,7 @@ feasible trial) are what the study, the trials table and the report all use, so 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -67,6 +68,55 @@ BASELINE_NAMES = {BASELINE_DEFAULTS: "vLLM defaults", BASELINE_COMMITTED: "commi
 def confirm_key(winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int) -> str:
     """The study attribute holding this winner's confirmation against this baseline (a rerun reuses it)."""
     return f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
+
+
+# ------------------------------------------------------------------------------------------------- confirmation
+
+
+@dataclass
+class Spread:
+    """One configuration's confirmation repeats. A repeat the load client limited (its self-check failed) is kept
+    in `runs` with `valid` False and left out of mean, sd, min, max and n: it measured the client, not the server."""
+
+    runs: list[float]
+    valid: list[bool] | None = None  # per run; None: all valid
+
+    @property
+    def flags(self) -> list[bool]:
+        return list(self.valid) if self.valid is not None else [True] * len(self.runs)
+
+    @property
+    def valid_runs(self) -> list[float]:
+        return [v for v, ok in zip(self.runs, self.flags) if ok]
+
+    @property
+    def invalid_runs(self) -> list[float]:
+        return [v for v, ok in zip(self.runs, self.flags) if not ok]
+
+    @property
+    def mean(self) -> float:
+        runs = self.valid_runs
+        return statistics.fmean(runs) if runs else 0.0
+
+    @property
+    def std(self) -> float:
+        runs = self.valid_runs
+        return statistics.stdev(runs) if len(runs) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        runs = self.valid_runs
+        return {"runs": self.runs, "valid": self.flags, "mean": self.mean if runs else None,
+                "std": self.std if runs else None, "min": min(runs, default=None), "max": max(runs, default=None),
+                "n": len(runs), "invalid": self.invalid_runs}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> Spread:
+        """Back from `to_dict()`; a confirmation saved before `valid` existed takes it from the per-repeat
+        metrics' `client_valid`."""
+        valid = saved.get("valid")
+        if valid is None and metrics and len(metrics) == len(saved["runs"]):
+            valid = [bool(m.get("client_valid", True)) for m in metrics]
+        return cls(list(saved["runs"]), None if valid is None else [bool(v) for v in valid])
 
 
 # ------------------------------------------------------------------------------------------------- writer
