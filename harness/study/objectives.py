@@ -44,9 +44,9 @@ class Measurement:
     values_invalid: bool = False  # the values come from a run the client limited: not a server number at all
 
 
-def client_reasons(record: RunRecord) -> list[str]:
+def client_reasons(record: RunRecord | None) -> list[str]:
     """Why the load client, not the server, limited this run (its self-check); empty for a server number."""
-    client = record.client
+    client = getattr(record, "client", None)
     return list(client.reasons or ["the client self-check failed"]) if client is not None and not client.valid else []
 
 
@@ -195,9 +195,9 @@ class CapacityObjective(Objective):
         result = capacity_search(
             lambda rate: steps.run(rate=rate, burstiness=self.burstiness, num_requests=self.num_requests),
             self.slo, start_rate=start, max_steps=self.max_steps, min_rate=self.min_rate)
-        limited = [st for st in result.steps if st.record.client is not None and not st.record.client.valid]
-        reasons = [f"the client limited the step at {st.rate:.3g} req/s ({'; '.join(st.record.client.reasons)}): "
-                   f"the capacity is a lower bound set by the client" for st in limited[:1]]
+        limited = [(st.rate, client_reasons(st.record)) for st in result.steps if client_reasons(st.record)]
+        reasons = [f"the client limited the step at {rate:.3g} req/s ({'; '.join(why)}): the capacity is a lower "
+                   f"bound set by the client" for rate, why in limited[:1]]
         return Measurement(values=[result.capacity], constraints=[0.0 if result.capacity > 0 else 1.0],
                            record=result.best or result.steps[-1].record, curve=result.curve(),
                            metrics={self.metric: result.capacity}, client_reasons=reasons,
