@@ -23,14 +23,15 @@ from typing import Any
 from harness.deploy import attach, deploy
 from harness.emit import read_config
 from harness.errors import UserError, main_guard
-from harness.launch.placement import Slot
+from harness.launch.placement import Slot, client_cores, cpu_slots
 from harness.launch.server import ServerStartError
 from harness.launch.vllm_args import load_argspec
 from harness.load.arrival import Arrival
 from harness.load.prompts import RequestSpec, build_requests
 from harness.load.tokenizer import load_tokenizer
 from harness.load.workload import Workload, load_workload
-from harness.plan import detect_hardware, load_model_facts, plan_candidate
+from harness.plan import Hardware, detect_hardware, load_model_facts, plan_candidate
+from harness.plan.hardware import size_cpu_launch
 from harness.records import SLO, RunRecord, parse_slo, save_record, to_dict
 from harness.settings import Topology
 from harness.yamlfile import parse_scalars
@@ -146,16 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workload(args.workload)
     slo = _slo(args.slo)
     model_path = str(Path(model).resolve()) if Path(model).exists() else model
-    settings = _size_cpu_launch(settings)
-    plan_dict = _plan(model_path, settings)
+    hardware = detect_hardware(None, None)
+    settings = _size_cpu_launch(settings, hardware)
+    plan_dict = _plan(model_path, settings, hardware, workload.max_total_tokens(), args.config or "--set")
     tokenizer = load_tokenizer(model_path, key="--model")
     load = _build_load(args, workload, tokenizer)
-    gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else _default_gpus(settings)
+    slot = _slot(args.gpus, settings, hardware)
     run_dir = _run_dir(args)
     print(f"starting vLLM for {model} with {settings or 'vLLM defaults'} ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     try:
-        with deploy(model_path, settings, slot=Slot(gpu_ids=gpus), log_dir=run_dir,
+        with deploy(model_path, settings, slot=slot, log_dir=run_dir,
                     start_timeout_s=args.start_timeout or DEFAULT_START_TIMEOUT_S) as dep:
             print(f"ready in {dep.startup_s:.1f} s; running workload '{workload.name}' ...", file=sys.stderr,
                   flush=True)
@@ -270,35 +272,49 @@ def _looks_like_hub_name(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/"))
 
 
-def _default_gpus(settings: dict[str, Any]) -> tuple[int, ...]:
-    hw = detect_hardware(None, None)
-    if getattr(hw, "arch", "") == "cpu":
-        return ()
-    return tuple(range(Topology.of(settings).gpus))
+def _slot(gpus: str | None, settings: dict[str, Any], hardware: Hardware) -> Slot:
+    """--gpus, else the first GPUs the config needs; on the CPU host the cores a sweep trial gets (the load client
+    keeps a core of its own, see harness.launch.placement.cpu_slots)."""
+    if gpus:
+        return Slot(gpu_ids=tuple(int(g) for g in gpus.split(",")))
+    if hardware.is_cpu:
+        return Slot(cpu_cores=cpu_slots(1)[0], client_cores=client_cores(1))
+    return Slot(gpu_ids=tuple(range(Topology.of(settings).gpus)))
 
 
-def _size_cpu_launch(settings: dict[str, Any]) -> dict[str, Any]:
-    """On the CPU build, vLLM's default gpu_memory_utilization lowered to what the memory node holds now."""
-    from harness.plan import detect_hardware
-    from harness.plan.hardware import size_cpu_launch
-
-    settings, note = size_cpu_launch(settings, detect_hardware(None, None))
+def _size_cpu_launch(settings: dict[str, Any], hardware: Hardware) -> dict[str, Any]:
+    """On the CPU build, vLLM's default gpu_memory_utilization lowered to what the memory node holds now (said on
+    stderr): the default would make vLLM refuse to start."""
+    settings, note = size_cpu_launch(settings, hardware)
     if note:
         print(f"planner: {note}", file=sys.stderr)
     return settings
 
 
-def _plan(model: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The planner's view of this config, kept in the record to compare with what vLLM reports."""
+def _plan(model: str, settings: dict[str, Any], hardware: Hardware, longest_request: int,
+          source: str) -> dict[str, Any] | None:
+    """The planner's view of this config, kept in the record to compare with what vLLM reports. A launch the
+    planner knows would fail is refused before any server starts: UserError naming the key and the fix."""
     try:
         facts = load_model_facts(model)
     except UserError:
         return None
-    plan = plan_candidate(facts, detect_hardware(None, None), settings)
+    plan = plan_candidate(facts, hardware, settings, longest_request=longest_request)
+    errors = plan.errors()
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more: {', '.join(f.key for f in errors[1:])})" if len(errors) > 1 else ""
+        raise UserError(f"the planner refuses this launch on {_where(hardware)}: {first.message}"
+                        + (f"; fix: {first.fix}" if first.fix else "") + more, source=source, key=first.key)
     for finding in plan.findings:
-        if getattr(finding, "severity", "") == "error":
-            print(f"planner: {finding.message}", file=sys.stderr)
+        if finding.severity == "warning":
+            print(f"planner: warning: {finding.key}: {finding.message}"
+                  + (f"; fix: {finding.fix}" if finding.fix else ""), file=sys.stderr)
     return plan.to_dict()
+
+
+def _where(hardware: Hardware) -> str:
+    return "this CPU host" if hardware.is_cpu else f"{hardware.count} x {hardware.name}"
 
 
 if __name__ == "__main__":

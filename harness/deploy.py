@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from harness.envinfo import environment
 from harness.launch.external import ExternalGroup, base_url, check_served, is_local
 from harness.launch.failures import classify
-from harness.launch.placement import Slot, replica_placement
+from harness.launch.placement import Slot, pinned_thread, replica_placement
 from harness.launch.server import ServerGroup, ServerSpec, stop_groups, wait_all_ready
 from harness.load.arrival import Arrival
 from harness.load.client import run_load_sync
@@ -46,6 +46,7 @@ class Deployment:
     gpu_ids: list[int] = field(default_factory=list)
     startup_s: float | None = None
     server_side: ServerSide | None = None  # attached: what the record cannot have, where the settings came from
+    client_cores: tuple[int, ...] = ()  # where the load client's thread runs (CPU host: a core the servers leave)
 
     @property
     def log_paths(self) -> list[str]:
@@ -78,8 +79,9 @@ class Deployment:
         warmup = min(workload.warmup_requests, max(len(requests) - 1, 0))
         pids = [s.pid for s in self.group.servers if s.pid is not None]
         with ResourceSampler(pids, self.gpu_ids) as sampler, MetricsScraper(self.group.targets) as scraper:
-            load = run_load_sync(self.group.targets, requests, arrival, model=self.model, api=workload.api,
-                                 warmup=warmup, timeout_s=timeout_s)
+            with pinned_thread(self.client_cores):
+                load = run_load_sync(self.group.targets, requests, arrival, model=self.model, api=workload.api,
+                                     warmup=warmup, timeout_s=timeout_s)
         memory = sampler.result()
         from_metrics = scraper.result()
         log_stats = server_stats_from_log(self.group.servers[0].read_log()) if self.group.servers else ServerStats()
@@ -122,7 +124,8 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
         placement = replica_placement(settings, slot)
         log_dir.mkdir(parents=True, exist_ok=True)
         groups.append(ServerGroup([ServerSpec(model=model, settings=settings, gpus=p.gpus, env=p.env,
-                                              log_path=log_dir / f"server{i}.log", start_timeout_s=start_timeout_s)
+                                              cpu_cores=p.cpu_cores, log_path=log_dir / f"server{i}.log",
+                                              start_timeout_s=start_timeout_s)
                                    for i, p in enumerate(placement)]))
         gpu_ids.append([g for p in placement for g in (p.gpus or [])])
     try:
@@ -131,8 +134,9 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
                 wait_all_ready(groups[:k])
             group.start()
         wait_all_ready(groups)
-        yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s)
-               for (settings, _, _), group, ids in zip(jobs, groups, gpu_ids)]
+        yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s,
+                          client_cores=slot.client_cores if slot is not None else ())
+               for (settings, slot, _), group, ids in zip(jobs, groups, gpu_ids)]
     finally:
         stop_groups(groups)
 

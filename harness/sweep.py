@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs-dir", help="where recommended configs go (default configs/)")
     p.add_argument("--confirm", type=int, help="confirmation repeats for winner and baseline (default 3)")
     p.add_argument("--model", action="append", help="only these models of the sweep file (by name)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each model's plan (feasible share, pruning reasons, baselines, GPU slots, estimated "
+                        "GPU time, the exact launch commands) and exit; nothing is started, built or written")
     p.add_argument("--max-minutes", type=float,
                    help="start no new trial after this many minutes (running ones finish); rerun to continue")
     return p.parse_args(argv)
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         raise UserError(f"no model named {args.model}; the sweep has {[m.name for m in sweep.models]}",
                         source=sweep.source, key="--model")
+    if args.dry_run:
+        from harness.study.dryrun import dry_run
+
+        return dry_run(sweep, models, hardware, parallel, sys.stdout)
     if storage:  # a bad URL, an unreachable host or a wrong password: one line, before anything else
         make_storage(storage).engine.dispose()
     print(f"vllm-tune: {len(models)} model(s) on {hardware.count} x {hardware.name}, parallel {parallel}",

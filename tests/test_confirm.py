@@ -160,14 +160,9 @@ def test_a_winner_that_is_the_baseline_is_repeated_on_one_live_server(monkeypatc
     assert conf.recommended_trial == 0 and conf.winner.runs == [5.0, 5.1, 4.9]
 
 
-def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def _client_checked(runs: dict[str, list[tuple[float, bool]]], measured: list[str]):  # type: ignore[no-untyped-def]
+    """A fake measure_live: each repeat's (value, client valid) in turn, its label appended to `measured`."""
     from types import SimpleNamespace
-
-    started: list[list[tuple[str, tuple[int, ...]]]] = []
-    measured: list[str] = []
-    _fake_live(monkeypatch, {}, {"w": 1, "b": 1}, started, measured)
-    # the winner's first run: client behind (its value must not count); then valid runs
-    runs = {"w": [(9.9, False), (5.0, True), (5.2, True)], "b": [(4.0, True), (4.1, True)]}
 
     def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
                      repeat_of: list[float] | None = None) -> Evaluation:
@@ -175,14 +170,43 @@ def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest
         measured.append(label)
         ev.values = [value]
         ev.record = SimpleNamespace(metrics=None, memory=None, server=None, startup_s=None,  # type: ignore[assignment]
-                                    client=SimpleNamespace(valid=valid, reasons=[] if valid else ["dispatch lag"]))
+                                    client=SimpleNamespace(valid=valid, reasons=[] if valid else ["dispatch lag 40 ms"]))
         return ev
 
-    monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
+    return measure_live
+
+
+def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[tuple[str, tuple[int, ...]]]] = []
+    measured: list[str] = []
+    _fake_live(monkeypatch, {}, {"w": 1, "b": 1}, started, measured)
+    # the winner's first run: client behind (its value must not count); then valid runs
+    runs = {"w": [(9.9, False), (5.0, True), (5.2, True)], "b": [(4.0, True), (4.1, True)]}
+    monkeypatch.setattr(confirm_mod, "measure_live", _client_checked(runs, measured))
     conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
     assert measured == ["confirm-winner1", "confirm-winner1-again1", "confirm-baseline1", "confirm-winner2",
                         "confirm-baseline2"]
     assert conf.winner.runs == [5.0, 5.2] and all(m["client_valid"] for m in conf.winner_metrics)
+
+
+def test_repeats_the_client_still_limited_are_marked_and_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat still client-limited after its retries is kept, marked invalid, and left out of mean/sd/n; no
+    recommendation rests on it, and the saved confirmation reads back the same."""
+    _fake_live(monkeypatch, {}, {"w": 1, "b": 1}, [], [])
+    runs = {"w": [(9.0, False)] * 3 + [(6.0, True)], "b": [(4.0, True), (4.2, True)]}
+    monkeypatch.setattr(confirm_mod, "measure_live", _client_checked(runs, []))
+    conf = confirm(_gpu_ctx(4), frozen(5, 9.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
+    assert conf.winner.runs == [9.0, 6.0] and conf.winner.valid == [False, True]
+    assert conf.winner.mean == 6.0 and conf.winner.std == 0.0  # the invalid 9.0 is not in the mean
+    saved = conf.to_dict()
+    assert saved["winner"]["n"] == 1 and saved["winner"]["invalid"] == [9.0] and saved["winner"]["max"] == 6.0
+    assert conf.recommended_trial == 0 and "client-limited (invalid)" in conf.verdict
+    assert conf.winner_metrics[0]["client_valid"] is False and "dispatch lag" in conf.winner_metrics[0]["client_reason"]
+    back = confirm_mod.Confirmation.from_dict(saved)
+    assert back.winner.valid == [False, True] and back.winner.mean == 6.0
+    # a confirmation saved before `valid` existed: the per-repeat client_valid says which runs count
+    old = {**saved, "winner": {"runs": [9.0, 6.0]}}
+    assert confirm_mod.Confirmation.from_dict(old).winner.valid_runs == [6.0]
 
 
 # ---------------------------------------------------------------------------------------------- time budget
@@ -216,3 +240,15 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
                               out=out, deadline=time.monotonic() - 1)
     assert outcome.config_path is None and "before the confirmation" in outcome.message
     assert not (tmp_path / "configs" / "tiny.yaml").exists()
+
+
+def test_a_repeat_that_could_not_start_is_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat pruned at launch (the host's memory changed since the trial) is not a 0 in the spread."""
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None) -> Evaluation:
+        return Evaluation(settings=settings, pruned_reason="gpu_memory_utilization: only 2.74 GiB is available")
+
+    monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
+    b = frozen(0, 5.0, {"who": "w"})
+    conf = confirm(Ctx(), b, b, 3, "goodput_rps")
+    assert conf.winner.runs == [] and conf.to_dict()["winner"]["mean"] is None
+    assert conf.verdict.startswith("not confirmed: 3 confirmation repeat(s) could not be measured (not started: ")

@@ -706,3 +706,61 @@ def test_real_or_synthetic_results_review(review_results: Path, tmp_path: Path) 
 
 if __name__ == "__main__":  # build once by hand: python tests/test_report.py /tmp/somewhere
     print(build_results(Path(sys.argv[1])))
+
+
+def test_client_limited_repeats_are_marked_invalid_and_left_out_everywhere(synthetic_results: Path,
+                                                                           tmp_path: Path) -> None:
+    """A confirmation repeat the client limited: the report, the figures and the numbers they draw name it
+    'client-limited (invalid)' and leave it out of mean, sd and range."""
+    import copy
+
+    from harness.report import load_study
+    from harness.report.figures import latency_vs_load
+
+    r = load_study(synthetic_results, GPU_STUDY)
+    conf = copy.deepcopy(r.confirm)
+    runs = conf["winner"]["runs"]
+    conf["winner_metrics"][0]["client_valid"] = False
+    w = Spread(runs, [False] + [True] * (len(runs) - 1))
+    conf["winner"] = w.to_dict()
+    r.confirm = conf
+    imp = r.improvement()
+    assert imp["winner_invalid"] == [runs[0]] and imp["winner_n"] == len(runs) - 1
+    assert imp["winner_mean"] == pytest.approx(sum(runs[1:]) / (len(runs) - 1))
+    md = r.write_report(tmp_path / "rep").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| best trial #{conf['winner_trial']}"))
+    assert "mean ± sd of 2 valid runs" in line and "1 client-limited (invalid) run left out" in line
+    assert f"{imp['winner_mean']:.3g}" in line
+    text = _text_of(latency_vs_load(r))
+    assert "p99 over 2 confirmation repeats" in text and "1 client-limited (invalid) repeat left out" in text
+    # every repeat invalid: no number is shown as a server number
+    conf["winner"] = Spread(runs, [False] * len(runs)).to_dict()
+    for m in conf["winner_metrics"]:
+        m["client_valid"] = False
+    line = next(ln for ln in r.write_report(tmp_path / "rep2").read_text().splitlines()
+                if ln.startswith(f"| best trial #{conf['winner_trial']}"))
+    assert "no valid run: 3 client-limited (invalid)" in line and "±" not in line
+
+
+def test_trials_table_marks_a_client_limited_trial(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from harness.records import ClientCheck
+    from harness.study.table import trials_table
+    from harness.study.trials import Evaluation, record_trial
+
+    study = optuna.create_study(direction="maximize")
+    for valid in (True, False):
+        trial = study.ask()
+        client = ClientCheck(requested_rate=8.0, achieved_rate=7.0 if not valid else 8.0, dispatch_lag_p99_ms=40.0,
+                             client_cpu_percent=20.0, valid=valid,
+                             reasons=[] if valid else ["dispatch lag mean 40.0 ms > 14.3 ms"])
+        record = SimpleNamespace(metrics=None, memory=None, server=None, startup_s=None, client=client, failure=None)
+        ev = Evaluation(settings={"max_num_seqs": 4}, values=[3.0], constraints=[1.0 if not valid else 0.0],
+                        record=record, client_reasons=list(client.reasons), values_invalid=not valid)  # type: ignore[arg-type]
+        record_trial(trial, ev)
+        study.tell(trial, 3.0)
+    df = trials_table(study)
+    assert list(df["client"]) == ["valid", "client-limited (invalid): dispatch lag mean 40.0 ms > 14.3 ms"]
+    assert list(df["outcome"]) == ["ok", "client_limited"]
+    assert df["reason"][1].startswith("client-limited (invalid)")

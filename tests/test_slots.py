@@ -17,7 +17,8 @@ import optuna
 import pytest
 
 from conftest import write_sweep
-from harness.launch.placement import Replica, Slot, SlotPool, core_ranges, cpu_slots, replica_placement, visible_gpus
+from harness.launch.placement import (Replica, Slot, SlotPool, client_cores, core_ranges, cpu_slots, pinned_thread,
+                                      replica_placement, visible_gpus)
 from harness.study import evaluate as evaluate_mod
 from harness.study import objectives as objectives_mod
 from harness.study.objectives import CapacityObjective
@@ -165,18 +166,57 @@ def test_replicas_split_a_slot_into_tp_groups() -> None:
     cpu = replica_placement({"replicas": 2}, Slot(cpu_cores=(0, 1, 2, 3)))
     assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in cpu] == ["0-1", "2-3"]
     one = replica_placement({}, Slot(cpu_cores=(1,)))
-    assert one == [Replica(gpus=None, env={"VLLM_CPU_OMP_THREADS_BIND": "1"})]
+    assert one == [Replica(gpus=None, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}, cpu_cores=(1,))]
+    assert [p.cpu_cores for p in cpu] == [(0, 1), (2, 3)]  # each server's processes are pinned to its own cores
 
 
 def test_cpu_slots_split_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load client keeps the first core to itself while every slot still gets one; the rest is split."""
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
-    assert cpu_slots(1) == [()]
-    assert cpu_slots(2) == [(0, 1, 2, 3), (4, 5, 6, 7)]
-    assert cpu_slots(3) == [(0, 1), (2, 3), (4, 5)]
-    assert cpu_slots(64) == [(i,) for i in range(8)]
+    assert cpu_slots(1) == [(1, 2, 3, 4, 5, 6, 7)] and client_cores(1) == (0,)
+    assert cpu_slots(2) == [(1, 2, 3), (4, 5, 6)]
+    assert cpu_slots(3) == [(1, 2), (3, 4), (5, 6)]
+    assert cpu_slots(7) == [(i,) for i in range(1, 8)] and client_cores(7) == (0,)
+    assert cpu_slots(64) == [(i,) for i in range(8)] and client_cores(64) == ()  # no core left for the client
     pool = SlotPool.for_host(0, 2)
     with pool.acquire(0) as a, pool.acquire(0) as b:
-        assert {a.cpu_cores, b.cpu_cores} == {(0, 1, 2, 3), (4, 5, 6, 7)}
+        assert {a.cpu_cores, b.cpu_cores} == {(1, 2, 3), (4, 5, 6)}
+        assert a.client_cores == b.client_cores == (0,)
+    assert pool.cpu_host_slot() == Slot(cpu_cores=(1, 2, 3, 4, 5, 6), client_cores=(0,))
+
+
+def test_two_cores_keep_the_client_apart_from_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's machine: the server on core 1, the client on core 0; two slots leave no core for the client."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_slots(1) == [(1,)] and client_cores(1) == (0,)
+    assert cpu_slots(2) == [(0,), (1,)] and client_cores(2) == ()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
+    assert cpu_slots(1) == [()] and client_cores(1) == ()  # one core: vLLM binds its own threads
+
+
+def test_pinned_thread_pins_only_the_block() -> None:
+    import os
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    with pinned_thread((core,)):
+        assert os.sched_getaffinity(0) == {core}
+    assert os.sched_getaffinity(0) == before
+    with pinned_thread(()):
+        assert os.sched_getaffinity(0) == before
+
+
+def test_server_processes_are_pinned_to_their_cores(tmp_path: Path) -> None:
+    """The exec wrapper pins the launched process (and so everything vLLM starts) before exec."""
+    import os
+
+    from harness.launch import server as server_mod
+
+    core = max(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", server_mod._EXEC_WRAPPER, "0", str(os.getpid()), str(core),
+                          sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"[{core}]"
 
 
 # ---------------------------------------------------------------------------------------------- whole path

@@ -3,11 +3,11 @@ its failures and its teardown, and where each server runs (GPU sets, CPU cores, 
 imports nothing heavy (no vllm, no torch)."""
 
 from harness.launch.failures import classify
-from harness.launch.placement import (Replica, Slot, SlotPool, core_ranges, cpu_bind_sets, cpu_slots, gpu_sets,
-                                      replica_placement, visible_gpus)
+from harness.launch.placement import (Replica, Slot, SlotPool, client_cores, core_ranges, cpu_bind_sets, cpu_slots,
+                                      gpu_sets, replica_placement, visible_gpus)
 from harness.launch.server import Server, ServerGroup, ServerSpec, ServerStartError, stop_all
 from harness.launch.vllm_args import ArgSpec, load_argspec
 
 __all__ = ["ArgSpec", "Replica", "Server", "ServerGroup", "ServerSpec", "ServerStartError", "Slot", "SlotPool",
-           "classify", "core_ranges", "cpu_bind_sets", "cpu_slots", "gpu_sets", "load_argspec", "replica_placement",
+           "classify", "client_cores", "core_ranges", "cpu_bind_sets", "cpu_slots", "gpu_sets", "load_argspec", "replica_placement",
            "stop_all", "visible_gpus"]

@@ -5,8 +5,10 @@ A configuration needs `Topology.gpus` GPUs (replicas x tensor_parallel_size x pi
 four TP1 trials, or one TP2 and two TP1, run at once. Requests are served first come, first served: a TP4 trial
 waiting for the whole node is not starved by TP1 trials that keep grabbing the GPU freed a moment ago. A GPU is
 handed out only when NVML shows no process on it any more (the previous server's memory is released). On a CPU host
-each slot is a set of cores that vLLM's CPU backend binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND).
-`replica_placement` splits one slot among the replicas of a configuration.
+each slot is a set of cores that vLLM's CPU backend binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND) and the
+server's processes are pinned to; the load client, which runs in the harness, keeps a core of its own
+(`client_cores`), so a busy server cannot delay the client's sends and its timestamps (on 2 cores: the server on
+core 1, the client on core 0). `replica_placement` splits one slot among the replicas of a configuration.
 """
 
 from __future__ import annotations
@@ -26,18 +28,22 @@ from harness.settings import Topology
 
 @dataclass(frozen=True)
 class Slot:
-    """Where one trial's servers run. `gpu_ids` empty means a CPU slot bound to `cpu_cores` (none: unbound)."""
+    """Where one trial's servers run. `gpu_ids` empty means a CPU slot bound to `cpu_cores` (none: unbound);
+    `client_cores`: where its load client's thread runs (none: wherever the OS puts it)."""
 
     gpu_ids: tuple[int, ...] = ()
     cpu_cores: tuple[int, ...] = ()
+    client_cores: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Replica:
-    """One server of a configuration: its GPUs (a TP x PP group; None on a CPU host) and extra environment."""
+    """One server of a configuration: its GPUs (a TP x PP group; None on a CPU host), extra environment, and on a
+    CPU host the cores its processes are pinned to (empty: not pinned)."""
 
     gpus: list[int] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    cpu_cores: tuple[int, ...] = ()
 
 
 def core_ranges(cores: list[int] | tuple[int, ...]) -> str:
@@ -72,13 +78,18 @@ def gpu_sets(total_gpus: int, tp: int, replicas: int, pp: int = 1) -> list[list[
     return [list(range(r * per, (r + 1) * per)) for r in range(replicas)]
 
 
-def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
-    """Disjoint core lists for VLLM_CPU_OMP_THREADS_BIND, one per CPU replica: ['0-7', '8-15']."""
+def cpu_core_sets(cores: list[int], replicas: int) -> list[tuple[int, ...]]:
+    """Disjoint core sets, one per CPU replica: [(0..7), (8..15)]."""
     if replicas < 1 or len(cores) < replicas:
         raise UserError(f"{replicas} replica(s) need at least {replicas} CPU cores, {len(cores)} available",
                         key="replicas")  # fmt: skip
     per = len(cores) // replicas
-    return [core_ranges(cores[r * per : (r + 1) * per]) for r in range(replicas)]
+    return [tuple(cores[r * per : (r + 1) * per]) for r in range(replicas)]
+
+
+def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
+    """Disjoint core lists for VLLM_CPU_OMP_THREADS_BIND, one per CPU replica: ['0-7', '8-15']."""
+    return [core_ranges(c) for c in cpu_core_sets(cores, replicas)]
 
 
 def replica_placement(settings: dict[str, Any], slot: Slot | None) -> list[Replica]:
@@ -91,8 +102,24 @@ def replica_placement(settings: dict[str, Any], slot: Slot | None) -> list[Repli
     if topo.replicas > 1 and not cores:
         cores = sorted(os.sched_getaffinity(0))
     if cores:
-        return [Replica(env={"VLLM_CPU_OMP_THREADS_BIND": b}) for b in cpu_bind_sets(cores, topo.replicas)]
+        return [Replica(env={"VLLM_CPU_OMP_THREADS_BIND": core_ranges(c)}, cpu_cores=c)
+                for c in cpu_core_sets(cores, topo.replicas)]
     return [Replica()]
+
+
+@contextlib.contextmanager
+def pinned_thread(cores: tuple[int, ...]) -> Iterator[None]:
+    """Run the calling thread (only it: Linux affinity is per thread) on `cores` for the block; nothing when empty
+    or where affinity cannot be set."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def visible_gpus(count: int) -> list[int]:
@@ -128,6 +155,7 @@ class SlotPool:
 
     gpu_ids: list[int] = field(default_factory=list)
     cpu_sets: list[tuple[int, ...]] = field(default_factory=list)  # CPU host: one entry per concurrent slot
+    client_cores: tuple[int, ...] = ()  # CPU host: the load clients' core (see client_cores())
     memory_free_check: bool = True  # NVML: wait until a GPU's memory is released before reusing it
     gpu_idle: Callable[[int], bool] = nvml_gpu_idle  # the check itself (tests pass a fake NVML)
     poll_s: float = 1.0  # how often a waiting trial re-checks a GPU whose memory is still held
@@ -142,10 +170,17 @@ class SlotPool:
 
     @classmethod
     def for_host(cls, num_gpus: int, parallel: int) -> "SlotPool":
-        """The visible GPUs on a GPU host; on a CPU host, the usable cores split into `parallel` equal sets."""
+        """The visible GPUs on a GPU host; on a CPU host, the usable cores but the client's split into `parallel`
+        equal sets."""
         if num_gpus > 0:
             return cls(gpu_ids=visible_gpus(num_gpus))
-        return cls(cpu_sets=cpu_slots(parallel))
+        return cls(cpu_sets=cpu_slots(parallel), client_cores=client_cores(parallel))
+
+    def cpu_host_slot(self) -> Slot:
+        """CPU host: every server core of the pool in one slot (servers that are never under load at once, such
+        as a confirmation's winner and baseline, share them), and the client's core."""
+        cores = tuple(sorted({c for s in self.cpu_sets for c in s}))
+        return Slot(cpu_cores=cores, client_cores=self.client_cores)
 
     @property
     def capacity(self) -> int:
@@ -195,7 +230,7 @@ class SlotPool:
                 self._free_gpus.remove(g)
             return Slot(gpu_ids=taken)
         if self._free_cpu:
-            return Slot(cpu_cores=self._free_cpu.pop(0))
+            return Slot(cpu_cores=self._free_cpu.pop(0), client_cores=self.client_cores)
         return None
 
     def _memory_released(self, gpu: int) -> bool:
@@ -203,16 +238,29 @@ class SlotPool:
         return True if not self.memory_free_check else self.gpu_idle(gpu)
 
 
+def _usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def client_cores(parallel: int = 1) -> tuple[int, ...]:
+    """The core the load client keeps to itself on a CPU host: the first usable one, when the others still give
+    each of `parallel` slots a core of its own; else none (the client then shares the cores with the servers)."""
+    cores = _usable_cores()
+    return (cores[0],) if len(cores) - 1 >= max(1, parallel) else ()
+
+
 def cpu_slots(parallel: int) -> list[tuple[int, ...]]:
-    """`parallel` disjoint core sets over the cores this process may use; one unbound slot for parallel 1.
+    """`parallel` disjoint core sets over the cores this process may use, less the client's (`client_cores`).
 
     vLLM's CPU backend accepts any explicit list, a single core included: its reservation of cores for the
-    frontend (VLLM_CPU_NUM_OF_RESERVED_CPU) applies only to the automatic binding. The API server and engine-core
-    processes are not bound and share the host's cores with every slot.
+    frontend (VLLM_CPU_NUM_OF_RESERVED_CPU) applies only to the automatic binding. The server's API-server and
+    engine-core processes are pinned to the slot's cores too (`ServerSpec.cpu_cores`), so they never take the
+    client's core. One core in all: one unbound slot.
     """
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    reserved = set(client_cores(parallel))
+    cores = [c for c in _usable_cores() if c not in reserved]
+    if len(cores) < 2 and not reserved:
+        return [()]  # one core: nothing to split or keep apart, vLLM picks its own threads
     parallel = max(1, min(parallel, len(cores)))
-    if parallel == 1:
-        return [()]  # no binding: vLLM picks its own threads
     size = len(cores) // parallel
     return [tuple(cores[i * size:(i + 1) * size]) for i in range(parallel)]

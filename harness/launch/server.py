@@ -68,6 +68,7 @@ class ServerSpec:
     port: int | None = None  # None: a free port
     env: dict[str, str | None] = field(default_factory=dict)  # overrides; None removes a variable
     gpus: list[int] | None = None  # sets CUDA_VISIBLE_DEVICES (and the GPUs watched for memory release)
+    cpu_cores: tuple[int, ...] = ()  # CPU host: pin the server's processes to these cores (empty: not pinned)
     log_path: Path | None = None  # None: a file under the temp dir
     start_timeout_s: float = 900.0
     stop_timeout_s: float = 30.0  # SIGTERM -> SIGKILL
@@ -176,6 +177,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 # Runs in the child between fork and vLLM: set PR_SET_PDEATHSIG=SIGKILL (Linux), check the harness did not die
 # in between, then exec vLLM in the same process. A separate tiny python instead of Popen's preexec_fn, which is
 # unsafe in a threaded harness. PDEATHSIG survives exec and fires when the launching *thread* exits.
+# argv[3]: the cores to pin the server to ('' for none, else '1,2'); the affinity is inherited by every process vLLM
+# starts (API server, engine core, CPU worker).
 _EXEC_WRAPPER = (
     "import os, signal, sys\n"
     "if sys.argv[1] == '1' and sys.platform.startswith('linux'):\n"
@@ -183,7 +186,9 @@ _EXEC_WRAPPER = (
     "    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)\n"
     "    if os.getppid() != int(sys.argv[2]):\n"
     "        os._exit(70)\n"
-    "os.execv(sys.argv[3], sys.argv[3:])\n"
+    "if sys.argv[3]:\n"
+    "    os.sched_setaffinity(0, [int(c) for c in sys.argv[3].split(',')])\n"
+    "os.execv(sys.argv[4], sys.argv[4:])\n"
 )
 
 
@@ -357,7 +362,8 @@ class Server(_Running):
         self._gpu_baseline = _nvml_memory_used(self.gpus)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         pdeathsig = threading.current_thread() is threading.main_thread()
-        wrapper = [sys.executable, "-I", "-S", "-c", _EXEC_WRAPPER, "1" if pdeathsig else "0", str(os.getpid())]
+        wrapper = [sys.executable, "-I", "-S", "-c", _EXEC_WRAPPER, "1" if pdeathsig else "0", str(os.getpid()),
+                   ",".join(str(c) for c in self.spec.cpu_cores)]
         with _START_LOCK:  # stop_all either sees this server or this start sees stop_all's flag
             if _STOPPED.is_set():
                 raise ServerStartError(Failure("interrupted", "not started: this process is stopping its servers"))

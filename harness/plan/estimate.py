@@ -405,3 +405,22 @@ def decode_roofline(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, c
         comm = per_step / (hw.link_gbps * 1e9 / 2)
     per_replica = batch / (step + comm)
     return Roofline(batch, ctx, step + comm, per_replica, per_replica * r.replicas, comm)
+
+
+# ---------------------------------------------------------------------------------------------- start-up time
+
+# Seconds from launch to ready without loading the weights, per kind of device (Hardware.arch). Measured: Hopper,
+# Mistral-7B with torch.compile and CUDA graphs on H100 / H200, 114-160 s (docs/gpu-results.md), ~7 s of it the
+# weights; the CPU build, the tiny model with enforce_eager on 2 cores, 40-84 s. Not measured: Ada (L40S, L4) and
+# Ampere, taken as Hopper's. An estimate for planning GPU time, not a prediction of one start-up.
+STARTUP_BASE_S = {"hopper": 125.0, "ada": 125.0, "ampere": 125.0, "cpu": 50.0}
+STARTUP_EAGER_FRACTION = 0.5  # assumed: enforce_eager skips torch.compile and graph capture, about half the base
+WEIGHTS_LOAD_GIB_S = 2.0  # assumed: safetensors from the page cache or a local NVMe; each GPU loads its own shard
+
+
+def startup_estimate_s(hw: Hardware, weights_gib_per_gpu: float | None, *, enforce_eager: bool = False) -> float:
+    """Expected seconds from launching a server to its first request, for a dry run's GPU-time estimate."""
+    base = STARTUP_BASE_S.get(hw.arch, STARTUP_BASE_S["hopper"])
+    if enforce_eager and not hw.is_cpu:
+        base *= STARTUP_EAGER_FRACTION
+    return base + (weights_gib_per_gpu or 0.0) / WEIGHTS_LOAD_GIB_S

@@ -228,13 +228,21 @@ def require_feasible(space: Any, facts: ModelFacts, hw: Hardware, *, source: str
     """The space's feasibility report, or UserError when no candidate can run: a sweep calls it before it starts a
     model's study, so no trial budget is spent on candidates the planner prunes anyway."""
     report = space_feasibility(space, facts, hw, max_candidates=max_candidates, longest_request=longest_request)
-    if report.feasible == 0:
-        hint = ("; in a space, the max_model_len choice 'model_max' is each model's longest context"
-                if report.reasons and report.reasons[0][0].startswith("max_model_len") else "")
-        raise UserError(f"no feasible candidate: {report.summary()}{hint}; or give this model its own values in "
-                        f"the sweep file (models[].fixed replaces the space's knob, models[].workload the sweep's "
-                        f"workload)", source=source, key=key)
+    error = infeasible_error(report, source=source, key=key)
+    if error is not None:
+        raise error
     return report
+
+
+def infeasible_error(report: SpaceReport, *, source: str | None = None, key: str | None = None) -> UserError | None:
+    """The UserError (reason and fix) of a space with no feasible candidate; None when one can run."""
+    if report.feasible:
+        return None
+    hint = ("; in a space, the max_model_len choice 'model_max' is each model's longest context"
+            if report.reasons and report.reasons[0][0].startswith("max_model_len") else "")
+    return UserError(f"no feasible candidate: {report.summary()}{hint}; or give this model its own values in the "
+                     f"sweep file (models[].fixed replaces the space's knob, models[].workload the sweep's workload)",
+                     source=source, key=key)
 
 
 def space_feasibility(space: Any, facts: ModelFacts, hw: Hardware, *, max_candidates: int = 20000,

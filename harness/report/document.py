@@ -15,7 +15,7 @@ from typing import Any
 from harness.errors import UserError
 from harness.report.figures import all_figures
 from harness.report.results import StudyResults, check_latency, latency_label, register_view
-from harness.study.trials import (Attr, category_of, is_measured, label_of, metric_of, outcome_of, reason_of,
+from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, category_of, is_measured, label_of, metric_of, outcome_of, reason_of,
                                   settings_of)
 
 FAILURE_HINTS = {
@@ -34,6 +34,8 @@ FAILURE_HINTS = {
     "pruned": "the planner or a condition of the space ruled it out before launch; no device time was spent",
     "interrupted": "the worker stopped (Ctrl-C, lost machine) or the harness raised; a rerun of the sweep retries it",
     "slo_violated": "it ran, but missed the SLO even at the lowest load tried (capacity) or at the objective's load",
+    "client_limited": "client-limited (invalid): the load client fell behind its schedule, so the run measured the "
+                      "client, not the server; its number is left out",
 }
 SECTIONS = {
     "history": ("What the tuner tried",
@@ -187,12 +189,20 @@ def _fmt(v: float | None, unit: str = "") -> str:
 
 
 def _spread(mean: float | None, std: float | None, n: int | None, lo: float | None, hi: float | None,
-            unit: str) -> str:
-    if mean is None:
-        return "-"
-    if n and n > 1:
-        return f"{_fmt(mean)} ± {std or 0.0:.2g} {unit} (mean ± sd of {n} runs; range {_fmt(lo)}-{_fmt(hi)})"
-    return _fmt(mean, unit) + " (one measurement)"
+            unit: str, invalid: list[float] | None = None) -> str:
+    """Mean ± sd over the valid runs; runs the client limited are named apart, never averaged in."""
+    left_out = ""
+    if invalid:
+        left_out = (f"; {len(invalid)} {CLIENT_LIMITED_LABEL} run{'s' if len(invalid) > 1 else ''} left out "
+                    f"({', '.join(_fmt(v) for v in invalid)})")
+    if mean is None or not n:
+        return (f"no valid run: {len(invalid)} {CLIENT_LIMITED_LABEL} (" + ", ".join(_fmt(v, unit) for v in invalid)
+                + "), not a server number") if invalid else "-"
+    if n > 1:
+        valid = " valid" if invalid else ""
+        return (f"{_fmt(mean)} ± {std or 0.0:.2g} {unit} (mean ± sd of {n}{valid} runs; range {_fmt(lo)}-{_fmt(hi)}"
+                f"{left_out})")
+    return _fmt(mean, unit) + (" (one measurement" + left_out + ")")
 
 
 def _improvement_text(imp: dict[str, Any]) -> str:
@@ -231,6 +241,8 @@ def _identity_rows(r: StudyResults) -> list[list[Any]]:
 def _counts_text(r: StudyResults) -> str:
     c = r.counts()
     parts = [f"{c['trials']} trials", f"{c['ok']} measured and feasible", f"{c['slo_violated']} missed the SLO"]
+    if c.get("client_limited"):
+        parts.append(f"{c['client_limited']} {CLIENT_LIMITED_LABEL}")
     kinds = sorted(k.split(":", 1)[1] for k in c if k.startswith("failed:"))
     detail = ", ".join(f"{k} x{c['failed:' + k]}" for k in kinds)
     parts.append(f"{c['failed']} failed to run" + (f" ({detail})" if kinds else ""))
@@ -295,10 +307,10 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
         b_n, w_n = imp.get("baseline_n") or 0, imp.get("winner_n") or 0
         rows.append([f"baseline{' ' + label_of(base) if base is not None else ''}: {imp['label']}",
                      _spread(imp.get("baseline_mean"), imp.get("baseline_std"), b_n, imp.get("baseline_min"),
-                             imp.get("baseline_max"), unit)])
+                             imp.get("baseline_max"), unit, imp.get("baseline_invalid"))])
         rows.append([f"best trial #{imp.get('winner_trial')}: {imp['label']}",
                      _spread(imp.get("winner_mean"), imp.get("winner_std"), w_n, imp.get("winner_min"),
-                             imp.get("winner_max"), unit)])
+                             imp.get("winner_max"), unit, imp.get("winner_invalid"))])
         rows.append(["improvement over the baseline", _improvement_text(imp) + f" - {imp['source']}"])
         if r.confirm_rate:
             rows.append(["how it was confirmed",

@@ -31,11 +31,11 @@ from optuna.trial import FrozenTrial, TrialState, create_trial  # noqa: E402
 
 from harness.report.results import (LATENCY_KINDS, THROUGHPUT_METRICS, StudyResults,  # noqa: E402
                                     check_latency, check_throughput, latency_label, register_view)
-from harness.study.trials import (MEASURED, Attr, category_of, constraints_of, is_measured, label_of,  # noqa: E402
-                                  metric_of, outcome_of, reason_of)
+from harness.study.trials import (CLIENT_LIMITED_LABEL, MEASURED, Attr, category_of, constraints_of,  # noqa: E402
+                                  is_measured, label_of, metric_of, outcome_of, reason_of)
 
 COLORS = {"ok": "#1f77b4", "slo_violated": "#ff7f0e", "failed": "#d62728", "pruned": "#7f7f7f",
-          "interrupted": "#9467bd", "running": "#bcbd22", "waiting": "#bcbd22"}
+          "interrupted": "#9467bd", "running": "#bcbd22", "waiting": "#bcbd22", "client_limited": "#8c564b"}
 BASELINE_COLOR = "#222222"
 RECOMMENDED_COLOR = "#ffbf00"
 WINNER_COLOR = "#2ca02c"
@@ -44,7 +44,8 @@ RC = {"figure.figsize": (11, 6), "figure.dpi": 100, "savefig.dpi": 120, "font.si
       "figure.titlesize": 14, "axes.titleweight": "bold", "axes.titlepad": 10}
 OUTCOME_LABELS = {"ok": "measured, meets SLO", "slo_violated": "measured, SLO not met",
                   "failed": "failed to run", "pruned": "pruned before launch",
-                  "interrupted": "interrupted", "running": "running"}
+                  "interrupted": "interrupted", "running": "running",
+                  "client_limited": "client-limited (invalid), not a server number"}
 FIGURES = ("history", "pareto", "importances", "slices", "latency_vs_load", "memory")
 
 
@@ -185,7 +186,7 @@ def _baseline_level(r: StudyResults) -> tuple[float | None, float | None, str]:
     if r.confirm_comparable and conf.get("baseline_trial") == base.number and b.get("n"):
         return (float(b["mean"]), float(b.get("std") or 0.0),
                 f"baseline {label_of(base)}: {b['mean']:.3g} ± {b.get('std') or 0:.2g} {unit} "
-                f"(mean ± sd of {b['n']} repeats)")
+                f"(mean ± sd of {b['n']} repeats{_left_out(conf, base)})")
     value = r.objective_value(base)
     if value is None:
         return None, None, f"baseline {label_of(base)}: {outcome_of(base)}"
@@ -562,13 +563,24 @@ def _key_trials(r: StudyResults) -> list[tuple[str, FrozenTrial, str]]:
     return out
 
 
-def _repeats(conf: dict[str, Any], t: FrozenTrial) -> list[dict[str, Any]]:
-    """The confirmation's per-repeat metrics of this trial (winner or baseline), else []."""
+def _all_repeats(conf: dict[str, Any], t: FrozenTrial) -> list[dict[str, Any]]:
     if conf.get("winner_trial") == t.number:
         return list(conf.get("winner_metrics") or [])
     if conf.get("baseline_trial") == t.number:
         return list(conf.get("baseline_metrics") or [])
     return []
+
+
+def _repeats(conf: dict[str, Any], t: FrozenTrial) -> list[dict[str, Any]]:
+    """The confirmation's per-repeat metrics of this trial (winner or baseline) that are server numbers: a repeat
+    the client limited (client-limited (invalid)) is left out of every figure."""
+    return [m for m in _all_repeats(conf, t) if m.get("client_valid", True)]
+
+
+def _left_out(conf: dict[str, Any], t: FrozenTrial) -> str:
+    """'; 2 client-limited (invalid) repeats left out' for a legend, '' when none were."""
+    n = sum(not m.get("client_valid", True) for m in _all_repeats(conf, t))
+    return f"; {n} {CLIENT_LIMITED_LABEL} repeat{'s' if n > 1 else ''} left out" if n else ""
 
 
 def latency_vs_load(r: StudyResults) -> Figure:
@@ -617,7 +629,7 @@ def latency_vs_load(r: StudyResults) -> Figure:
                     ax.errorbar([r.confirm_rate], [mean], yerr=[[mean - min(runs)], [max(runs) - mean]], fmt="D",
                                 color=color, markersize=8, capsize=5, markeredgecolor="white", zorder=5,
                                 label=f"{role}: p99 over {len(runs)} confirmation repeats at "
-                                      f"{r.confirm_rate:g} req/s (mean, min-max)")
+                                      f"{r.confirm_rate:g} req/s (mean, min-max{_left_out(conf, t)})")
                     ys += runs
             limit = r.slo.get(f"{kind}_ms")
             if limit is not None:
@@ -668,7 +680,7 @@ def _latency_at_load(r: StudyResults) -> Figure:
                     lows.append(max(v - min(runs), 0.0) if runs else 0.0)
                     highs.append(max(max(runs) - v, 0.0) if runs else 0.0)
                 xs = np.arange(len(stats)) + (i - (len(trials) - 1) / 2) * width
-                n = f", mean of {len(repeats)} repeats" if repeats else ""
+                n = (f", mean of {len(repeats)} repeats" if repeats else "") + _left_out(conf, t)
                 ax.bar(xs, heights, width * 0.95, color=color, alpha=0.85, label=f"{role} {label_of(t)}{n}",
                        yerr=[lows, highs] if repeats else None, capsize=4)
                 for x, h, up in zip(xs, heights, highs):

@@ -24,8 +24,8 @@ from harness.study.naming import study_dir
 from harness.study.objectives import Objective, objective_from_dict
 from harness.study.storage import default_storage, make_storage, redact
 from harness.study.table import trials_table
-from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, StudyAttr, baseline_of, best_feasible,
-                                  category_of, is_measured, outcome_of, reason_of, settings_of)
+from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, Spread, StudyAttr, baseline_of,
+                                  best_feasible, category_of, is_measured, outcome_of, reason_of, settings_of)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,6 +41,11 @@ THROUGHPUT_METRICS: dict[str, tuple[str, str]] = {
 LATENCY_STATS = ("mean", "p50", "p90", "p99")
 LATENCY_KINDS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "end-to-end latency"}
 LATENCY_METRICS = tuple(f"{s}_{k}_ms" for k in LATENCY_KINDS for s in LATENCY_STATS)
+
+
+def _invalid_runs(spread: dict[str, Any], metrics: list[dict[str, Any]] | None) -> list[float]:
+    """A confirmation side's client-limited (invalid) runs, as the confirmation itself reads them."""
+    return Spread.from_dict(spread, metrics).invalid_runs if spread.get("runs") is not None else []
 
 
 def latency_label(name: str) -> str:
@@ -377,9 +382,10 @@ class StudyResults:
     # ------------------------------------------------------------------------------------------ tables
 
     def counts(self) -> dict[str, int]:
-        """trials, measured, ok, slo_violated, failed, pruned, interrupted, running, and failed:<kind> each."""
-        out = {"trials": len(self._trials), "measured": 0, "ok": 0, "slo_violated": 0, "failed": 0, "pruned": 0,
-               "interrupted": 0, "running": 0}
+        """trials, measured, ok, slo_violated, client_limited, failed, pruned, interrupted, running, and
+        failed:<kind> each."""
+        out = {"trials": len(self._trials), "measured": 0, "ok": 0, "slo_violated": 0, "client_limited": 0,
+               "failed": 0, "pruned": 0, "interrupted": 0, "running": 0}
         for t in self._trials:
             cat = category_of(t)
             if cat == "waiting":
@@ -409,6 +415,8 @@ class StudyResults:
                     "winner_min": w.get("min"), "winner_max": w.get("max"),
                     "baseline_mean": b.get("mean"), "baseline_std": b.get("std"), "baseline_n": b.get("n"),
                     "baseline_min": b.get("min"), "baseline_max": b.get("max"),
+                    "winner_invalid": _invalid_runs(w, conf.get("winner_metrics")),
+                    "baseline_invalid": _invalid_runs(b, conf.get("baseline_metrics")),
                     "relative": conf.get("improvement"), "verdict": conf.get("verdict", ""),
                     "recommended_trial": conf.get("recommended_trial")}
         win, base = self.winner_trial, self.baseline_trial

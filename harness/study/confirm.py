@@ -19,33 +19,15 @@ from typing import Any, Iterator
 from optuna.trial import FrozenTrial
 
 from harness.deploy import deploy_together
-from harness.launch.placement import Slot
 from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
-from harness.study.trials import Evaluation, settings_of
+from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
 
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
 SLOT_WAIT_S = 30.0  # for devices whose memory the last trial's servers are still releasing; then: not free now
 MODE_LIVE = "live servers, repeats interleaved"
 MODE_IN_TURN = "live servers, one configuration at a time"
 MODE_FRESH = "fresh server per repeat"
-
-
-@dataclass
-class Spread:
-    runs: list[float]
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.runs) if self.runs else 0.0
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.runs) if len(self.runs) > 1 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"runs": self.runs, "mean": self.mean, "std": self.std,
-                "min": min(self.runs, default=0.0), "max": max(self.runs, default=0.0), "n": len(self.runs)}
 
 
 @dataclass
@@ -63,8 +45,8 @@ class Confirmation:
 
     @property
     def improvement(self) -> float | None:
-        """Relative gain of the winner's mean over the baseline's mean."""
-        if not self.baseline.runs or self.baseline.mean <= 0:
+        """Relative gain of the winner's mean over the baseline's mean (valid repeats only)."""
+        if not self.winner.valid_runs or not self.baseline.valid_runs or self.baseline.mean <= 0:
             return None
         return self.winner.mean / self.baseline.mean - 1.0
 
@@ -79,8 +61,10 @@ class Confirmation:
     def from_dict(cls, saved: dict[str, Any]) -> Confirmation:
         """Back from `to_dict()` (a study attribute: a rerun, or another worker, reuses the confirmation)."""
         return cls(metric=saved["metric"], winner_trial=saved["winner_trial"],
-                   baseline_trial=saved["baseline_trial"], winner=Spread(saved["winner"]["runs"]),
-                   baseline=Spread(saved["baseline"]["runs"]), recommended_trial=saved["recommended_trial"],
+                   baseline_trial=saved["baseline_trial"],
+                   winner=Spread.from_dict(saved["winner"], saved.get("winner_metrics")),
+                   baseline=Spread.from_dict(saved["baseline"], saved.get("baseline_metrics")),
+                   recommended_trial=saved["recommended_trial"],
                    verdict=saved["verdict"], winner_metrics=saved["winner_metrics"],
                    baseline_metrics=saved["baseline_metrics"], mode=saved.get("mode", ""))
 
@@ -89,6 +73,31 @@ def _client_limited(ev: Evaluation) -> list[str]:
     """Why the load client, not the server, limited this run (empty: a valid server number)."""
     client = getattr(ev.record, "client", None) if ev.record is not None and ev.failure is None else None
     return list(client.reasons or ["client check failed"]) if client is not None and not client.valid else []
+
+
+def _verdict(winner: FrozenTrial, baseline: FrozenTrial | None, w: Spread, b: Spread, metric: str,
+             same: bool, missing: list[str]) -> tuple[str, int]:
+    """(verdict, recommended trial). The rank test needs every repeat of both sides measured and valid: a
+    client-limited repeat is no server number, and with fewer repeats `beats` would no longer be a test at p = 0.05."""
+    kept = winner.number if same or baseline is None else baseline.number
+    if missing:
+        return (f"not confirmed: {len(missing)} confirmation repeat(s) could not be measured ({missing[0]}); "
+                + ("the baseline (vLLM defaults) is kept" if same or baseline is None else
+                   f"the baseline is kept (trial #{winner.number} stays unconfirmed)"), kept)
+    invalid = len(w.invalid_runs) + (0 if same else len(b.invalid_runs))
+    total = len(w.runs) + (0 if same else len(b.runs))
+    if invalid:
+        return (f"not confirmed: {invalid} of {total} confirmation repeats were {CLIENT_LIMITED} (the load client "
+                f"fell behind, so they measured the client, not the server); "
+                + ("the baseline (vLLM defaults) is kept" if same or baseline is None else
+                   f"the baseline is kept (trial #{winner.number} stays unconfirmed)"), kept)
+    if same:
+        return "the baseline (vLLM defaults) is the best candidate found; it is kept", winner.number
+    if beats(w.runs, b.runs):
+        return (f"trial #{winner.number} beats the baseline in every repeat "
+                f"({w.mean:.4g} vs {b.mean:.4g} {metric})", winner.number)
+    return (f"trial #{winner.number} does not beat the baseline beyond the run-to-run spread; the baseline is kept",
+            kept)
 
 
 def beats(winner: list[float], baseline: list[float]) -> bool:
@@ -113,6 +122,8 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     same = baseline is None or baseline.number == winner.number
     pairs = [("winner", winner)] + ([] if same else [("baseline", baseline)])
     runs: dict[str, list[float]] = {"winner": [], "baseline": []}
+    valid: dict[str, list[bool]] = {"winner": [], "baseline": []}
+    unmeasured: dict[str, list[str]] = {"winner": [], "baseline": []}
     metrics: dict[str, list[dict[str, Any]]] = {"winner": [], "baseline": []}
     modes: list[str] = []
     with contextlib.closing(_phases(ctx, pairs, repeats)) as phases:
@@ -135,28 +146,27 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         break
                     if log is not None:
                         print(f"    -> not a server number ({reasons[0]}); measured again", file=log, flush=True)
-                value = ev.values[0] if ev.values else 0.0
+                if ev.values is None:  # pruned at launch (the host's memory changed): no number at all
+                    unmeasured[who].append(f"not started: {ev.pruned_reason}")
+                    if log is not None:
+                        print(f"    -> not measured: {ev.pruned_reason}", file=log, flush=True)
+                    continue
+                value = ev.values[0]
                 runs[who].append(float(value))
-                metrics[who].append({**ev.summary(), "client_valid": not reasons})
+                valid[who].append(not reasons)
+                metrics[who].append({**ev.summary(), "client_valid": not reasons,
+                                     **({"client_reason": reasons[0]} if reasons else {})})
                 if log is not None:
-                    print(f"    -> {metric} = {value:.4g}" + (" (client still limited)" if reasons else ""),
+                    print(f"    -> {metric} = {value:.4g}"
+                          + (f" ({CLIENT_LIMITED}: {reasons[0]}; left out of the means)" if reasons else ""),
                           file=log, flush=True)
-    w_runs, b_runs = runs["winner"], runs["baseline"]
-    if same:
-        verdict = "the baseline (vLLM defaults) is the best candidate found; it is kept"
-        rec = winner.number
-        b_runs = list(w_runs)
-    elif beats(w_runs, b_runs):
-        verdict = (f"trial #{winner.number} beats the baseline in every repeat "
-                   f"({statistics.fmean(w_runs):.4g} vs {statistics.fmean(b_runs):.4g} {metric})")
-        rec = winner.number
-    else:
-        verdict = (f"trial #{winner.number} does not beat the baseline beyond the run-to-run spread; "
-                   f"the baseline is kept")
-        rec = baseline.number if baseline is not None else winner.number
+    w = Spread(runs["winner"], valid["winner"])
+    b = Spread(runs["baseline"], valid["baseline"]) if not same else Spread(list(w.runs), list(w.flags))
+    missing = unmeasured["winner"] + ([] if same else unmeasured["baseline"])
+    verdict, rec = _verdict(winner, baseline, w, b, metric, same, missing)
     return Confirmation(metric=metric, winner_trial=winner.number,
-                        baseline_trial=None if baseline is None else baseline.number, winner=Spread(w_runs),
-                        baseline=Spread(b_runs), recommended_trial=rec, verdict=verdict,
+                        baseline_trial=None if baseline is None else baseline.number, winner=w,
+                        baseline=b, recommended_trial=rec, verdict=verdict,
                         winner_metrics=metrics["winner"], baseline_metrics=metrics["baseline"],
                         mode=" + ".join(modes))
 
@@ -203,7 +213,7 @@ def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
             for who, trial in pairs:
                 # GPUs: all need free devices now; CPU: only one of them is under load at any time
                 slot = (stack.enter_context(ctx.slots.acquire(needs[trial.number], timeout_s=SLOT_WAIT_S))
-                        if ctx.slots.gpu_ids else Slot())
+                        if ctx.slots.gpu_ids else ctx.slots.cpu_host_slot())
                 jobs.append((settings_of(trial), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
             deps = stack.enter_context(deploy_together(ctx.model, jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):

@@ -101,6 +101,7 @@ def measure_live(ctx: StudyContext, dep: Deployment, ev: Evaluation, label: str,
     got = obj.measure_repeat(steps, repeat_of) if repeat_of is not None else obj.measure(steps, incumbent)
     ev.values, ev.constraints, ev.record = got.values, got.constraints, got.record
     ev.curve, ev.metrics = got.curve, got.metrics
+    ev.client_reasons, ev.values_invalid = got.client_reasons, got.values_invalid
     return ev
 
 

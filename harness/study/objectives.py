@@ -19,6 +19,7 @@ The contract, for a subclass:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
@@ -39,6 +40,14 @@ class Measurement:
     record: RunRecord | None  # the run the values come from
     curve: list[dict[str, Any]] = field(default_factory=list)  # latency vs offered load, one point per load step
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers for the trial's metrics
+    client_reasons: list[str] = field(default_factory=list)  # why the load client, not the server, set the values
+    values_invalid: bool = False  # the values come from a run the client limited: not a server number at all
+
+
+def client_reasons(record: RunRecord | None) -> list[str]:
+    """Why the load client, not the server, limited this run (its self-check); empty for a server number."""
+    client = getattr(record, "client", None)
+    return list(client.reasons or ["the client self-check failed"]) if client is not None and not client.valid else []
 
 
 @dataclass
@@ -105,6 +114,27 @@ class Objective:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **to_dict(self)}
 
+    # ---------------------------------------------------------------------------------------------- planning
+
+    def expected_steps(self) -> int:
+        """Load steps one trial runs (a dry run's GPU-time estimate)."""
+        return 1
+
+    def expected_step_s(self, request_s: float) -> float:
+        """Seconds one load step is expected to take: its duration when the objective fixes one, else its requests
+        at the offered load; `request_s` (one request's expected end-to-end time) paces a closed loop. The one
+        home of this estimate: a dry run asks the objective, never the kind."""
+        if self.duration_s is not None:
+            return float(self.duration_s)
+        rate = self.offered_rate()
+        if rate is not None:
+            return self.num_requests / rate + request_s  # the last arrival, then its own latency
+        return math.ceil(self.num_requests / max(self.concurrency or 1, 1)) * request_s
+
+    def offered_rate(self) -> float | None:
+        """The open-loop rate a load step offers (None for a closed loop)."""
+        return self.rate if self.concurrency is None else None
+
     # ---------------------------------------------------------------------------------------------- measuring
 
     def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
@@ -165,9 +195,20 @@ class CapacityObjective(Objective):
         result = capacity_search(
             lambda rate: steps.run(rate=rate, burstiness=self.burstiness, num_requests=self.num_requests),
             self.slo, start_rate=start, max_steps=self.max_steps, min_rate=self.min_rate)
+        limited = [(st.rate, client_reasons(st.record)) for st in result.steps if client_reasons(st.record)]
+        reasons = [f"the client limited the step at {rate:.3g} req/s ({'; '.join(why)}): the capacity is a lower "
+                   f"bound set by the client" for rate, why in limited[:1]]
         return Measurement(values=[result.capacity], constraints=[0.0 if result.capacity > 0 else 1.0],
                            record=result.best or result.steps[-1].record, curve=result.curve(),
-                           metrics={self.metric: result.capacity})
+                           metrics={self.metric: result.capacity}, client_reasons=reasons,
+                           values_invalid=bool(limited) and result.best is None)
+
+    def expected_steps(self) -> int:
+        return self.max_steps
+
+    def offered_rate(self) -> float | None:
+        # the search starts at start_rate and doubles: its first step is the longest
+        return self.start_rate
 
     def confirm_metric(self, winner_values: list[float]) -> str:
         return f"goodput_rps_at_{winner_values[0]:.3g}_rps" if winner_values else "goodput_rps"
@@ -177,7 +218,8 @@ class CapacityObjective(Objective):
             return self.measure(steps)
         record = steps.run(rate=winner_values[0], burstiness=self.burstiness, num_requests=self.num_requests)
         return Measurement(values=[float(record.metrics.goodput or 0.0) if record.metrics else 0.0],
-                           constraints=slo_violations(record, self.slo), record=record)
+                           constraints=slo_violations(record, self.slo), record=record,
+                           client_reasons=client_reasons(record), values_invalid=bool(client_reasons(record)))
 
     def confirms_on_own_scale(self, metric: str) -> bool:
         return metric in (self.metric, self.kind)
@@ -204,7 +246,8 @@ class FixedLoadObjective(Objective):
                                 {"rate": self.rate, "burstiness": self.burstiness})
         record = steps.run(**load, num_requests=self.num_requests, duration_s=self.duration_s)
         values = self.values(record) if record.metrics is not None else self.worst_values()
-        return Measurement(values=values, constraints=slo_violations(record, self.slo), record=record)
+        return Measurement(values=values, constraints=slo_violations(record, self.slo), record=record,
+                           client_reasons=client_reasons(record), values_invalid=bool(client_reasons(record)))
 
     def values(self, record: RunRecord) -> list[float]:
         """The values of one measured run (which has metrics)."""

@@ -10,11 +10,13 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from harness.study.trials import Attr, baseline_of, gpus_of, is_feasible, outcome_of, reason_of, settings_of
+from harness.study.trials import (Attr, baseline_of, client_of, gpus_of, is_feasible, outcome_of, reason_of,
+                                  settings_of)
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Columns: number, state, outcome, baseline, value(s), feasible, reason, gpus, `set.<key>` per setting, metric
+    """Columns: number, state, outcome, baseline, value(s), feasible, reason, client ('valid' or 'client-limited
+    (invalid): why': whether the load client, not the server, set the value), gpus, `set.<key>` per setting, metric
     columns (throughputs, latency percentiles in ms, memory), planned vs measured KV tokens, timing."""
     rows: list[dict[str, Any]] = []
     n_values = len(study.directions)
@@ -31,6 +33,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             row["value" if n_values == 1 else f"value{i}"] = None if v is None or math.isinf(v) else v
         row["feasible"] = is_feasible(t)
         row["reason"] = reason_of(t)
+        row["client"] = client_of(t)
         row["gpus"] = gpus_of(t)
         for key, value in settings_of(t).items():
             row[f"set.{key}"] = value

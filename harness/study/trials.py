@@ -9,6 +9,7 @@ feasible trial) are what the study, the trials table and the report all use, so 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -35,6 +36,7 @@ class Attr:
     CURVE = "curve"  # capacity: latency vs offered load, one point per load step
     MAX_FITTING_LEN = "max_fitting_len"  # vLLM's estimate after a max_model_len start failure
     WORKER = "worker"  # host, pid and pid namespace of the process running the trial (workers.worker_record)
+    CLIENT = "client"  # {"valid": bool, "reasons": [...]}: whether the load client, not the server, set the values
 
 
 class StudyAttr:
@@ -50,10 +52,13 @@ class Outcome:
     PRUNED = "pruned"
     FAILED = "failed"  # stored as "failed:<kind>"
     SURPLUS = "surplus"  # beyond the study's budget: nothing ran
+    CLIENT_LIMITED = "client_limited"  # it ran, but the load client fell behind: its values are no server number
     INTERRUPTED = "interrupted"  # FAIL: interrupted or the harness raised; retried on a rerun
 
 
 MEASURED = (Outcome.OK, Outcome.SLO_VIOLATED)  # outcomes that carry a measurement
+
+CLIENT_LIMITED_LABEL = "client-limited (invalid)"  # how every presentation names a number the client limited
 
 BASELINE_DEFAULTS = "vllm-defaults"
 BASELINE_COMMITTED = "committed-config"
@@ -63,6 +68,55 @@ BASELINE_NAMES = {BASELINE_DEFAULTS: "vLLM defaults", BASELINE_COMMITTED: "commi
 def confirm_key(winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int) -> str:
     """The study attribute holding this winner's confirmation against this baseline (a rerun reuses it)."""
     return f"confirm:{winner.number}:{baseline.number if baseline else None}:{repeats}"
+
+
+# ------------------------------------------------------------------------------------------------- confirmation
+
+
+@dataclass
+class Spread:
+    """One configuration's confirmation repeats. A repeat the load client limited (its self-check failed) is kept
+    in `runs` with `valid` False and left out of mean, sd, min, max and n: it measured the client, not the server."""
+
+    runs: list[float]
+    valid: list[bool] | None = None  # per run; None: all valid
+
+    @property
+    def flags(self) -> list[bool]:
+        return list(self.valid) if self.valid is not None else [True] * len(self.runs)
+
+    @property
+    def valid_runs(self) -> list[float]:
+        return [v for v, ok in zip(self.runs, self.flags) if ok]
+
+    @property
+    def invalid_runs(self) -> list[float]:
+        return [v for v, ok in zip(self.runs, self.flags) if not ok]
+
+    @property
+    def mean(self) -> float:
+        runs = self.valid_runs
+        return statistics.fmean(runs) if runs else 0.0
+
+    @property
+    def std(self) -> float:
+        runs = self.valid_runs
+        return statistics.stdev(runs) if len(runs) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        runs = self.valid_runs
+        return {"runs": self.runs, "valid": self.flags, "mean": self.mean if runs else None,
+                "std": self.std if runs else None, "min": min(runs, default=None), "max": max(runs, default=None),
+                "n": len(runs), "invalid": self.invalid_runs}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], metrics: list[dict[str, Any]] | None = None) -> Spread:
+        """Back from `to_dict()`; a confirmation saved before `valid` existed takes it from the per-repeat
+        metrics' `client_valid`."""
+        valid = saved.get("valid")
+        if valid is None and metrics and len(metrics) == len(saved["runs"]):
+            valid = [bool(m.get("client_valid", True)) for m in metrics]
+        return cls(list(saved["runs"]), None if valid is None else [bool(v) for v in valid])
 
 
 # ------------------------------------------------------------------------------------------------- writer
@@ -83,6 +137,8 @@ class Evaluation:
     curve: list[dict[str, Any]] = field(default_factory=list)  # capacity: latency vs offered load
     device_seconds: float = 0.0  # wall time servers held their devices, times the devices held
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers (capacity_rps, ...)
+    client_reasons: list[str] = field(default_factory=list)  # why the load client limited the run (empty: valid)
+    values_invalid: bool = False  # the values themselves come from a client-limited run
 
     def summary(self) -> dict[str, Any]:
         """Flat numbers for trial user attributes, the table and the dashboard."""
@@ -110,6 +166,8 @@ class Evaluation:
         if self.plan:
             out["planned_kv_cache_tokens"] = self.plan.get("kv_cache_tokens")
         out.update(self.metrics)
+        if rec is not None and rec.client is not None:
+            out["client_valid"] = not self.client_reasons
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -136,12 +194,19 @@ def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
         trial.set_user_attr(Attr.REASON, ev.failure.message[:500])
         if ev.failure.max_fitting_len is not None:
             trial.set_user_attr(Attr.MAX_FITTING_LEN, ev.failure.max_fitting_len)
+    elif ev.values_invalid:
+        trial.set_user_attr(Attr.OUTCOME, Outcome.CLIENT_LIMITED)
+        trial.set_user_attr(Attr.REASON, f"{CLIENT_LIMITED_LABEL}: {'; '.join(ev.client_reasons)}"[:500])
     else:
         ok = all(c <= 0 for c in ev.constraints)
         trial.set_user_attr(Attr.OUTCOME, Outcome.OK if ok else Outcome.SLO_VIOLATED)
+        notes = [f"{CLIENT_LIMITED_LABEL}: {'; '.join(ev.client_reasons)}"] if ev.client_reasons else []
         if not ok:
-            trial.set_user_attr(Attr.REASON,
-                                "SLO not met: violations " + ", ".join(f"{c:+.2f}" for c in ev.constraints))
+            notes.insert(0, "SLO not met: violations " + ", ".join(f"{c:+.2f}" for c in ev.constraints))
+        if notes:
+            trial.set_user_attr(Attr.REASON, "; ".join(notes)[:500])
+    if ev.record is not None and ev.record.client is not None:
+        trial.set_user_attr(Attr.CLIENT, {"valid": not ev.client_reasons, "reasons": ev.client_reasons})
 
 
 def record_surplus(trial: optuna.Trial) -> None:
@@ -223,6 +288,16 @@ def metric_of(trial: FrozenTrial, name: str) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def client_of(trial: FrozenTrial) -> str:
+    """'valid', 'client-limited (invalid): <why>', or '' when no load ran: how the table and report mark it."""
+    client = trial.user_attrs.get(Attr.CLIENT)
+    if not isinstance(client, dict):
+        return ""
+    if client.get("valid", True):
+        return "valid"
+    return f"{CLIENT_LIMITED_LABEL}: {'; '.join(client.get('reasons') or [])}".rstrip(": ")
 
 
 def gpus_of(trial: FrozenTrial) -> int:

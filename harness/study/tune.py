@@ -38,8 +38,8 @@ from harness.study.runner import enqueue_baselines, finished, make_sampler, open
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
-from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, StudyAttr, baseline_trial, best_feasible,
-                                  confirm_key, settings_of)
+from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
+                                  baseline_trial, best_feasible, client_of, confirm_key, settings_of)
 from harness.study.workers import Claim, wait_for, worker_seed
 
 
@@ -67,6 +67,20 @@ def ensure_model(entry: ModelEntry) -> str:
     if entry.model.startswith((".", "/")) or entry.build:
         raise UserError("no such model directory", source=entry.model, key="models[].model")
     return entry.model
+
+
+def config_path_of(sweep: Sweep, entry: ModelEntry) -> Path:
+    """Where the model's recommended config is (and is written): configs/<name>.yaml."""
+    return Path(sweep.configs_dir) / f"{entry.name}.yaml"
+
+
+def study_baselines(space: Any, config_path: Path) -> dict[str, dict[str, Any]]:
+    """The baselines a study queues first, by label: vLLM's defaults (the space's fixed settings only), and the
+    committed configs/<model>.yaml when there is one (its settings over the fixed ones)."""
+    baselines = {BASELINE_DEFAULTS: dict(space.fixed)}
+    if config_path.exists():
+        baselines[BASELINE_COMMITTED] = {**space.fixed, **read_config(config_path).settings}
+    return baselines
 
 
 def refuse_infeasible(sweep: Sweep, entry: ModelEntry, hardware: Any) -> None:
@@ -111,11 +125,8 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     storage = make_storage(storage_url or default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
                 "objective": sweep.objective.to_dict(), "hardware": _hw_identity(hardware)}
-    config_path = Path(sweep.configs_dir) / f"{entry.name}.yaml"
-    baselines = {BASELINE_DEFAULTS: dict(ctx.space.fixed)}
-    if config_path.exists():
-        committed = read_config(config_path)
-        baselines[BASELINE_COMMITTED] = {**ctx.space.fixed, **committed.settings}
+    config_path = config_path_of(sweep, entry)
+    baselines = study_baselines(ctx.space, config_path)
     # A shared storage may have other workers: each gets its own sampler seed, or all would propose the same
     # candidates (one node with the default storage stays reproducible from the sweep's seed).
     seed = sweep.seed if storage_url is None else worker_seed(sweep.seed)
@@ -195,13 +206,21 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
         "workload": ctx.workload.to_dict(),
         "objective": ctx.objective.to_dict(),
         "metrics": trial.user_attrs.get(Attr.METRICS, {}),
+        # whether the load client, not the server, set each number: 'client-limited (invalid): why' marks one
+        "client_check": client_of(trial) or None,
         "baseline_metrics": baseline.user_attrs.get(Attr.METRICS, {}) if baseline is not None else None,
+        "baseline_client_check": (client_of(baseline) or None) if baseline is not None else None,
         "baseline_settings": baseline.user_attrs.get(Attr.SETTINGS) if baseline is not None else None,
     }
     if conf is not None:
+        # each side's mean, sd and n are over its valid repeats; `invalid` lists the client-limited ones apart
         provenance["improvement"] = {"metric": conf.metric, "relative": conf.improvement,
                                      "winner": conf.winner.to_dict(), "baseline": conf.baseline.to_dict(),
                                      "verdict": conf.verdict}
+        invalid = len(conf.winner.invalid_runs) + len(conf.baseline.invalid_runs)
+        if invalid:
+            provenance["improvement"]["client_limited"] = (
+                f"{invalid} repeat(s) {CLIENT_LIMITED_LABEL}: left out of the means; not server numbers")
     vllm_settings, _ = split_settings(settings)
     argv_tail = load_argspec().to_argv(vllm_settings)
     topo = Topology.of(settings)
