@@ -77,7 +77,8 @@ class Deployment:
                                  warmup=warmup, timeout_s=timeout_s)
         memory = sampler.result()
         from_metrics = scraper.result()
-        log_stats = server_stats_from_log(self.group.servers[0].read_log())
+        first = self.group.servers[0]
+        log_stats = server_stats_from_log(first.read_log(), launched_at=first.launched_at, startup_s=first.startup_s)
         record = RunRecord(
             run_id=f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

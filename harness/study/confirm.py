@@ -19,7 +19,6 @@ from typing import Any, Iterator
 from optuna.trial import FrozenTrial
 
 from harness.deploy import deploy_together
-from harness.launch.placement import Slot
 from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 from harness.study.trials import Evaluation, settings_of
@@ -203,7 +202,7 @@ def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
             for who, trial in pairs:
                 # GPUs: all need free devices now; CPU: only one of them is under load at any time
                 slot = (stack.enter_context(ctx.slots.acquire(needs[trial.number], timeout_s=SLOT_WAIT_S))
-                        if ctx.slots.gpu_ids else Slot())
+                        if ctx.slots.gpu_ids else ctx.slots.unbound())
                 jobs.append((settings_of(trial), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
             deps = stack.enter_context(deploy_together(ctx.model, jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):
