@@ -76,8 +76,8 @@ def test_time_spent_adds_device_seconds_by_where_they_went() -> None:
     assert sum(t.phases_s.values()) == 200.0 == t.phases_known_s and t.phases_trials == 1
     assert dict(t.compile_cache) == {"hit": 1}
     assert t.share(t.startup_s) == pytest.approx(350 / 550)
-    rows = {where.strip(): (secs, share) for where, secs, share in t.rows()}
-    assert rows["torch.compile (1 of 2 trials)"] == (60.0, pytest.approx(60 / 550))
+    rows = {where: (secs, share) for where, secs, share in t.rows()}
+    assert rows["start-up: torch.compile (1 of 2 trials)"] == (60.0, pytest.approx(60 / 550))
     assert rows["pruned before launch (1 trials)"] == (0.0, 0.0) and rows["all finished trials"] == (550.0, 1.0)
     assert rows["interrupted trials (1): at most, not in the total"][1] is None
     line = t.line("GPU", "4x NVIDIA H200")
@@ -105,5 +105,5 @@ def test_report_table_says_which_gpus() -> None:
     doc = Doc("t")
     _time_section(doc, r)
     md = doc.markdown()
-    assert "| where the time went | GPU-minutes (4x NVIDIA H200, 139.8 GiB each) | share |" in md
+    assert "| where the time went | GPU-minutes on 4x NVIDIA H200, 139.8 GiB each | share |" in md
     assert "**26.2 trials per GPU-hour**" in md and "| server start-up | 5.8 | 64% |" in md

@@ -385,7 +385,7 @@ def _time_section(doc: Doc, r: StudyResults) -> None:
         text += " vLLM's compile cache per launched trial: " + ", ".join(
             f"{state} x{n}" for state, n in sorted(spent.compile_cache.items())) + "."
     doc.p(text)
-    doc.table(["where the time went", f"{unit}-minutes ({r.hardware_label})", "share"],
+    doc.table(["where the time went", f"{unit}-minutes on {r.hardware_label}", "share"],
               [[where, f"{secs / 60.0:.1f}", f"{share:.0%}" if share is not None else "-"]
                for where, secs, share in spent.rows()])
 

@@ -19,7 +19,7 @@ from harness.records import STARTUP_PHASES
 from harness.study.trials import Attr, Outcome, category_of, devices_held_of, metric_of, startup_of
 
 PHASE_LABELS = {
-    "python_s": "Python start-up (imports, config) until the engine starts",
+    "python_s": "Python imports and config, until the engine starts",
     "weights_s": "weights loading",
     "compile_s": "torch.compile",
     "cuda_graphs_s": "CUDA graph capture",
@@ -70,7 +70,8 @@ class TimeSpent:
         out: list[tuple[str, float, float | None]] = [("server start-up", self.startup_s, self.share(self.startup_s))]
         if self.phases_known_s > 0:
             cover = "" if self.phases_trials == self.started else f" ({self.phases_trials} of {self.started} trials)"
-            out += [(f"  {PHASE_LABELS[name]}{cover}", secs, self.share(secs)) for name, secs in self.phases_s.items()]
+            out += [(f"start-up: {PHASE_LABELS[name]}{cover}", secs, self.share(secs))
+                    for name, secs in self.phases_s.items()]
         out.append(("load steps (and teardown)", self.serving_s, self.share(self.serving_s)))
         out.append(("start-ups that failed", self.failed_start_s, self.share(self.failed_start_s)))
         out.append((f"pruned before launch ({self.pruned} trials)", 0.0, 0.0 if self.device_s > 0 else None))

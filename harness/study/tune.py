@@ -159,7 +159,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
 def print_time_spent(study: optuna.Study, hardware: Any, out: Any) -> None:
     """Where the trials' device time went, and trials per device-hour (what makes a stretch of GPU time go far)."""
     on_cpu = getattr(hardware, "arch", "") == "cpu"
-    where = f"{hardware.name} (CPU host)" if on_cpu else f"{hardware.count}x {hardware.name}"
+    where = f"{hardware.name} host" if on_cpu else f"{hardware.count}x {hardware.name}"
     print("   " + time_spent(study.get_trials(deepcopy=False)).line("server" if on_cpu else "GPU", where),
           file=out, flush=True)
 
