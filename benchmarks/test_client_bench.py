@@ -17,7 +17,6 @@ measurement, not a pass/fail test.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 import time
@@ -30,10 +29,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from fakeserver import FakeConfig, FakeServer  # noqa: E402
+from vllm_client import VllmClientMissing, request_module  # noqa: E402
 
 from harness.load.arrival import Arrival  # noqa: E402
-from harness.load.client import Target, run_load_sync  # noqa: E402
+from harness.load.client import JSON_PARSER, Target, run_load_sync  # noqa: E402
 from harness.load.prompts import RequestSpec  # noqa: E402
 
 N_REQUESTS = 384
@@ -46,6 +48,7 @@ CHUNKS = N_REQUESTS * OUTPUT_TOKENS
 VLLM = "vllm bench serve client (asyncio)"
 
 _RESULTS: dict[str, dict[str, float]] = {}
+_ALL_CPUS: set[int] = set()
 _PAIRED: dict[str, float] = {}
 
 
@@ -53,19 +56,10 @@ _PAIRED: dict[str, float] = {}
 
 
 def _vllm_request_module() -> ModuleType:
-    """vllm/benchmarks/lib/endpoint_request_func.py, loaded by path: importing the vllm package itself starts
-    its whole engine import (~10 s) and is not needed for this one module (it imports aiohttp, regex, tqdm)."""
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("vllm is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "benchmarks" / "lib" / "endpoint_request_func.py"
-    if not path.exists():
-        pytest.skip(f"{path} not found in this vllm version")
-    mod_spec = importlib.util.spec_from_file_location("vllm_endpoint_request_func", path)
-    assert mod_spec is not None and mod_spec.loader is not None
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    try:
+        return request_module()
+    except VllmClientMissing as exc:
+        pytest.skip(str(exc))
 
 
 def _by_idleness(cpus: list[int], sample_s: float = 0.3) -> list[int]:
@@ -100,21 +94,23 @@ def _write_table(request: pytest.FixtureRequest, client_cpu: int | None, server_
         "",
         f"streamed chunks per second, client on one core: {N_REQUESTS} requests x {OUTPUT_TOKENS} chunks, "
         f"concurrency {CONCURRENCY}, {ROUNDS} rounds (median / best), client CPU {client_cpu}, "
-        f"fake server CPU {server_cpu}",
-        f"{'client':36s} {'wall median':>12s} {'wall best':>12s} {'per CPU-s':>12s} {'x vLLM wall':>12s} "
-        f"{'x vLLM CPU':>11s} {'server busy':>12s}",
+        f"fake server CPU {server_cpu}, our JSON parser {JSON_PARSER}, load average {os.getloadavg()[0]:.1f}",
+        f"{'client':40s} {'wall median':>12s} {'wall best':>12s} {'phase wall':>12s} {'per CPU-s':>12s} "
+        f"{'x vLLM wall':>12s} {'x vLLM CPU':>11s} {'server busy':>12s}",
     ]
     for name, r in _RESULTS.items():
         wall_x = f"{r['chunks_per_s'] / base['chunks_per_s']:.2f}x" if base else "-"
         cpu_x = f"{r['chunks_per_cpu_s'] / base['chunks_per_cpu_s']:.2f}x" if base else "-"
         busy = f"{r['server_busy'] * 100:.0f}%" if r["server_busy"] >= 0 else "-"
-        lines.append(f"{name:36s} {r['chunks_per_s']:12,.0f} {r['chunks_per_s_best']:12,.0f} "
-                     f"{r['chunks_per_cpu_s']:12,.0f} {wall_x:>12s} {cpu_x:>11s} {busy:>12s}")
+        lines.append(f"{name:40s} {r['chunks_per_s']:12,.0f} {r['chunks_per_s_best']:12,.0f} "
+                     f"{r['chunks_per_phase_s']:12,.0f} {r['chunks_per_cpu_s']:12,.0f} {wall_x:>12s} {cpu_x:>11s} "
+                     f"{busy:>12s}")
     if _PAIRED:
         lines.append(f"alternating rounds ({PAIRS} pairs, vllm-tune asyncio vs vLLM): median paired ratio "
                      f"{_PAIRED['wall_ratio']:.2f}x wall, {_PAIRED['cpu_ratio']:.2f}x CPU")
     lines.append("wall rates include time this process waited for its CPU (other load on a shared machine); "
-                 "per CPU-s is the client's own cost")
+                 "phase wall: first send -> last completion (without process start-up); per CPU-s is the client's "
+                 "own cost, worker processes included")
     if capture is not None:
         with capture.global_and_fixture_disabled():
             for line in lines:
@@ -128,6 +124,7 @@ def _write_table(request: pytest.FixtureRequest, client_cpu: int | None, server_
 def pinned(request: pytest.FixtureRequest) -> Any:
     """Client on one CPU, fake server (own process) on another; prints the comparison table at the end."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    _ALL_CPUS.update(cpus)
     ranked = _by_idleness(cpus)  # on a shared machine, give the client the CPU others use least
     client_cpu = ranked[0] if ranked else None
     server_cpu = ranked[1] if len(ranked) > 1 else None
@@ -150,15 +147,17 @@ def _specs() -> list[RequestSpec]:
     return [RequestSpec(" ".join(["w"] * 32), None, 32, OUTPUT_TOKENS) for _ in range(N_REQUESTS)]
 
 
-def _ours(server: FakeServer, use_uvloop: bool) -> Callable[[], int]:
+def _ours(server: FakeServer, use_uvloop: bool, processes: int = 1) -> Callable[[], tuple[int, float, float]]:
+    """(chunks, measured-phase seconds, worker processes' CPU seconds) per round."""
     specs = _specs()
 
-    def run() -> int:
+    def run() -> tuple[int, float, float]:
         res = run_load_sync([Target(server.url)], specs, Arrival(mode="concurrency", max_concurrency=CONCURRENCY),
-                            model="fake", api="completions", warmup=0, timeout_s=60, use_uvloop=use_uvloop)
+                            model="fake", api="completions", warmup=0, timeout_s=60, use_uvloop=use_uvloop,
+                            processes=processes)
         bad = [r.error for r in res.results if not r.ok]
         assert not bad, bad[:3]
-        return sum(len(r.chunk_tokens) for r in res.results)
+        return sum(len(r.chunk_tokens) for r in res.results), res.duration_s, sum(res.worker_cpu_s)
 
     return run
 
@@ -196,20 +195,25 @@ def _vllm(server: FakeServer) -> Callable[[], int]:
 
 
 class _Rounds:
-    """Wall, client CPU and server CPU seconds of each round of one client."""
+    """Wall, client CPU (this process and any worker processes) and server CPU seconds of each round of one client,
+    and for our client the measured phase's wall seconds (first send -> last completion: without process start-up)."""
 
-    def __init__(self, server: FakeServer, run: Callable[[], int]) -> None:
+    def __init__(self, server: FakeServer, run: Callable[[], int | tuple[int, float, float]]) -> None:
         self.server = server
         self.run = run
         self.wall: list[float] = []
+        self.phase: list[float] = []
         self.cpu: list[float] = []
         self.server_cpu: list[float] = []
 
     def __call__(self) -> None:
         w0, c0, s0 = time.perf_counter(), time.process_time(), self.server.cpu_seconds()
-        chunks = self.run()
-        self.wall.append(time.perf_counter() - w0)
-        self.cpu.append(time.process_time() - c0)
+        got = self.run()
+        wall = time.perf_counter() - w0
+        chunks, phase, worker_cpu = got if isinstance(got, tuple) else (got, wall, 0.0)
+        self.wall.append(wall)
+        self.phase.append(phase)
+        self.cpu.append(time.process_time() - c0 + worker_cpu)
         s1 = self.server.cpu_seconds()
         self.server_cpu.append(s1 - s0 if s1 is not None and s0 is not None else -1.0)
         assert chunks == CHUNKS
@@ -226,6 +230,7 @@ def _record(benchmark: Any, name: str, rounds: _Rounds) -> None:
     result = {
         "chunks_per_s": CHUNKS / _median(wall),
         "chunks_per_s_best": CHUNKS / min(wall),
+        "chunks_per_phase_s": CHUNKS / _median(rounds.phase[k:]),
         "chunks_per_cpu_s": CHUNKS / _median(cpu),
         "server_busy": _median([s / w for s, w in zip(srv, wall)]) if min(srv) >= 0 else -1.0,
     }
@@ -244,6 +249,22 @@ def test_ours(benchmark: Any, pinned: FakeServer, loop: str) -> None:
     rounds = _Rounds(pinned, _ours(pinned, use_uvloop=loop == "uvloop"))
     benchmark.pedantic(rounds, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     _record(benchmark, f"vllm-tune client ({loop})", rounds)
+
+
+@pytest.mark.parametrize("cpus", ["client core", "all cores"])
+def test_ours_two_processes(benchmark: Any, pinned: FakeServer, cpus: str) -> None:
+    """processes=2 (asyncio loops, concurrency split 16 + 16): on the client's one core (workers take the caller's
+    affinity), and free over every CPU, which on a 2-core machine shares the fake server's core."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if cpus == "all cores" and mine is not None:
+        os.sched_setaffinity(0, _ALL_CPUS)
+    try:
+        rounds = _Rounds(pinned, _ours(pinned, use_uvloop=False, processes=2))
+        benchmark.pedantic(rounds, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    finally:
+        if mine is not None:
+            os.sched_setaffinity(0, mine)
+    _record(benchmark, f"vllm-tune, 2 processes ({cpus})", rounds)
 
 
 def test_vllm_bench_serve_client(benchmark: Any, pinned: FakeServer) -> None:

@@ -115,11 +115,47 @@ class ClientCheck:
     requested_rate: float | None  # requests / s asked for (None for closed loop)
     achieved_rate: float  # requests / s actually sent
     dispatch_lag_p99_ms: float  # how late requests left compared with their schedule
-    client_cpu_percent: float  # CPU of the client process over the run (100 = one core)
+    client_cpu_percent: float  # CPU of the client's event loop(s) over the run, summed over processes (100 = one core)
     valid: bool
     reasons: list[str] = field(default_factory=list)  # why the run is invalid
     warnings: list[str] = field(default_factory=list)  # worth knowing, not enough to discard the run
     dispatch_lag_mean_ms: float | None = None
+    processes: int = 1  # client worker processes (run_load(processes=...))
+    busiest_process_cpu_percent: float | None = None  # the busiest process's loop: what "saturated" is judged on
+
+
+@dataclass
+class Steady:
+    """Did the server keep up over a measured time window at one rate? (`harness.measure.steady` decides.)
+
+    Counts are over the window [warmup_s, warmup_s + window_s) of the step's schedule; "arrivals" are requests the
+    client sent inside it, "completions" requests that finished OK inside it (whenever they were sent), so the
+    ratio does not depend on how long the drain after the window lasts. Growths are a least-squares slope across
+    the window times its length, in requests; a limit is the most growth that still counts as no trend.
+    """
+
+    holds: bool  # kept_up and (slo_ok is not False)
+    kept_up: bool  # completion ratio, in-flight trend and server waiting trend all within their limits
+    reasons: list[str] = field(default_factory=list)  # why it does not hold
+    warnings: list[str] = field(default_factory=list)  # worth knowing (too few requests, no server series)
+    window_s: float = 0.0
+    warmup_s: float = 0.0
+    target_rate: float | None = None  # requests / s the schedule asked for
+    offered_rate: float = 0.0  # arrivals in the window / window_s (the realised Poisson/gamma rate)
+    achieved_rate: float = 0.0  # sustained throughput: completions in the window / window_s
+    requests: int = 0  # arrivals in the window: the requests the step's latency metrics are over
+    completed: int = 0  # completions in the window
+    completion_ratio: float = 0.0  # completed / requests
+    completion_limit: float = 0.0  # the most shortfall (requests - completed) that still holds
+    fraction: float = 0.95  # the completion fraction asked for
+    inflight_mean: float = 0.0  # our own requests in flight, mean over the window
+    inflight_slope: float = 0.0  # requests / s
+    inflight_growth: float = 0.0  # requests over the window
+    growth_limit: float = 0.0  # the most growth (in-flight or waiting) that still holds
+    waiting_slope: float | None = None  # vllm:num_requests_waiting, requests / s (None: no series)
+    waiting_growth: float | None = None
+    waiting_samples: int = 0
+    slo_ok: bool | None = None  # the SLO percentiles over the window's requests (None: not judged)
 
 
 # ---------------------------------------------------------------------------------------------- server side
@@ -188,6 +224,22 @@ class ServerStats:
 
 
 @dataclass
+class ServerSide:
+    """What a run on a server the harness did not start (`bench --url`) could observe of it, said in the record.
+
+    Without the process there is no per-process GPU memory, no RSS, no start-up log (KV capacity from the log,
+    start-up time) and no argv; `/metrics` is still scraped. `settings` of such a record are what the server
+    reported, each key's source in `observed`.
+    """
+
+    note: str  # "attached: no process figures (...)"
+    urls: list[str] = field(default_factory=list)
+    observed: dict[str, str] = field(default_factory=dict)  # setting -> where the server reported it
+    gpu_memory: str | None = None  # whose memory `memory.gpus` holds; None: not sampled
+    metrics_endpoint: bool = True  # /metrics answered when the harness attached
+
+
+@dataclass
 class Failure:
     """Why a server did not start or died. `kind` is one of FAILURE_KINDS."""
 
@@ -213,7 +265,7 @@ class RunRecord:
     workload: dict[str, Any]
     arrival: dict[str, Any]
     slo: SLO | None
-    argv: list[list[str]]  # one argv per replica
+    argv: list[list[str]] | None  # one argv per replica (None: attached, the command line is unknown)
     metrics: RunMetrics | None = None
     client: ClientCheck | None = None
     memory: MemoryUsage | None = None
@@ -223,6 +275,8 @@ class RunRecord:
     env: dict[str, Any] = field(default_factory=dict)
     log_paths: list[str] = field(default_factory=list)
     startup_s: float | None = None
+    steady: Steady | None = None  # the steady-state verdict of a time-window load step
+    server_side: ServerSide | None = None  # set when the harness attached to servers it did not start
 
     @property
     def ok(self) -> bool:

@@ -77,20 +77,22 @@ class Topology:
     replicas: int = 1
     tp: int = 1
     pp: int = 1
+    dp: int = 1  # vLLM's data_parallel_size: engine copies inside one server, each on its own TP x PP group
 
     @classmethod
     def of(cls, settings: dict[str, Any]) -> Topology:
         """From user settings (absent or null keys: 1)."""
         return cls(replicas=int(settings.get("replicas", 1) or 1),
                    tp=int(settings.get("tensor_parallel_size", 1) or 1),
-                   pp=int(settings.get("pipeline_parallel_size", 1) or 1))
+                   pp=int(settings.get("pipeline_parallel_size", 1) or 1),
+                   dp=int(settings.get("data_parallel_size", 1) or 1))
 
     @property
     def per_replica(self) -> int:
-        """GPUs of one server (its TP x PP group)."""
-        return self.tp * self.pp
+        """GPUs of one server (its DP x TP x PP ranks)."""
+        return self.dp * self.tp * self.pp
 
     @property
     def gpus(self) -> int:
-        """GPUs of the whole configuration: replicas x TP x PP."""
+        """GPUs of the whole configuration: replicas x DP x TP x PP."""
         return self.replicas * self.per_replica

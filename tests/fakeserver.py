@@ -13,6 +13,7 @@ Zero-delay mode (all delays 0, no failures) pre-renders each response once and w
 benchmark of the client is not limited by this server. Run it in its own process (`FakeServer(process=True)`,
 optionally pinned to a CPU) when the client's own core must not be shared.
 
+`GET /v1/models` lists the one model (`FakeConfig.model`, with `max_model_len`), behind the key like the streams.
 Control endpoints: POST /_config (JSON fields of FakeConfig), GET /_log (per-request timings), POST /_reset.
 Script: `python tests/fakeserver.py --port 0 [--cpu N] [--config JSON]` prints `PORT <n>`.
 """
@@ -41,8 +42,8 @@ perf_ns = time.perf_counter_ns
 class FakeConfig:
     """What the server does with each streaming request."""
 
-    first_token_delay_s: float = 0.0  # request received -> first chunk written
-    chunk_delay_s: float = 0.0  # between chunks (scheduled on absolute deadlines: no drift)
+    first_token_delay_s: float = 0.0  # request received -> first chunk written (at least this long, never less)
+    chunk_delay_s: float = 0.0  # between chunks (on absolute deadlines from the request's arrival: no drift)
     tokens_per_chunk: int = 1  # multi-token chunks (speculative decoding, stream intervals)
     error_every: int = 0  # every k-th request answers HTTP `error_status` (0: never)
     error_status: int = 500
@@ -54,9 +55,35 @@ class FakeConfig:
     record: bool = True  # keep per-request timings for GET /_log
     model: str = "fake-model"
     cached_prompt_tokens: int | None = None  # final usage reports prompt_tokens_details.cached_tokens (capped)
+    max_model_len: int | None = 2048  # reported by GET /v1/models, as vLLM's ModelCard does (None: left out)
 
 
 # ---------------------------------------------------------------------------------------------- the app
+
+
+def models_response(request: web.Request, model: str, api_key: str | None, max_model_len: int | None) -> web.Response:
+    """GET /v1/models as vLLM answers it: 401 without the key, else a list with one ModelCard."""
+    if api_key and request.headers.get("Authorization") != f"Bearer {api_key}":
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    card: dict[str, Any] = {"id": model, "object": "model", "created": 0, "owned_by": "vllm", "root": model,
+                            "parent": None, "permission": []}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def sleep_until(deadline_ns: int) -> None:
+    """Sleep until `perf_counter_ns() >= deadline_ns`, never less.
+
+    Event-loop timers can fire early: uvloop rounds a delay to whole milliseconds and counts it from the loop's
+    cached time (taken at the start of the iteration, truncated to 1 ms), so `asyncio.sleep(0.030)` there may return
+    after 29.3 ms. A ground-truth delay must be a lower bound, so the remainder is slept again until the deadline.
+    """
+    while True:
+        left = deadline_ns - perf_ns()
+        if left <= 0:
+            return
+        await asyncio.sleep(left / 1e9)
 
 
 def _frame(data: bytes) -> bytes:
@@ -130,6 +157,10 @@ class _App:
         return out
 
     # -- handlers
+    async def models(self, request: web.Request) -> web.Response:
+        c = self.config
+        return models_response(request, c.model, c.api_key, c.max_model_len)
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._stream(request, chat=False)
 
@@ -181,8 +212,9 @@ class _App:
             return resp
 
         await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + c.stall_s + c.first_token_delay_s
+        # deadlines on the clock the client uses, from the moment the request arrived
+        start = recv + round((c.stall_s + c.first_token_delay_s) * 1e9)
+        step = round(c.chunk_delay_s * 1e9)
         events = self.events(chat, n_tokens, prompt_tokens, continuous, include_usage)
         for i, event in enumerate(events):
             if drop and i >= c.drop_after_chunks:
@@ -191,9 +223,7 @@ class _App:
                 entry["status"] = "dropped"
                 return resp
             if i < len(events) - 1:  # the usage / [DONE] tail follows the last token chunk at once, as in vLLM
-                delay = start + i * c.chunk_delay_s - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await sleep_until(start + i * step)
             entry["writes_ns"].append(perf_ns())  # just before the bytes go to the socket
             await resp.write(event)
         await resp.write_eof()
@@ -218,6 +248,7 @@ def make_app(config: FakeConfig) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/completions", state.completions)
     app.router.add_post("/v1/chat/completions", state.chat)
+    app.router.add_get("/v1/models", state.models)
     app.router.add_post("/_config", state.set_config)
     app.router.add_get("/_log", state.get_log)
     app.router.add_post("/_reset", state.reset)

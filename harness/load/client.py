@@ -5,7 +5,7 @@ futures, string decoding, `json.loads`), and a saturated client delays the times
 server latency. This client is an `asyncio.Protocol` over plain keep-alive HTTP/1.1 connections: the event loop
 hands each read straight to `data_received`, which takes one `time.perf_counter_ns()` stamp for the read (every
 SSE event in that read arrived at that instant), undoes the chunked transfer encoding, splits SSE events on bytes
-and parses each JSON payload with orjson (stdlib json when orjson is missing). No coroutine or future is touched
+and parses each JSON payload with orjson or msgspec (stdlib json when neither is installed). No coroutine or future is touched
 per chunk; one future per request at most, and in a closed loop the next request is written from the callback
 that saw the previous one finish.
 
@@ -31,17 +31,32 @@ below 95% of the schedule's rate, when the client's event-loop thread used >= 90
 duration-limited run ran out of requests; an occasional late send (p99 lag > 10 ms, e.g. the OS scheduling the
 client behind a busy server on a small machine) is a warning, since each latency is measured from the actual send.
 Dispatch lag is the actual send time minus the scheduled one (open loop) or minus the instant the previous
-request's slot freed (closed loop); time held back by a `max_concurrency` cap is not lag.
+request's slot freed (closed loop); time held back by a `max_concurrency` cap is not lag. No request leaves before
+its scheduled instant.
+
+Beyond one core (`processes=N` or "auto"): N worker processes run this client, each on its own event loop, on the
+one system-wide monotonic clock, so every timestamp stays as exact as in one process and the results merge into
+one `LoadResult` (all requests in request order, send_s from the first measured send, one self-check over all
+sends; CPU summed over workers, saturation judged on the busiest). Open-loop request i is due at the shared start
+instant + offset i in whichever worker sends it; a shared counter deals requests in order to whichever worker has
+a free slot, and a concurrency C is split over the workers (remainder to the first), so exactly C are in flight
+however long each request is. Warm-up runs in every worker before the common start; progress is merged in the
+parent. A worker that raises or dies fails the run (`harness.load.spread.WorkerFailed`) and the others are stopped.
+Workers are started by forkserver (spawn where there is none); a script that calls `run_load_sync(processes=...)`
+needs the usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import resource
 import ssl as ssl_module
 import time
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -50,25 +65,39 @@ import numpy as np
 from harness.errors import UserError
 from harness.load.arrival import Arrival
 from harness.load.prompts import RequestSpec
+from harness.load.spread import Counter, Workers, context, resolve_processes, split
 from harness.records import ClientCheck, RequestResult
 
+# JSON per streamed chunk is most of the client's CPU: take the fastest parser installed. orjson or msgspec (a
+# dependency of vllm, where orjson is not always) parse a chunk ~5x faster than the standard library's json.
 try:
     import orjson
 
     _loads = orjson.loads
     _dumps = orjson.dumps
-except ImportError:  # pragma: no cover - orjson is a dependency of vllm, but keep the client usable without it
-    import json
+    JSON_PARSER = "orjson"
+except ImportError:
+    try:
+        import msgspec
 
-    _loads = json.loads
+        _loads = msgspec.json.Decoder().decode
+        _dumps = msgspec.json.Encoder().encode
+        JSON_PARSER = "msgspec"
+    except ImportError:  # pragma: no cover - keep the client usable with the standard library alone
+        import json
 
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
+        _loads = json.loads
+
+        def _dumps(obj: Any) -> bytes:
+            return json.dumps(obj, separators=(",", ":")).encode()
+
+        JSON_PARSER = "json"
 
 
 perf_ns = time.perf_counter_ns
 
 MAX_DISPATCH_LAG_MS = 10.0
+PROGRESS_INTERVAL_S = 1.0
 MIN_RATE_FRACTION = 0.95
 MAX_CLIENT_CPU_PERCENT = 90.0
 _MAX_HEAD_BYTES = 64 * 1024
@@ -92,9 +121,93 @@ class LoadResult:
     client: ClientCheck
     started_at: float  # wall-clock (time.time()) of the first measured send, to line up with server samples
     t0_perf_ns: int = 0  # time.perf_counter_ns() of the first measured send: `send_s` is relative to it
+    start_perf_ns: int = 0  # the instant the measured schedule counts from (open loop: request i due at + offset i)
+    worker_cpu_s: list[float] = field(default_factory=list)  # CPU time of each worker process, start to end
 
     def measured(self) -> list[RequestResult]:
         return [r for r in self.results if not r.warmup]
+
+
+@dataclass
+class LoadProgress:
+    """Where a measured load step stands, for a live display (`run_load(progress=...)`, about once a second).
+
+    Counts and medians cover the measured requests only (warmup excluded); the medians are over the requests
+    completed so far (None before the first), TPOT per request as in the final metrics.
+    """
+
+    elapsed_s: float  # since the measured phase began
+    total_s: float | None  # the step's planned length: duration_s, or an open loop's schedule span; None if unknown
+    sent: int
+    completed: int  # finished OK
+    failed: int
+    in_flight: int
+    p50_ttft_ms: float | None
+    p50_tpot_ms: float | None
+
+
+class _Tally:
+    """Counts and latencies of the measured requests that finished (nothing per chunk). A worker process ships
+    what changed since its last report (`take`) and the parent adds it up (`add`)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.completed = 0
+        self.failed = 0
+        self.ttft_ns: list[int] = []
+        self.tpot_ns: list[float] = []
+        self._shipped = (0, 0, 0, 0, 0)
+
+    def finished(self, req: _Req) -> None:
+        times = req.times
+        if req.error is None and req.usage is not None and times:
+            self.completed += 1
+            self.ttft_ns.append(times[0] - req.send_ns)
+            n_out = int(req.usage.get("completion_tokens") or 0)
+            if n_out > 1:
+                self.tpot_ns.append((req.end_ns - times[0]) / (n_out - 1))
+        else:
+            self.failed += 1
+
+    def take(self) -> tuple[int, int, int, list[int], list[float]]:
+        """What changed since the last `take`: counts and the new latency samples."""
+        s, c, f, a, b = self._shipped
+        out = (self.sent - s, self.completed - c, self.failed - f, self.ttft_ns[a:], self.tpot_ns[b:])
+        self._shipped = (self.sent, self.completed, self.failed, len(self.ttft_ns), len(self.tpot_ns))
+        return out
+
+    def add(self, delta: tuple[int, int, int, list[int], list[float]]) -> None:
+        self.sent += delta[0]
+        self.completed += delta[1]
+        self.failed += delta[2]
+        self.ttft_ns.extend(delta[3])
+        self.tpot_ns.extend(delta[4])
+
+    def progress(self, elapsed_s: float, total_s: float | None) -> LoadProgress:
+        ttft = float(np.median(self.ttft_ns)) / 1e6 if self.ttft_ns else None
+        tpot = float(np.median(self.tpot_ns)) / 1e6 if self.tpot_ns else None
+        done = self.completed + self.failed
+        return LoadProgress(elapsed_s=elapsed_s, total_s=total_s, sent=self.sent, completed=self.completed,
+                            failed=self.failed, in_flight=self.sent - done, p50_ttft_ms=ttft, p50_tpot_ms=tpot)
+
+
+class _Ticker:
+    """Calls `fn` every `interval_s` on the running loop until stopped."""
+
+    def __init__(self, fn: Callable[[], None], interval_s: float) -> None:
+        self.fn = fn
+        self.interval_s = interval_s
+        self.loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = self.loop.call_later(interval_s, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = self.loop.call_later(self.interval_s, self._tick)
+        self.fn()
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 # ---------------------------------------------------------------------------------------------- HTTP plumbing
@@ -379,7 +492,7 @@ class _Conn(asyncio.Protocol):
                 continue
             try:
                 obj = _loads(data)
-            except ValueError:
+            except ValueError:  # msgspec.DecodeError and orjson.JSONDecodeError are ValueErrors
                 req.error = f"unparseable stream event: {data[:120]!r}"
                 continue
             usage = obj.get("usage")
@@ -399,7 +512,10 @@ class _Conn(asyncio.Protocol):
                         times.append(ts)
                         toks.append(carried)
                         req.last_ct = ct
-                elif text:
+                elif text or not chat:
+                    # without per-chunk usage a completions chunk is a token chunk even when its text is empty (a
+                    # token that decodes to ""), as vLLM sends none without tokens; a chat delta without content
+                    # is the role chunk
                     times.append(ts)
                     toks.append(-1)
             elif usage:
@@ -457,46 +573,30 @@ def _event_data(ev: bytes) -> bytes | None:
 
 
 class _Run:
-    """Dispatches requests over endpoints under an arrival process and collects results."""
+    """Dispatches requests over endpoints under an arrival process and collects results (one process's share).
 
-    def __init__(
-        self,
-        targets: list[Target],
-        requests: list[RequestSpec],
-        arrival: Arrival,
-        *,
-        model: str,
-        api: str,
-        warmup: int,
-        timeout_s: float,
-        extra_body: dict[str, Any] | None,
-    ) -> None:
-        if api not in ("completions", "chat"):
-            raise UserError(f"got {api!r}; allowed values: completions, chat", key="api")
-        if not targets:
-            raise ValueError("run_load needs at least one target")
-        if warmup < 0 or warmup > len(requests):
-            raise ValueError(f"warmup={warmup} must be between 0 and the number of requests ({len(requests)})")
-        if not timeout_s > 0:
-            raise ValueError("timeout_s must be > 0")
+    Request indices come from a `Counter`: this process's own, or one shared by worker processes, so that requests
+    go out in order to whichever process has a free slot (`harness.load.spread`).
+    """
+
+    def __init__(self, targets: list[Target], bodies: list[bytes], warmup: int, *, chat: bool, timeout_s: float,
+                 counter: Counter) -> None:
         self.loop = asyncio.get_running_loop()
-        self.chat = api == "chat"
-        self.arrival = arrival
+        self.chat = chat
         self.timeout_s = timeout_s
-        self.eps = [_Endpoint(i, t, api) for i, t in enumerate(targets)]
-        self.reqs = [
-            _Req(i, _body(spec, model, api, extra_body), i < warmup) for i, spec in enumerate(requests)
-        ]
-        self.warmup = warmup
+        self.eps = [_Endpoint(i, t, "chat" if chat else "completions") for i, t in enumerate(targets)]
+        self.reqs = [_Req(i, body, i < warmup) for i, body in enumerate(bodies)]
+        self.counter = counter
         self.outstanding = 0
         self.phase_done: asyncio.Future[None] | None = None
         self.slot_free: asyncio.Future[None] | None = None
-        self.next_idx = 0
         self.stop_idx = 0
+        self.drained = False  # this phase has nothing more for this process to send
         self.closed_loop_slots = 0
         self.deadline_ns: int | None = None
         self.exhausted = False
         self.cap_waits = 0
+        self.tally: _Tally | None = None  # set for the measured phase when progress is reported
 
     # -- dispatch
     def _pick(self) -> _Endpoint:
@@ -514,6 +614,8 @@ class _Run:
         req.sched_ns = sched_ns
         req.send_ns = perf_ns()
         req.timer = self.loop.call_later(self.timeout_s, self._timeout, req)
+        if self.tally is not None and not req.warmup:
+            self.tally.sent += 1
         self._send(ep, req)
 
     def _send(self, ep: _Endpoint, req: _Req) -> None:
@@ -573,38 +675,82 @@ class _Run:
         assert req.ep is not None
         req.ep.outstanding -= 1
         self.outstanding -= 1
+        if self.tally is not None and not req.warmup:
+            self.tally.finished(req)
         if self.closed_loop_slots:
             self._next_closed(ts)
         elif self.slot_free is not None and not self.slot_free.done():
             self.slot_free.set_result(None)
-        if self.outstanding == 0 and self.next_idx >= self.stop_idx and self.phase_done is not None:
-            if not self.phase_done.done():
-                self.phase_done.set_result(None)
+        if self.outstanding == 0 and self.drained and self.phase_done is not None and not self.phase_done.done():
+            self.phase_done.set_result(None)
+
+    # -- phases
+    async def warm(self, warmup: int, slots: int) -> None:
+        """Unmeasured requests 0..warmup-1: a closed loop at `slots` (this process's share), as vllm bench serve."""
+        if warmup and slots:
+            await self.open_connections(math.ceil(slots / len(self.eps)))
+            await self.closed_loop(warmup, slots, perf_ns(), None)
+
+    async def measure(self, arrival: Arrival, start: int, stop: int, offsets: np.ndarray, slots: int | None,
+                      start_ns: int) -> None:
+        """Requests start..stop-1 under `arrival` from `start_ns` on: an open loop sends request i at
+        start_ns + offsets[i - start] (at most `slots` of this process's in flight when capped), a closed loop keeps
+        `slots` in flight until `arrival.duration_s` after `start_ns`."""
+        if arrival.open_loop:
+            due_ns = (start_ns + np.rint(offsets * 1e9)).astype(np.int64).tolist()
+            await self.open_loop(start, stop, due_ns, slots)
+        else:
+            assert slots is not None
+            deadline = start_ns + int(arrival.duration_s * 1e9) if arrival.duration_s else None
+            await self.closed_loop(stop, slots, start_ns, deadline)
+
+    def close(self) -> None:
+        """Close idle connections; abort what is still in flight (a cancelled run)."""
+        for ep in self.eps:
+            for conn in list(ep.idle):
+                if conn.transport is not None:
+                    conn.transport.close()
+            ep.idle.clear()
+        for req in self.reqs:
+            if req.send_ns and not req.finished:
+                req.error = req.error or "run cancelled"
+                if req.conn is not None:
+                    req.conn.abort()
+                req.finished = True
+
+    def sent(self) -> list[_Sent]:
+        """Every request this process sent, with its raw clock readings (send_s is filled in by `_load_result`)."""
+        return [_Sent(r.idx, r.send_ns, r.sched_ns, r.end_ns, _result(r, r.send_ns)) for r in self.reqs if r.send_ns]
 
     # -- closed loop
     def _next_closed(self, ts: int) -> None:
-        if self.next_idx >= self.stop_idx:
-            if self.deadline_ns is not None and ts < self.deadline_ns:
-                self.exhausted = True  # a slot freed before duration_s with nothing left to send
+        if self.drained:
             return
         if self.deadline_ns is not None and ts >= self.deadline_ns:
-            self.stop_idx = self.next_idx  # duration reached: send nothing more
+            self.drained = True  # duration reached: send nothing more
             return
-        req = self.reqs[self.next_idx]
-        self.next_idx += 1
-        self.dispatch(req, ts)
+        i = self.counter.claim(self.stop_idx)
+        if i is None:
+            self.drained = True
+            if self.deadline_ns is not None:
+                self.exhausted = True  # a slot freed before duration_s with nothing left to send
+            return
+        self.dispatch(self.reqs[i], ts)
 
-    async def closed_loop(self, start: int, stop: int, slots: int, duration_s: float | None) -> None:
-        self.next_idx, self.stop_idx = start, stop
+    async def closed_loop(self, stop: int, slots: int, start_ns: int, deadline_ns: int | None) -> None:
+        self.stop_idx = stop
+        self.drained = False
         self.closed_loop_slots = slots
         self.phase_done = self.loop.create_future()
-        now = perf_ns()
-        self.deadline_ns = now + int(duration_s * 1e9) if duration_s else None
+        self.deadline_ns = deadline_ns
         try:
-            for _ in range(min(slots, stop - start)):
-                req = self.reqs[self.next_idx]
-                self.next_idx += 1
-                self.dispatch(req, now)
+            await _sleep_until(start_ns)  # the start instant every worker process shares
+            for _ in range(slots):
+                i = self.counter.claim(stop)
+                if i is None:
+                    self.drained = True
+                    break
+                self.dispatch(self.reqs[i], start_ns)
             if self.outstanding:
                 await self.phase_done
         finally:
@@ -612,35 +758,61 @@ class _Run:
             self.deadline_ns = None
 
     # -- open loop
-    async def open_loop(self, start: int, offsets: np.ndarray, cap: int | None) -> None:
-        stop = start + len(offsets)
-        self.next_idx, self.stop_idx = start, stop
+    async def open_loop(self, start: int, stop: int, due_ns: list[int], cap: int | None) -> None:
+        self.stop_idx = stop
+        self.drained = False
         self.phase_done = self.loop.create_future()
-        t0 = perf_ns()
-        due_ns = (t0 + np.rint(offsets * 1e9)).astype(np.int64).tolist()
         burst = 0
-        held = 0  # when the dispatcher last resumed after waiting for the concurrency cap
-        for k, i in enumerate(range(start, stop)):
-            due = due_ns[k]
+        held = 0  # when a request held back by the concurrency cap could go: what it and any backlog count lag from
+        while True:
+            freed = 0
+            if cap is not None and self.outstanding >= cap:
+                while self.outstanding >= cap:
+                    self.slot_free = self.loop.create_future()
+                    await self.slot_free
+                freed = perf_ns()
+            # a free slot first, then the next request: with worker processes, the next request goes to the one
+            # with a free slot, so a cap split over them holds back a request only when every slot is taken
+            i = self.counter.claim(stop)
+            if i is None:
+                break
+            due = due_ns[i - start]
+            if freed > due:
+                self.cap_waits += 1
+                held = freed
             now = perf_ns()
             if due > now:
                 burst = 0
-                await asyncio.sleep((due - now) / 1e9)
+                await _sleep_until(due)
             elif burst >= 32:
                 burst = 0
                 await asyncio.sleep(0)  # let reads run during a catch-up burst
             burst += 1
-            if cap is not None and self.outstanding >= cap:
-                while self.outstanding >= cap:
-                    self.cap_waits += 1
-                    self.slot_free = self.loop.create_future()
-                    await self.slot_free
-                held = perf_ns()
             # time held back by the cap (this request's or an earlier one's) is not dispatch lag
-            self.next_idx = i + 1
             self.dispatch(self.reqs[i], max(due, held))
+        self.drained = True
         if self.outstanding:
             await self.phase_done
+
+
+async def _sleep_until(deadline_ns: int) -> None:
+    """Sleep until `perf_counter_ns() >= deadline_ns`: never send before the schedule (uvloop timers round to
+    whole milliseconds and may fire up to 1 ms early, so the remainder is slept again)."""
+    while True:
+        left = deadline_ns - perf_ns()
+        if left <= 0:
+            return
+        await asyncio.sleep(left / 1e9)
+
+
+class _Sent(NamedTuple):
+    """One sent request as a process reports it: its index, raw monotonic-clock readings and its result."""
+
+    idx: int
+    send_ns: int
+    sched_ns: int
+    end_ns: int
+    result: RequestResult
 
 
 def _body(spec: RequestSpec, model: str, api: str, extra: dict[str, Any] | None) -> bytes:
@@ -687,80 +859,33 @@ async def run_load(
     warmup: int,
     timeout_s: float,
     extra_body: dict[str, Any] | None = None,
+    progress: Callable[[LoadProgress], None] | None = None,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+    processes: int | str = 1,
 ) -> LoadResult:
     """Send `requests` to `targets` (replicas of one config): the first `warmup` unmeasured, the rest under `arrival`.
 
     `timeout_s` bounds each request (send -> end of stream). A duration-limited run stops sending at
     `arrival.duration_s` and waits for the requests in flight. `extra_body` adds fields to every request body.
+    `progress` is called on the event loop every `progress_interval_s` of the measured phase and once at its end
+    with a `LoadProgress`; it must return quickly (it runs between reads, like the client itself).
+
+    `processes` > 1 (or "auto": enough for the expected chunk rate, `harness.load.spread`) runs the load in that
+    many worker processes with one merged result: one schedule on one clock, one queue of requests, the
+    concurrency split over the workers (see `_run_spread`). This coroutine then waits in a thread.
     """
-    _raise_fd_limit()
-    run = _Run(
-        [Target(*t) for t in targets],
-        requests,
-        arrival,
-        model=model,
-        api=api,
-        warmup=warmup,
-        timeout_s=timeout_s,
-        extra_body=extra_body,
-    )
-    n_total = len(requests)
-    try:
-        # warmup: closed loop at the run's concurrency (all at once when uncapped), as vllm bench serve does
-        if warmup:
-            slots = min(warmup, arrival.max_concurrency or warmup)
-            await run.open_connections(math.ceil(slots / len(run.eps)))
-            await run.closed_loop(0, warmup, slots, None)
-
-        measured_n = n_total - warmup
-        if arrival.num_requests is not None:
-            measured_n = min(measured_n, arrival.num_requests)
-        stop = warmup + measured_n
-        exhausted = False
-        offsets = np.zeros(0)
-        if not arrival.open_loop:
-            slots = arrival.max_concurrency or 1
-            await run.open_connections(math.ceil(slots / len(run.eps)))
-        wall0 = time.time()
-        cpu0 = time.thread_time()
-        t_start = perf_ns()
-        if measured_n > 0:
-            if arrival.open_loop:
-                offsets = arrival.schedule(measured_n)
-                if arrival.duration_s is not None and len(offsets) == measured_n:
-                    # the schedule wanted more requests than were built before duration_s
-                    more = arrival.schedule(measured_n + 1)
-                    exhausted = len(more) > measured_n
-                await run.open_loop(warmup, offsets, arrival.max_concurrency)
-            else:
-                await run.closed_loop(warmup, stop, arrival.max_concurrency or 1, arrival.duration_s)
-                exhausted = run.exhausted
-        t_end = perf_ns()
-        cpu1 = time.thread_time()
-    finally:
-        for ep in run.eps:
-            for conn in list(ep.idle):
-                if conn.transport is not None:
-                    conn.transport.close()
-            ep.idle.clear()
-        for req in run.reqs:
-            if req.send_ns and not req.finished:
-                req.error = req.error or "run cancelled"
-                if req.conn is not None:
-                    req.conn.abort()
-                req.finished = True
-
-    measured = [r for r in run.reqs[warmup:] if r.send_ns]
-    t0 = measured[0].send_ns if measured else t_start
-    results = [_result(r, t0) for r in run.reqs if r.send_ns]
-    if measured:
-        duration_s = (max(r.end_ns for r in measured) - min(r.send_ns for r in measured)) / 1e9
-    else:
-        duration_s = 0.0
-    wall_s = max((t_end - t_start) / 1e9, 1e-9)
-    check = _client_check(run, measured, offsets, arrival, (cpu1 - cpu0) / wall_s * 100.0, exhausted)
-    started_at = wall0 + (t0 - t_start) / 1e9
-    return LoadResult(results=results, duration_s=duration_s, client=check, started_at=started_at, t0_perf_ns=t0)
+    n = resolve_processes(processes, requests, arrival, warmup)
+    bodies = _prepare(targets, requests, model=model, api=api, warmup=warmup, timeout_s=timeout_s,
+                      extra_body=extra_body)
+    tgts = [Target(*t) for t in targets]
+    if n > 1:
+        loop = asyncio.get_running_loop()
+        relay = None if progress is None else (lambda p: loop.call_soon_threadsafe(progress, p))
+        return await asyncio.to_thread(_run_spread, n, tgts, bodies, arrival, chat=api == "chat", warmup=warmup,
+                                       timeout_s=timeout_s, progress=relay, progress_interval_s=progress_interval_s,
+                                       use_uvloop=True)
+    return await _run_here(tgts, bodies, arrival, chat=api == "chat", warmup=warmup, timeout_s=timeout_s,
+                           progress=progress, progress_interval_s=progress_interval_s)
 
 
 def run_load_sync(
@@ -774,16 +899,19 @@ def run_load_sync(
     timeout_s: float,
     extra_body: dict[str, Any] | None = None,
     use_uvloop: bool = True,
+    progress: Callable[[LoadProgress], None] | None = None,
+    progress_interval_s: float = PROGRESS_INTERVAL_S,
+    processes: int | str = 1,
 ) -> LoadResult:
-    """`run_load` on a fresh event loop (uvloop when installed: lower dispatch lag and per-read cost)."""
-    factory = None
-    if use_uvloop:
-        try:
-            import uvloop
-
-            factory = uvloop.new_event_loop
-        except ImportError:
-            factory = None
+    """`run_load` on a fresh event loop (uvloop when installed: lower dispatch lag and per-read cost), or, with
+    `processes` > 1, in worker processes (each on its own loop), `progress` then called from this thread."""
+    n = resolve_processes(processes, requests, arrival, warmup)
+    if n > 1:
+        bodies = _prepare(targets, requests, model=model, api=api, warmup=warmup, timeout_s=timeout_s,
+                          extra_body=extra_body)
+        return _run_spread(n, [Target(*t) for t in targets], bodies, arrival, chat=api == "chat", warmup=warmup,
+                           timeout_s=timeout_s, progress=progress, progress_interval_s=progress_interval_s,
+                           use_uvloop=use_uvloop)
     box: list[LoadResult] = []
 
     async def main() -> None:
@@ -792,13 +920,252 @@ def run_load_sync(
         box.append(
             await run_load(
                 targets, requests, arrival, model=model, api=api, warmup=warmup, timeout_s=timeout_s,
-                extra_body=extra_body,
+                extra_body=extra_body, progress=progress, progress_interval_s=progress_interval_s,
             )
         )
 
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
         runner.run(main())
     return box[0]
+
+
+def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return None
+
+
+def _prepare(targets: list[Target] | list[tuple[str, str | None]], requests: list[RequestSpec], *, model: str,
+             api: str, warmup: int, timeout_s: float, extra_body: dict[str, Any] | None) -> list[bytes]:
+    """Check the arguments (before any process starts) and serialize every request body once."""
+    if api not in ("completions", "chat"):
+        raise UserError(f"got {api!r}; allowed values: completions, chat", key="api")
+    if not targets:
+        raise ValueError("run_load needs at least one target")
+    if warmup < 0 or warmup > len(requests):
+        raise ValueError(f"warmup={warmup} must be between 0 and the number of requests ({len(requests)})")
+    if not timeout_s > 0:
+        raise ValueError("timeout_s must be > 0")
+    for i, t in enumerate(targets):
+        _Endpoint(i, Target(*t), api)  # a bad URL is a UserError now, not in a worker
+    return [_body(spec, model, api, extra_body) for spec in requests]
+
+
+class _Plan(NamedTuple):
+    """The measured phase: requests start..stop-1, open-loop offsets (zeros: none), its planned length, and
+    whether a duration-limited schedule wanted more requests than were built."""
+
+    start: int
+    stop: int
+    offsets: np.ndarray
+    total_s: float | None
+    exhausted: bool
+
+
+def _plan(arrival: Arrival, n_total: int, warmup: int) -> _Plan:
+    measured_n = n_total - warmup
+    if arrival.num_requests is not None:
+        measured_n = min(measured_n, arrival.num_requests)
+    offsets = np.zeros(0)
+    exhausted = False
+    total_s = arrival.duration_s
+    if arrival.open_loop and measured_n > 0:
+        offsets = arrival.schedule(measured_n)
+        total_s = arrival.duration_s or (float(offsets[-1]) if len(offsets) else 0.0)
+        if arrival.duration_s is not None and len(offsets) == measured_n:
+            exhausted = len(arrival.schedule(measured_n + 1)) > measured_n  # the schedule wanted more
+    stop = warmup + (len(offsets) if arrival.open_loop else measured_n)
+    return _Plan(warmup, stop, offsets, total_s, exhausted)
+
+
+def _slots(arrival: Arrival) -> int | None:
+    """Measured requests in flight at most: a closed loop's concurrency, an open loop's cap (None: uncapped)."""
+    return arrival.max_concurrency or (None if arrival.open_loop else 1)
+
+
+def _warm_slots(arrival: Arrival, warmup: int) -> int:
+    # warmup: closed loop at the run's concurrency (all at once when uncapped), as vllm bench serve does
+    return min(warmup, arrival.max_concurrency or warmup)
+
+
+async def _run_here(targets: list[Target], bodies: list[bytes], arrival: Arrival, *, chat: bool, warmup: int,
+                    timeout_s: float, progress: Callable[[LoadProgress], None] | None,
+                    progress_interval_s: float) -> LoadResult:
+    """The whole load in this process, on the running loop."""
+    _raise_fd_limit()
+    run = _Run(targets, bodies, warmup, chat=chat, timeout_s=timeout_s, counter=Counter())
+    plan = _plan(arrival, len(bodies), warmup)
+    slots = _slots(arrival)
+    ticker: _Ticker | None = None
+    try:
+        await run.warm(warmup, _warm_slots(arrival, warmup))
+        if not arrival.open_loop:
+            await run.open_connections(math.ceil((slots or 1) / len(run.eps)))
+        wall0 = time.time()
+        cpu0 = time.thread_time()
+        t_start = perf_ns()
+        if progress is not None:
+            tally = run.tally = _Tally()
+            ticker = _Ticker(lambda: progress(tally.progress((perf_ns() - t_start) / 1e9, plan.total_s)),
+                             progress_interval_s)
+        if plan.stop > plan.start:
+            await run.measure(arrival, plan.start, plan.stop, plan.offsets, slots, t_start)
+        t_end = perf_ns()
+        cpu_s = time.thread_time() - cpu0
+        if ticker is not None:
+            ticker.stop()
+            ticker.fn()  # the final state
+    finally:
+        if ticker is not None:
+            ticker.stop()
+        run.close()
+    return _load_result(run.sent(), plan, arrival, [cpu_s], run.cap_waits, run.exhausted, t_start, t_end,
+                        wall0)
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+
+# how far ahead of "now" the parent puts the start instant, so every worker is awake and waiting when it comes
+_START_LEAD_S = 0.1
+
+
+class _Job(NamedTuple):
+    """What one worker process runs (pickled to it): every request body (any of them may become its turn) and
+    its share of the slots."""
+
+    targets: list[Target]
+    bodies: list[bytes]
+    arrival: Arrival
+    chat: bool
+    warmup: int
+    timeout_s: float
+    warm_slots: int
+    slots: int | None
+    progress_interval_s: float | None
+    use_uvloop: bool
+    cpus: set[int] | None  # the caller's CPU affinity: workers run where the caller may run
+    plan: _Plan
+
+
+class _Done(NamedTuple):
+    """What a worker sends back: its requests, its event loop's CPU seconds over the measured phase, cap waits,
+    whether it ran out of requests, when its measured phase ended, and its whole process's CPU seconds."""
+
+    sent: list[_Sent]
+    loop_cpu_s: float
+    cap_waits: int
+    exhausted: bool
+    end_ns: int
+    process_cpu_s: float
+
+
+def _run_spread(n: int, targets: list[Target], bodies: list[bytes], arrival: Arrival, *, chat: bool, warmup: int,
+                timeout_s: float, progress: Callable[[LoadProgress], None] | None, progress_interval_s: float,
+                use_uvloop: bool) -> LoadResult:
+    """The load in `n` worker processes, merged.
+
+    - Schedule: the parent draws the open-loop offsets once; every worker counts them from one start instant on
+      the system-wide monotonic clock, so request i is due at start + offsets[i] whichever process sends it.
+    - Requests: one shared counter deals them in order to whichever worker has a free slot (`spread.Counter`);
+      each is sent exactly once.
+    - Concurrency: a closed loop's C (an open loop's cap, the warm-up's slots) is split over the workers,
+      remainder to the first ones; since a worker takes the next request from the shared queue whenever one of its
+      slots frees, exactly C are in flight until the queue runs dry, however long each request is, as in one
+      process (a static split of the requests would leave a worker idle while another still had long ones).
+    - Warm-up: each worker runs its share and the measured phase starts only when all are done.
+    - Progress: workers ship their counts and new latencies every interval; the parent adds them up and reports.
+    - Result: all requests in request order on the one clock, send_s from the first measured send, duration over
+      the whole run, the self-check over all sends; CPU is the sum over workers, and the busiest worker's loop
+      decides whether the client was saturated.
+    """
+    plan = _plan(arrival, len(bodies), warmup)
+    slots = _slots(arrival)
+    warm = split(_warm_slots(arrival, warmup), n)
+    shares: list[int | None] = [None] * n if slots is None else split(slots, n)  # type: ignore[list-item]
+    ctx = context()
+    shared = ctx.Value("q", 0)
+    interval = progress_interval_s if progress is not None else None
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    jobs = [(_Job(targets, bodies, arrival, chat, warmup, timeout_s, warm[k], shares[k], interval, use_uvloop, cpus,
+                  plan), shared) for k in range(n)]
+    tally = _Tally()
+    with Workers(ctx, _worker, jobs) as workers:
+        workers.gather("ready")
+        now = perf_ns()
+        wall0 = time.time() + _START_LEAD_S
+        t_start = now + int(_START_LEAD_S * 1e9)
+        workers.send_all(("go", t_start))
+        done: dict[int, _Done] = {}
+        next_tick = t_start + int(progress_interval_s * 1e9)
+        while len(done) < n:
+            wait_s = max(0.0, (next_tick - perf_ns()) / 1e9) if progress is not None else None
+            for k, kind, payload in workers.poll(wait_s):
+                if kind == "tally":
+                    tally.add(payload)
+                elif kind == "done":
+                    done[k] = payload
+            if progress is not None and perf_ns() >= next_tick:
+                next_tick += int(progress_interval_s * 1e9)
+                progress(tally.progress(max(0.0, (perf_ns() - t_start) / 1e9), plan.total_s))
+    parts = [done[k] for k in range(n)]
+    t_end = max(d.end_ns for d in parts)
+    if progress is not None:
+        progress(tally.progress((t_end - t_start) / 1e9, plan.total_s))  # the final state
+    sent = sorted((s for d in parts for s in d.sent), key=lambda s: s.idx)
+    result = _load_result(sent, plan, arrival, [d.loop_cpu_s for d in parts], sum(d.cap_waits for d in parts),
+                          any(d.exhausted for d in parts), t_start, t_end, wall0)
+    result.worker_cpu_s = [d.process_cpu_s for d in parts]
+    return result
+
+
+def _worker(conn: Any, job: _Job, shared: Any) -> None:
+    """One worker process: warm up its share, say ready, wait for the start instant, run, send back what it sent."""
+    try:
+        if job.cpus is not None:
+            os.sched_setaffinity(0, job.cpus)  # a forkserver started earlier may have had another affinity
+        _raise_fd_limit()
+        box: list[Any] = []
+        with asyncio.Runner(loop_factory=_loop_factory(job.use_uvloop)) as runner:
+            runner.run(_work(conn, job, shared, box))
+        conn.send(("done", box[0]._replace(process_cpu_s=time.process_time())))
+    except BaseException:  # noqa: BLE001 - everything goes to the parent, which fails the run
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+
+
+async def _work(conn: Any, job: _Job, shared: Any, box: list[_Done]) -> None:
+    plan = job.plan
+    run = _Run(job.targets, job.bodies, job.warmup, chat=job.chat, timeout_s=job.timeout_s, counter=Counter(shared))
+    ticker: _Ticker | None = None
+    try:
+        await run.warm(job.warmup, job.warm_slots)
+        if not job.arrival.open_loop:
+            await run.open_connections(math.ceil((job.slots or 1) / len(run.eps)))
+        conn.send(("ready", None))
+        _, start_ns = conn.recv()  # blocks this loop, which has nothing else to do before the start
+        tally = run.tally = _Tally() if job.progress_interval_s is not None else None
+        if tally is not None:
+            ticker = _Ticker(lambda: conn.send(("tally", tally.take())), job.progress_interval_s)
+        cpu0 = time.thread_time()
+        if plan.stop > plan.start:
+            await run.measure(job.arrival, plan.start, plan.stop, plan.offsets, job.slots, start_ns)
+        end_ns = perf_ns()
+        cpu_s = time.thread_time() - cpu0
+        if ticker is not None:
+            ticker.stop()
+            ticker.fn()
+    finally:
+        if ticker is not None:
+            ticker.stop()
+        run.close()
+    box.append(_Done(run.sent(), cpu_s, run.cap_waits, run.exhausted, end_ns, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -842,12 +1209,28 @@ def _cached_tokens(usage: dict[str, Any]) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def _client_check(
-    run: _Run, measured: list[_Req], offsets: np.ndarray, arrival: Arrival, cpu_percent: float, exhausted: bool
-) -> ClientCheck:
+def _load_result(sent: list[_Sent], plan: _Plan, arrival: Arrival, cpu_s: list[float], cap_waits: int,
+                 exhausted: bool, t_start: int, t_end: int, wall_at_start: float) -> LoadResult:
+    """One LoadResult from the sent requests (in request order) of one or several processes on one clock;
+    `cpu_s` is each process's event-loop CPU time over the measured phase, `t_start` its start instant."""
+    measured = [s for s in sent if s.idx >= plan.start]
+    t0 = min(s.send_ns for s in measured) if measured else t_start
+    for s in sent:
+        s.result.send_s = (s.send_ns - t0) / 1e9
+    duration_s = (max(s.end_ns for s in measured) - t0) / 1e9 if measured else 0.0
+    wall_s = max((t_end - t_start) / 1e9, 1e-9)
+    cpu = [c / wall_s * 100.0 for c in cpu_s]
+    check = _client_check(measured, plan.offsets, arrival, cpu, cap_waits, exhausted or plan.exhausted)
+    return LoadResult(results=[s.result for s in sent], duration_s=duration_s, client=check,
+                      started_at=wall_at_start + (t0 - t_start) / 1e9, t0_perf_ns=t0, start_perf_ns=t_start)
+
+
+def _client_check(measured: list[_Sent], offsets: np.ndarray, arrival: Arrival, cpu_percent: list[float],
+                  cap_waits: int, exhausted: bool) -> ClientCheck:
+    """`cpu_percent`: each client process's event loop, 100 = one core."""
     reasons: list[str] = []
     warnings: list[str] = []
-    lags = np.array([(r.send_ns - r.sched_ns) / 1e6 for r in measured]) if measured else np.zeros(1)
+    lags = np.array([(s.send_ns - s.sched_ns) / 1e6 for s in measured]) if measured else np.zeros(1)
     lag_p99 = float(np.percentile(lags, 99))
     lag_mean = float(np.mean(lags))
     # Late sends are only the client's failure when they are systematic: a mean lag beyond a tenth of the mean
@@ -860,19 +1243,21 @@ def _client_check(
                        f"(a tenth of the {gap_ms:.0f} ms mean arrival gap): the client fell behind")
     elif lag_p99 > MAX_DISPATCH_LAG_MS:
         warnings.append(f"dispatch lag p99 {lag_p99:.1f} ms > {MAX_DISPATCH_LAG_MS:g} ms (mean {lag_mean:.1f} ms)")
-    sends = sorted(r.send_ns for r in measured)
+    sends = sorted(s.send_ns for s in measured)
     span = (sends[-1] - sends[0]) / 1e9 if len(sends) > 1 else 0.0
     achieved = (len(sends) - 1) / span if span > 0 else 0.0
     requested = arrival.rate if arrival.open_loop else None
-    if arrival.open_loop and len(sends) > 1 and span > 0 and not run.cap_waits:
+    if arrival.open_loop and len(sends) > 1 and span > 0 and not cap_waits:
         sched_span = float(offsets[len(sends) - 1] - offsets[0])
         if sched_span > 0 and sched_span / span < MIN_RATE_FRACTION:
             reasons.append(
                 f"sent {achieved:.2f} req/s, below {MIN_RATE_FRACTION:.0%} of the schedule's "
                 f"{(len(sends) - 1) / sched_span:.2f} req/s"
             )
-    if cpu_percent >= MAX_CLIENT_CPU_PERCENT:
-        reasons.append(f"client event loop used {cpu_percent:.0f}% of a core (limit {MAX_CLIENT_CPU_PERCENT:g}%)")
+    busiest = max(cpu_percent)
+    if busiest >= MAX_CLIENT_CPU_PERCENT:
+        which = "client event loop" if len(cpu_percent) == 1 else "busiest client worker's event loop"
+        reasons.append(f"{which} used {busiest:.0f}% of a core (limit {MAX_CLIENT_CPU_PERCENT:g}%)")
     if exhausted:
         reasons.append(
             "ran out of requests before duration_s: build more (Arrival.requests_needed) so the load lasts the run"
@@ -881,9 +1266,11 @@ def _client_check(
         requested_rate=requested,
         achieved_rate=achieved,
         dispatch_lag_p99_ms=lag_p99,
-        client_cpu_percent=cpu_percent,
+        client_cpu_percent=sum(cpu_percent),
         valid=not reasons,
         reasons=reasons,
         warnings=warnings,
         dispatch_lag_mean_ms=lag_mean,
+        processes=len(cpu_percent),
+        busiest_process_cpu_percent=busiest,
     )

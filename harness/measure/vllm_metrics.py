@@ -35,6 +35,9 @@ PREEMPTION_METRICS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
 PREFIX_HITS_METRICS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
 PREFIX_QUERIES_METRICS = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
 CACHE_INFO_METRIC = "vllm:cache_config_info"
+WAITING_METRIC = "vllm:num_requests_waiting"  # requests queued for a batch slot (gauge)
+RUNNING_METRIC = "vllm:num_requests_running"  # requests in the running batch (gauge)
+SERIES_METRICS = (WAITING_METRIC, RUNNING_METRIC)
 
 
 @dataclass
@@ -152,6 +155,30 @@ def scrape(base_url: str, api_key: str | None = None, timeout_s: float = 5.0) ->
     return parse_prometheus(fetch_metrics_text(base_url, api_key, timeout_s))
 
 
+def wait_idle(targets: list[tuple[str, str | None]], timeout_s: float = 120.0, poll_s: float = 0.1) -> float:
+    """Until every server's queue is empty (waiting + running == 0 on /metrics), so one load step's backlog does
+    not load the next; returns the seconds waited. Raises TimeoutError when a server is still busy (or does not
+    answer) after `timeout_s`."""
+    t0 = time.monotonic()
+    busy = list(targets)
+    while True:
+        still = []
+        for url, key in busy:
+            try:
+                snap = scrape(url, key)
+            except (urllib.error.URLError, OSError, TimeoutError):
+                still.append((url, key))
+                continue
+            if (snap.total(WAITING_METRIC) or 0.0) + (snap.total(RUNNING_METRIC) or 0.0) > 0:
+                still.append((url, key))
+        busy = still
+        if not busy:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{len(busy)} server(s) still busy after {timeout_s:g} s: {busy[0][0]}")
+        time.sleep(poll_s)
+
+
 def stats_from_snapshot(snap: MetricsSnapshot, since: MetricsSnapshot | None = None) -> ServerStats:
     """ServerStats from one scrape; counters (preemptions, prefix hits) as deltas from `since` when given.
 
@@ -208,12 +235,48 @@ def capacity_from_cache_info(snap: MetricsSnapshot) -> LogCapacity:
     return cap
 
 
+# CacheConfig fields vLLM computes rather than takes (init=False): capacity goes to ServerStats, the rest is internal
+_DERIVED_CACHE_FIELDS = frozenset({
+    "engine", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_max_concurrency",
+    "user_specified_block_size", "kv_cache_layout", "effective_attention_block_size", "hash_block_size",
+    "cache_hit_alignment_tokens", "use_kda_recoverssm",
+})
+
+
+def settings_from_cache_info(snap: MetricsSnapshot) -> dict[str, bool | int | float | str]:
+    """The cache settings a server runs with, from its `vllm:cache_config_info` labels (vLLM's CacheConfig, by
+    the names that are also its engine arguments: block_size, gpu_memory_utilization, enable_prefix_caching, ...);
+    values typed back from their label strings, unset (`None`) and computed fields left out. Empty when absent."""
+    info = snap.labels(CACHE_INFO_METRIC) or {}
+    out: dict[str, bool | int | float | str] = {}
+    for key, text in sorted(info.items()):
+        if key.startswith("_") or key in _DERIVED_CACHE_FIELDS or text in ("None", "", "[]", "{}"):
+            continue
+        out[key] = _typed(text)
+    return out
+
+
+def _typed(text: str) -> bool | int | float | str:
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
 class MetricsScraper:
     """Scrapes one or more servers' /metrics every `period_s` during a run and keeps the peak KV usage.
 
     Start it right before the measured load and stop it right after: `result()` then reports counters
     (preemptions, prefix-cache hits/queries) as deltas over the run, summed over all servers (replicas), and the
     highest KV usage any server showed. Scrape errors are counted, not raised: a busy server may answer late.
+
+    `series[name]` keeps, for each gauge of SERIES_METRICS, (time.perf_counter() of the scrape round, value summed
+    over all servers) for every round in which every server answered, so a steady-state verdict can test the
+    server's queue for a trend on the load client's clock.
     """
 
     def __init__(self, targets: list[tuple[str, str | None]], period_s: float = 0.5, timeout_s: float = 3.0) -> None:
@@ -225,15 +288,19 @@ class MetricsScraper:
         self.peak_kv_usage: float | None = None
         self.scrapes = 0
         self.errors = 0
+        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in SERIES_METRICS}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _scrape_all(self) -> None:
+        t = time.perf_counter()
+        sums: dict[str, float] | None = dict.fromkeys(SERIES_METRICS, 0.0)
         for i, (url, key) in enumerate(self.targets):
             try:
                 snap = scrape(url, key, self.timeout_s)
             except (urllib.error.URLError, OSError, TimeoutError):
                 self.errors += 1
+                sums = None
                 continue
             self.scrapes += 1
             if self.first[i] is None:
@@ -242,6 +309,17 @@ class MetricsScraper:
             usage = snap.maximum(*KV_USAGE_METRICS)
             if usage is not None and (self.peak_kv_usage is None or usage > self.peak_kv_usage):
                 self.peak_kv_usage = usage
+            if sums is not None:
+                for name in SERIES_METRICS:
+                    value = snap.total(name)
+                    if value is None:
+                        sums.pop(name, None)
+                    elif name in sums:
+                        sums[name] += value
+        if sums is not None and self.targets:
+            t = (t + time.perf_counter()) / 2  # the round's midpoint
+            for name, value in sums.items():
+                self.series[name].append((t, value))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -1,0 +1,72 @@
+"""Capacity error vs truth: today's request-count steps next to steady-state windows, against a known-capacity fake.
+
+    python benchmarks/capacity_accuracy.py [--step-s 5] [--capacities 20,40,60]
+
+The fake (`tests/capacity_fake.py`, its own process) has `slots` slots serving 8-token requests in 0.2 s each, so
+its sustainable rate is slots / 0.2 s. For each true capacity, three searches run on one fresh fake, each from
+the same start rate (half the truth, as a study's first guess might be):
+
+- `count-64`, `count-300`: `harness.study.scoring.capacity_search` (today's) with 64 and 300 Poisson requests
+  per step and the SLO-only verdict (p99 TTFT <= 1000 ms, p99 TPOT <= 50 ms, <= 1% failed), rel_tol 0.1.
+- `window`: `harness.study.capacity.search_capacity` (new) with `step_s`-second windows after a warm-up, the
+  steady verdict (completion ratio, in-flight and server-queue trends) and the same SLO, precision 5%.
+
+Columns: the reported capacity, its error vs the closed-form truth, the steps and the seconds of load the search
+took. A single run; the numbers move a little with machine load (the verdicts use actual send times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from capacity_fake import CapacityConfig, CapacityFake, count_measure, window_measure  # noqa: E402
+
+from harness.load.window import WindowSpec  # noqa: E402
+from harness.records import SLO  # noqa: E402
+from harness.study.capacity import search_capacity  # noqa: E402
+from harness.study.scoring import capacity_search  # noqa: E402
+
+OUTPUT_TOKENS = 8
+SLO_LIMITS = SLO(ttft_ms=1000.0, tpot_ms=50.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step-s", type=float, default=5.0, help="measured window of the new steps, seconds")
+    parser.add_argument("--capacities", default="20,40,60", help="true capacities, req/s (multiples of 5)")
+    args = parser.parse_args()
+    rows = []
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    for truth in (float(c) for c in args.capacities.split(",")):
+        config = CapacityConfig(slots=round(truth * 0.2), prefill_s=0.025, token_s=0.025, tokens_per_chunk=4)
+        mu = config.capacity(4, OUTPUT_TOKENS)
+        start = mu / 2
+        with CapacityFake(config) as fake:
+            for n in (64, 300):
+                t = time.monotonic()
+                old = capacity_search(count_measure(fake, n, OUTPUT_TOKENS, SLO_LIMITS), SLO_LIMITS, start_rate=start,
+                                      max_steps=8)
+                rows.append((mu, f"count-{n} (today)", old.capacity, None, len(old.steps), time.monotonic() - t))
+                print(rows[-1], flush=True)
+            t = time.monotonic()
+            new = search_capacity(window_measure(fake, WindowSpec(step_s=args.step_s, warmup_s=1.0, drain_s=60.0),
+                                                 OUTPUT_TOKENS, SLO_LIMITS), start_rate=start, precision=0.05)
+            rows.append((mu, f"window {args.step_s:g} s (new)", new.capacity, new.capacity_hi, len(new.steps),
+                         time.monotonic() - t))
+            print(rows[-1], flush=True)
+    print()
+    print("| true capacity (req/s) | method | reported (req/s) | bracket hi | error vs truth | steps | search s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for mu, method, cap, hi, steps, secs in rows:
+        hi_s = f"{hi:.1f}" if hi is not None else "-"
+        print(f"| {mu:.0f} | {method} | {cap:.1f} | {hi_s} | {cap / mu - 1:+.0%} ({cap / mu:.2f}x) | {steps} | {secs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

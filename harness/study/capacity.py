@@ -1,0 +1,200 @@
+"""The highest rate a configuration sustains in steady state, bracketed to a set precision.
+
+Pure logic over `measure(rate) -> (record, steady)`: one call is one time-window load step on a live server
+(`harness.measure.step`), so the search is unit-testable with a model of a server.
+
+- A step's rate is the rate it actually offered in its window (`Steady.offered_rate`, the realised Poisson rate),
+  so the bracket is about loads that were tested, not asked for.
+- `capacity_lo` is the highest steady step's rate clipped to the throughput it sustained there
+  (`achieved_rate`): the result is never above a throughput that was measured. `capacity_hi` is the lowest rate
+  that did not hold, or that held while serving clearly less than it offered (below (1 - precision / 2) of it, and
+  by more than a steady load's noise: the clip bit, the step was above what the server delivers).
+  `capacity` = `capacity_lo`.
+- Rates go up x`growth` until a step fails. A step that fails for throughput (completions or a growing queue)
+  measured the server's sustained throughput, which estimates its capacity: the next step goes straight to just
+  below it (x (1 - precision / 2)) instead of halving step by step; once a rate holds, the search probes just
+  above that throughput (x (1 + precision)), then just above capacity_lo when the two agree, before it bisects
+  (geometric midpoint), to close the bracket in few steps. A failure of the SLO percentiles alone halves.
+- A step whose client check failed measured the client, not the server: it bounds the search from above like a
+  failure and the result is flagged `limited_by_client`.
+- Stops when capacity_hi <= capacity_lo x (1 + precision), after `max_steps`, or below `min_rate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import UserError
+from harness.load.window import WindowSpec
+from harness.measure.steady import SteadyCriteria, apply_slo
+from harness.records import SLO, RunRecord, Steady
+from harness.study.scoring import slo_violations
+
+DEFAULT_PRECISION = 0.05
+
+
+@dataclass
+class SearchStep:
+    rate: float  # asked for
+    offered_rate: float  # realised in the window
+    holds: bool
+    steady: Steady
+    record: RunRecord
+    client_limited: bool = False
+
+
+@dataclass
+class CapacityBracket:
+    """The highest steady rate (capacity_lo), the lowest rate above it that did not hold (capacity_hi; None when
+    no step failed), and every step, in order."""
+
+    capacity_lo: float
+    capacity_hi: float | None
+    steps: list[SearchStep] = field(default_factory=list)
+    limited_by_client: bool = False
+    stopped: str = ""  # why the search ended
+    precision: float = DEFAULT_PRECISION
+
+    @property
+    def capacity(self) -> float:
+        return self.capacity_lo
+
+    @property
+    def converged(self) -> bool:
+        return self.capacity_hi is not None and self.capacity_lo > 0 and (
+            self.capacity_hi <= self.capacity_lo * (1 + self.precision)
+        )
+
+    @property
+    def best(self) -> RunRecord | None:
+        """The record of the step capacity_lo came from."""
+        held = [s for s in self.steps if s.holds]
+        return max(held, key=lambda s: _lo_candidate(s)).record if held else None
+
+
+def step_verdict(record: RunRecord, steady: Steady, slo: SLO | None) -> Steady:
+    """The steady verdict with the SLO percentiles of the window's metrics folded in (scoring's semantics: a
+    failed run, >1% failed requests, or an invalid client check miss every limit)."""
+    if slo is None:
+        return steady
+    misses = slo_violations(record, slo)
+    ok = all(v <= 0 for v in misses)
+    detail = ", ".join(f"{v:+.0%}" for v in misses if v > 0)
+    return apply_slo(steady, ok, f"excess over limits {detail}" if detail else "")
+
+
+def search_capacity(
+    measure: Callable[[float], tuple[RunRecord, Steady]],
+    *,
+    start_rate: float,
+    precision: float = DEFAULT_PRECISION,
+    max_steps: int = 8,
+    min_rate: float = 0.05,
+    growth: float = 2.0,
+) -> CapacityBracket:
+    """Bracket the highest steady rate, starting at `start_rate` (warm start: the last known capacity, or a plan's
+    estimate); `measure` returns each step's record and its final verdict (SLO included, see `step_verdict`)."""
+    check_precision(precision)
+    if not start_rate > 0:
+        raise ValueError(f"start_rate must be > 0, got {start_rate!r}")
+    steps: list[SearchStep] = []
+    rate = float(start_rate)
+    stopped = f"max_steps ({max_steps}) reached"
+    while len(steps) < max_steps:
+        record, steady = measure(rate)
+        client_limited = record.client is not None and not record.client.valid
+        offered = steady.offered_rate if steady.offered_rate > 0 else rate
+        steps.append(SearchStep(rate, offered, steady.holds and not client_limited, steady, record, client_limited))
+        lo, hi = _bracket(steps, precision)
+        if hi is not None and lo > 0 and hi <= lo * (1 + precision):
+            stopped = f"bracket within {precision:.0%}"
+            break
+        nxt = _next_rate(steps, lo, hi, precision, growth)
+        if nxt is None or nxt < min_rate:
+            stopped = "no steady rate above min_rate" if lo == 0 else "no rate left to probe in the bracket"
+            break
+        rate = nxt
+    lo, hi = _bracket(steps, precision)
+    return CapacityBracket(capacity_lo=lo, capacity_hi=hi, steps=steps,
+                           limited_by_client=any(s.client_limited for s in steps), stopped=stopped,
+                           precision=precision)
+
+
+def _lo_candidate(s: SearchStep) -> float:
+    return min(s.offered_rate, s.steady.achieved_rate)
+
+
+def _bracket(steps: list[SearchStep], precision: float) -> tuple[float, float | None]:
+    lo = max((_lo_candidate(s) for s in steps if s.holds), default=0.0)
+    uppers = [s.offered_rate for s in steps if not s.holds]
+    uppers += [s.offered_rate for s in steps if s.holds and _served_short(s.steady, precision)]
+    uppers = [u for u in uppers if u > lo]
+    return lo, (min(uppers) if uppers else None)
+
+
+def _served_short(steady: Steady, precision: float) -> bool:
+    """Held, but served clearly less than offered: by more than half the precision and by more than two standard
+    deviations of a steady load's shortfall (sqrt(2 x mean in flight + 1), see `harness.measure.steady`), so the
+    rate is above what the server delivers, not unlucky in its window."""
+    shortfall = steady.requests - steady.completed
+    return (steady.achieved_rate < steady.offered_rate * (1 - precision / 2)
+            and shortfall > 2.0 * math.sqrt(2.0 * steady.inflight_mean + 1.0))
+
+
+def _throughput_estimate(steps: list[SearchStep]) -> float | None:
+    """The lowest sustained throughput a step measured while failing for throughput (the server flat out)."""
+    est = [s.steady.achieved_rate for s in steps
+           if not s.holds and not s.client_limited and not s.steady.kept_up and s.steady.achieved_rate > 0]
+    return min(est) if est else None
+
+
+def _next_rate(steps: list[SearchStep], lo: float, hi: float | None, precision: float, growth: float) -> float | None:
+    if hi is None:  # nothing failed yet: go up from the highest steady rate
+        return max(s.offered_rate for s in steps) * growth
+    est = _throughput_estimate(steps)
+    tried = [s.rate for s in steps] + [s.offered_rate for s in steps]
+    if lo == 0:  # nothing held yet
+        last = steps[-1]
+        if est is not None and not last.steady.kept_up and not last.client_limited:
+            # it failed for throughput: go straight to just below what it sustained
+            return min(est * (1 - precision / 2), hi * (1 - precision))
+        return hi / growth  # the SLO percentiles (or the client) failed: the throughput says nothing; halve
+    candidates = []
+    if est is not None:
+        # the server's throughput says where the edge is: just above it, then just above lo when they agree
+        candidates.append(est * (1 + precision))
+        if est <= lo * (1 + 2 * precision):
+            candidates.append(lo * (1 + precision))
+    candidates.append(math.sqrt(lo * hi))
+    for c in candidates:  # skip a probe the search has already made (within a quarter of the precision)
+        if lo < c < hi and all(abs(c - t) > t * precision / 4 for t in tried):
+            return c
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+def check_precision(precision: Any, source: str | None = None) -> None:
+    if not (isinstance(precision, (int, float)) and not isinstance(precision, bool) and math.isfinite(precision)
+            and precision > 0):
+        raise UserError(f"got {precision!r}; must be a relative precision > 0 (0.05 = 5%)", source=source,
+                        key="precision")
+
+
+def validate_steady_keys(values: Mapping[str, Any], source: str | None = None) -> None:
+    """One-line UserError naming `source` and the key for a bad step_s, warmup_s, steady_fraction or precision;
+    keys absent from `values` are not checked (the sweep-file parser and `harness.bench`'s CLI call this)."""
+    window_keys = {k: values[k] for k in ("step_s", "warmup_s", "drain_s") if k in values}
+    if window_keys:
+        WindowSpec.from_dict(window_keys, source)
+    if "steady_fraction" in values:
+        try:
+            SteadyCriteria(fraction=values["steady_fraction"])
+        except UserError as exc:
+            raise UserError(str(exc).split(": ", 1)[-1], source=source, key="steady_fraction") from None
+    if "precision" in values:
+        check_precision(values["precision"], source)
