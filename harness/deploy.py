@@ -65,6 +65,13 @@ class Deployment:
                 return classify(server.read_log(), code, False)
         return None
 
+    def log_stats(self) -> ServerStats:
+        """What the first replica's log says: KV capacity and where its start-up went (nothing when attached)."""
+        if not self.group.servers:
+            return ServerStats()
+        first = self.group.servers[0]
+        return server_stats_from_log(first.read_log(), launched_at=first.launched_at, startup_s=first.startup_s)
+
     def run(self, workload: Any, requests: list[Any], *, slo: SLO | None = None, plan: dict[str, Any] | None = None,
             rate: float | None = None, burstiness: float = 1.0, concurrency: int | None = None,
             num_requests: int | None = None, duration_s: float | None = None,
@@ -84,7 +91,7 @@ class Deployment:
                                      warmup=warmup, timeout_s=timeout_s)
         memory = sampler.result()
         from_metrics = scraper.result()
-        log_stats = server_stats_from_log(self.group.servers[0].read_log()) if self.group.servers else ServerStats()
+        log_stats = self.log_stats()
         record = RunRecord(
             run_id=f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -184,8 +184,36 @@ class MemoryUsage:
 
 
 @dataclass
+class StartupPhases:
+    """Where one server's start-up went, in seconds: what vLLM's log states, plus the harness's own clock.
+
+    The phases partition `total_s` (launch -> /health answered): `python_s` + `weights_s` + `compile_s` +
+    `cuda_graphs_s` + `kv_profile_s` + `api_s` + `other_s`. `python_s` and `api_s` come from the log's timestamps
+    (one-second resolution), the others from the durations vLLM prints; None: the log does not say (an older or
+    newer vLLM, enforce_eager, a server that did not start).
+    """
+
+    total_s: float | None = None  # the harness's start-up: launch -> /health 200
+    python_s: float | None = None  # launch -> engine core start: Python imports, argument and config resolution
+    weights_s: float | None = None  # "Model loading took ... and X seconds" (else "Loading weights took X seconds")
+    compile_s: float | None = None  # "torch.compile took X s in total" (CPU build: its compilation warm-up)
+    cuda_graphs_s: float | None = None  # "Graph capturing finished in X secs"
+    kv_profile_s: float | None = None  # the rest of vLLM's engine init: memory profiling, KV cache, warm-up
+    api_s: float | None = None  # engine initialized -> /health 200: the API server's own start
+    other_s: float | None = None  # total minus the phases above: engine/worker processes, device set-up
+    engine_init_s: float | None = None  # "init engine (profile, create kv cache, warmup model) took X s"
+    dynamo_s: float | None = None  # "Dynamo bytecode transform time: X s" (part of compile_s)
+    compile_cache: str | None = None  # COMPILE_CACHE_STATES; None: nothing was compiled (enforce_eager)
+    compile_cache_key: str | None = None  # the hash directory vLLM used under torch_compile_cache/
+
+
+COMPILE_CACHE_STATES = ("hit", "partial", "miss", "load_failed", "off")
+STARTUP_PHASES = ("python_s", "weights_s", "compile_s", "cuda_graphs_s", "kv_profile_s", "api_s", "other_s")
+
+
+@dataclass
 class ServerStats:
-    """From vLLM itself: its log (capacity) and its Prometheus /metrics (usage during the run)."""
+    """From vLLM itself: its log (capacity, start-up phases) and its Prometheus /metrics (usage during the run)."""
 
     kv_cache_tokens: int | None = None  # "GPU KV cache size: N tokens" (CPU build reports it the same way)
     kv_cache_blocks: int | None = None
@@ -193,6 +221,7 @@ class ServerStats:
     peak_kv_usage: float | None = None  # 0..1, sampled
     preemptions: int | None = None
     prefix_cache_hit_rate: float | None = None  # 0..1
+    startup: StartupPhases | None = None  # the first replica's start-up, from its log
 
 
 @dataclass

@@ -2,9 +2,12 @@
 # Run (or resume) a sweep on an offline GPU host, inside a time slot, and pack the results for the trip back.
 #   scripts/offline-gpu-sweep.sh SWEEP.yaml MINUTES HARD_STOP_S OUT_DIR [STATE_DIR]
 # MINUTES: start no new trial after this; HARD_STOP_S: Ctrl-C the sweep then (servers torn down, resumable).
-# vLLM must already be importable (see docs/gpu-hosts.md). STATE_DIR holds results.tgz from an earlier slot: it
-# is restored when this host has no study yet, so a sweep survives a lost host. Each slot writes OUT_DIR/:
-#   sweep.log  results.tgz (studies.db, tables, run records, confirm.json; no server logs)  logs-tail.txt  env.txt
+# vLLM must already be importable (see docs/gpu-hosts.md). STATE_DIR holds results.tgz (and vllm-cache.tgz) from an
+# earlier slot: each is restored when this host has none yet, so a sweep survives a lost host and its servers keep
+# their compiled graphs. Each slot writes OUT_DIR/:
+#   sweep.log  results.tgz (studies.db, tables, run records, confirm.json; no server logs, no compile cache)
+#   vllm-cache.tgz (<results_dir>/vllm-cache: vLLM's torch.compile cache, packed apart: it is only for the next slot)
+#   logs-tail.txt  env.txt
 set -uo pipefail
 sweep=$1 minutes=$2 hard=$3 out=$4 state=${5:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -12,12 +15,20 @@ mkdir -p "$out" results
 if [ ! -f results/studies.db ] && [ -n "$state" ] && [ -f "$state/results.tgz" ]; then
   tar -xzf "$state/results.tgz" && echo "restored results from $state/results.tgz"
 fi
+caches() { find results -maxdepth 3 -type d -name vllm-cache -prune; }  # <results_dir>/vllm-cache of each sweep
+if [ -z "$(caches)" ] && [ -n "$state" ] && [ -f "$state/vllm-cache.tgz" ]; then
+  tar -xzf "$state/vllm-cache.tgz" && echo "restored vLLM's compile cache: $(du -shc $(caches) | tail -n 1 | cut -f1)"
+fi
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import importlib.metadata as m; print("vllm", m.version("vllm"), "torch", m.version("torch"))'; } > "$out/env.txt" 2>&1
 timeout -s INT -k 60 "$hard" python3 -m harness.sweep "$sweep" --max-minutes "$minutes" 2>&1 | tee "$out/sweep.log"
 rc=${PIPESTATUS[0]}
 python3 -m harness.report results/ > "$out/report.log" 2>&1 || true
 for f in results/*/logs/*/server*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 40 "$f"; }; done > "$out/logs-tail.txt" 2>/dev/null
-tar -czf "$out/results.tgz" --exclude='*/logs/*' results configs
+tar -czf "$out/results.tgz" --exclude='*/logs/*' --exclude='vllm-cache' results configs
+if [ -n "$(caches)" ]; then
+  tar -czf "$out/vllm-cache.tgz" $(caches) \
+    && echo "compile cache: $(du -shc $(caches) | tail -n 1 | cut -f1) on disk, $(du -h "$out/vllm-cache.tgz" | cut -f1) packed"
+fi
 ls -la "$out"
 exit $rc

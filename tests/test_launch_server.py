@@ -31,7 +31,8 @@ from harness.launch.server import (
     group_pids,
     wait_all_ready,
 )
-from harness.launch.placement import cpu_bind_sets, gpu_sets
+from harness.cachedir import vllm_cache_root
+from harness.launch.placement import Slot, SlotPool, cpu_bind_sets, gpu_sets, replica_placement
 from harness.launch.vllm_args import ArgSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,27 @@ def test_ready_argv_and_teardown_with_sigkill_escalation(
     assert not group_pids(pgid)
     assert server.stop_s is not None and 1.0 <= server.stop_s < 10
     assert server.returncode == -signal.SIGKILL
+
+
+def test_a_slots_compile_cache_root_reaches_the_server_process(
+    fake_python: str, vllm_argspec: ArgSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SlotPool -> Slot -> replica env -> the launched process's VLLM_CACHE_ROOT (read from /proc), and the
+    results folder's default yields to a VLLM_CACHE_ROOT the user set."""
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    root = vllm_cache_root(tmp_path / "results")
+    assert root == (tmp_path / "results" / "vllm-cache").resolve()
+    pool = SlotPool(cpu_sets=[(), ()], vllm_cache_root=str(root))
+    with pool.acquire(0) as slot:
+        (replica,) = replica_placement({}, slot)
+        spec = ServerSpec(model="/models/tiny", python=fake_python, env=replica.env, log_path=tmp_path / "s.log")
+        with Server(spec, vllm_argspec) as server:
+            environ = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+            assert f"VLLM_CACHE_ROOT={root}".encode() in environ
+    assert pool.cpu_host_slot().vllm_cache_root == str(root)  # a CPU host's confirmation shares it
+    assert "VLLM_CACHE_ROOT" not in replica_placement({}, Slot())[0].env  # no root: vLLM's own default
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "mine"))
+    assert vllm_cache_root(tmp_path / "results") == tmp_path / "mine"
 
 
 def test_argv_carries_dash_values_as_values(fake_python: str, vllm_argspec: ArgSpec) -> None:

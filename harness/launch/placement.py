@@ -29,11 +29,13 @@ from harness.settings import Topology
 @dataclass(frozen=True)
 class Slot:
     """Where one trial's servers run. `gpu_ids` empty means a CPU slot bound to `cpu_cores` (none: unbound);
-    `client_cores`: where its load client's thread runs (none: wherever the OS puts it)."""
+    `client_cores`: where its load client's thread runs (none: wherever the OS puts it); `vllm_cache_root`: the
+    servers' VLLM_CACHE_ROOT (their compile cache; None: vLLM's default, ~/.cache/vllm)."""
 
     gpu_ids: tuple[int, ...] = ()
     cpu_cores: tuple[int, ...] = ()
     client_cores: tuple[int, ...] = ()
+    vllm_cache_root: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,16 +97,18 @@ def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
 def replica_placement(settings: dict[str, Any], slot: Slot | None) -> list[Replica]:
     """Per replica: its GPUs (a TP x PP group) or its CPU cores, from the trial's slot."""
     topo = Topology.of(settings)
+    cache = {"VLLM_CACHE_ROOT": slot.vllm_cache_root} if slot is not None and slot.vllm_cache_root else {}
     gpu_ids = list(slot.gpu_ids) if slot is not None else []
     if gpu_ids:
-        return [Replica(gpus=[gpu_ids[i] for i in s]) for s in gpu_sets(len(gpu_ids), topo.tp, topo.replicas, topo.pp)]
+        return [Replica(gpus=[gpu_ids[i] for i in s], env=dict(cache))
+                for s in gpu_sets(len(gpu_ids), topo.tp, topo.replicas, topo.pp)]
     cores = list(slot.cpu_cores) if slot is not None else []
     if topo.replicas > 1 and not cores:
         cores = sorted(os.sched_getaffinity(0))
     if cores:
-        return [Replica(env={"VLLM_CPU_OMP_THREADS_BIND": core_ranges(c)}, cpu_cores=c)
+        return [Replica(env={"VLLM_CPU_OMP_THREADS_BIND": core_ranges(c), **cache}, cpu_cores=c)
                 for c in cpu_core_sets(cores, topo.replicas)]
-    return [Replica()]
+    return [Replica(env=dict(cache))]
 
 
 @contextlib.contextmanager
@@ -159,6 +163,7 @@ class SlotPool:
     memory_free_check: bool = True  # NVML: wait until a GPU's memory is released before reusing it
     gpu_idle: Callable[[int], bool] = nvml_gpu_idle  # the check itself (tests pass a fake NVML)
     poll_s: float = 1.0  # how often a waiting trial re-checks a GPU whose memory is still held
+    vllm_cache_root: str | None = None  # every slot's VLLM_CACHE_ROOT (harness.cachedir.vllm_cache_root)
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
@@ -169,18 +174,18 @@ class SlotPool:
         self.log: list[tuple[str, float, tuple[int, ...]]] = []  # (event, time, devices): for tests and reports
 
     @classmethod
-    def for_host(cls, num_gpus: int, parallel: int) -> "SlotPool":
+    def for_host(cls, num_gpus: int, parallel: int, vllm_cache_root: str | None = None) -> "SlotPool":
         """The visible GPUs on a GPU host; on a CPU host, the usable cores but the client's split into `parallel`
         equal sets."""
         if num_gpus > 0:
-            return cls(gpu_ids=visible_gpus(num_gpus))
-        return cls(cpu_sets=cpu_slots(parallel), client_cores=client_cores(parallel))
+            return cls(gpu_ids=visible_gpus(num_gpus), vllm_cache_root=vllm_cache_root)
+        return cls(cpu_sets=cpu_slots(parallel), client_cores=client_cores(parallel), vllm_cache_root=vllm_cache_root)
 
     def cpu_host_slot(self) -> Slot:
         """CPU host: every server core of the pool in one slot (servers that are never under load at once, such
-        as a confirmation's winner and baseline, share them), and the client's core."""
+        as a confirmation's winner and baseline, share them), the client's core, and the pool's cache root."""
         cores = tuple(sorted({c for s in self.cpu_sets for c in s}))
-        return Slot(cpu_cores=cores, client_cores=self.client_cores)
+        return Slot(cpu_cores=cores, client_cores=self.client_cores, vllm_cache_root=self.vllm_cache_root)
 
     @property
     def capacity(self) -> int:
@@ -228,9 +233,10 @@ class SlotPool:
             taken = tuple(ready[:need])
             for g in taken:
                 self._free_gpus.remove(g)
-            return Slot(gpu_ids=taken)
+            return Slot(gpu_ids=taken, vllm_cache_root=self.vllm_cache_root)
         if self._free_cpu:
-            return Slot(cpu_cores=self._free_cpu.pop(0), client_cores=self.client_cores)
+            return Slot(cpu_cores=self._free_cpu.pop(0), client_cores=self.client_cores,
+                        vllm_cache_root=self.vllm_cache_root)
         return None
 
     def _memory_released(self, gpu: int) -> bool:

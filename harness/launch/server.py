@@ -254,6 +254,7 @@ class Server(_Running):
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid: int | None = None
         self.startup_s: float | None = None
+        self.launched_at: float | None = None  # epoch seconds of the launch: vLLM's log timestamps are wall clock
         self.stop_s: float | None = None
         self.ready = False
         self.failure: Failure | None = None
@@ -369,6 +370,7 @@ class Server(_Running):
                 raise ServerStartError(Failure("interrupted", "not started: this process is stopping its servers"))
             self._log_fh = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
             self._t_start = time.monotonic()
+            self.launched_at = time.time()
             self.proc = subprocess.Popen(
                 wrapper + self._argv,
                 stdin=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from harness.measure.startup import startup_phases
 from harness.records import ServerStats
 
 # vLLM 0.32 (v1/core/kv_cache_utils.py), one line: "CPU KV cache size: 43,680 tokens, Maximum concurrency for
@@ -68,11 +69,14 @@ def kv_capacity_from_log(log_text: str) -> LogCapacity:
     return cap
 
 
-def server_stats_from_log(log_text: str) -> ServerStats:
-    """The capacity part of ServerStats, from the log alone."""
+def server_stats_from_log(log_text: str, *, launched_at: float | None = None,
+                          startup_s: float | None = None) -> ServerStats:
+    """The log's part of ServerStats: capacity and the start-up phases (`launched_at`, `startup_s`: the server's
+    launch time and start-up seconds, for the phases the log's timestamps give)."""
     cap = kv_capacity_from_log(log_text)
     return ServerStats(
-        kv_cache_tokens=cap.kv_cache_tokens, kv_cache_blocks=cap.kv_cache_blocks, max_concurrency=cap.max_concurrency
+        kv_cache_tokens=cap.kv_cache_tokens, kv_cache_blocks=cap.kv_cache_blocks, max_concurrency=cap.max_concurrency,
+        startup=startup_phases(log_text, launched_at=launched_at, total_s=startup_s),
     )
 
 
@@ -366,7 +370,8 @@ class MetricsScraper:
 
 
 def merge_stats(from_log: ServerStats, from_metrics: ServerStats) -> ServerStats:
-    """Capacity from the log (authoritative), usage from /metrics; each field from whichever source has it."""
+    """Capacity from the log (authoritative), usage from /metrics; each field from whichever source has it (the
+    start-up phases only from the log)."""
     return ServerStats(
         kv_cache_tokens=from_log.kv_cache_tokens if from_log.kv_cache_tokens is not None else from_metrics.kv_cache_tokens,
         kv_cache_blocks=from_log.kv_cache_blocks if from_log.kv_cache_blocks is not None else from_metrics.kv_cache_blocks,
@@ -374,4 +379,5 @@ def merge_stats(from_log: ServerStats, from_metrics: ServerStats) -> ServerStats
         peak_kv_usage=from_metrics.peak_kv_usage,
         preemptions=from_metrics.preemptions,
         prefix_cache_hit_rate=from_metrics.prefix_cache_hit_rate,
+        startup=from_log.startup,
     )

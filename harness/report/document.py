@@ -357,6 +357,8 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
     if c["measured"]:
         failures(doc, r)
 
+    _time_section(doc, r)
+
     # ---- all trials
     doc.h("All trials")
     lat_cols = [m for m in ("p99_ttft_ms", "p99_tpot_ms") if m != latency] + [latency]
@@ -377,6 +379,27 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
           "outcome and failure reason are its user attributes:")
     doc.code(f"optuna-dashboard {r.storage}")
     return doc
+
+
+def _time_section(doc: Doc, r: StudyResults) -> None:
+    spent = r.time_spent()
+    unit = r.device_unit
+    doc.h("Where the time went")
+    if spent.device_s <= 0:
+        doc.p(f"No trial held a device yet ({spent.finished} finished, {spent.pruned} pruned before launch).")
+        return
+    rate, launched = spent.trials_per_device_hour, spent.launched_per_device_hour
+    text = (f"{spent.finished} finished trials ({spent.launched} launched, {spent.pruned} pruned before launch at "
+            f"0 s) held {spent.device_s / 3600.0:.2f} {unit}-hours on {r.hardware_label}: **{rate:.1f} trials per "
+            f"{unit}-hour** ({launched:.1f} launched trials per {unit}-hour). Device time is wall time x the "
+            f"devices a trial held; confirmation runs are not included.")
+    if spent.compile_cache:
+        text += " vLLM's compile cache per launched trial: " + ", ".join(
+            f"{state} x{n}" for state, n in sorted(spent.compile_cache.items())) + "."
+    doc.p(text)
+    doc.table(["where the time went", f"{unit}-minutes on {r.hardware_label}", "share"],
+              [[where, f"{secs / 60.0:.1f}", f"{share:.0%}" if share is not None else "-"]
+               for where, secs, share in spent.rows()])
 
 
 def _failures_section(doc: Doc, r: StudyResults) -> None:

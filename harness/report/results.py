@@ -24,6 +24,7 @@ from harness.study.naming import study_dir
 from harness.study.objectives import Objective, objective_from_dict
 from harness.study.storage import default_storage, make_storage, redact
 from harness.study.table import trials_table
+from harness.study.timing import TimeSpent, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, Spread, StudyAttr, baseline_of,
                                   best_feasible, category_of, is_measured, outcome_of, reason_of, settings_of)
 
@@ -402,6 +403,23 @@ class StudyResults:
         """Device time the trials held (seconds x devices), confirmation runs not included."""
         return float(sum(float(t.user_attrs.get(Attr.DEVICE_SECONDS) or 0.0) for t in self._trials))
 
+    @property
+    def device_unit(self) -> str:
+        """What a device-second is of: "GPU", or "server" on a CPU host."""
+        return "server" if self.on_cpu else "GPU"
+
+    def time_spent(self) -> TimeSpent:
+        """Where the trials' device time went (start-up phases, load steps, failed starts, pruned at 0 s) and the
+        finished trials per device-hour."""
+        return time_spent(self._trials)
+
+    def time_table(self) -> pd.DataFrame:
+        """`time_spent()` as rows: where, device_seconds, share (of the finished trials' device time); which
+        devices is `hardware_label` (also in the frame's `attrs`)."""
+        df = pd.DataFrame(self.time_spent().rows(), columns=["where", "device_seconds", "share"])
+        df.attrs["hardware"] = self.hardware_label
+        return df
+
     def improvement(self) -> dict[str, Any] | None:
         """Recommended vs baseline: from the confirmation (mean, std, n of repeats) when it ran, else one trial each."""
         conf = self.confirm
@@ -480,6 +498,7 @@ class StudyResults:
         """One row for comparing studies: identity, baseline vs best trial (with spread), outcome, counts, time."""
         c = self.counts()
         imp = self.improvement() or {}
+        spent = self.time_spent()
         rec = self.recommended_trial
         verdict = self.outcome()
         kept = verdict == "baseline kept"
@@ -493,7 +512,8 @@ class StudyResults:
                 "recommended_trial": rec.number if rec is not None else None,
                 "winner_trial": imp.get("winner_trial"), "confirmed": self.confirmed, "trials": c["trials"],
                 "measured": c["measured"], "slo_violated": c["slo_violated"], "failed": c["failed"],
-                "pruned": c["pruned"], "interrupted": c["interrupted"], "device_hours": self.device_seconds / 3600.0}
+                "pruned": c["pruned"], "interrupted": c["interrupted"], "device_hours": self.device_seconds / 3600.0,
+                "trials_per_device_hour": spent.trials_per_device_hour, "startup_share": spent.share(spent.startup_s)}
 
     # ------------------------------------------------------------------------------------------ figures
 

@@ -26,7 +26,7 @@ from harness.load.client import LoadProgress
 from harness.load.prompts import RequestSpec
 from harness.load.window import WindowPlan, WindowSpec
 from harness.measure.step import WindowStep, run_window_step
-from harness.measure.vllm_metrics import merge_stats, server_stats_from_log, wait_idle
+from harness.measure.vllm_metrics import merge_stats, wait_idle
 from harness.records import SLO, RunRecord, Steady
 from harness.study.capacity import step_verdict
 
@@ -89,7 +89,7 @@ def live_measure(
         k[0] += 1
         if step.steady.batch_fill_s is not None:
             last_e2e.append(step.steady.batch_fill_s)
-        log_stats = server_stats_from_log(first.group.servers[0].read_log())
+        log_stats = first.log_stats()
         now = _dt.datetime.now(_dt.timezone.utc)
         record = RunRecord(
             run_id=f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", created=now.isoformat(timespec="seconds"),

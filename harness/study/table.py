@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,14 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.study.trials import (Attr, baseline_of, client_of, gpus_of, is_feasible, outcome_of, reason_of,
-                                  settings_of)
+                                  settings_of, startup_of)
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Columns: number, state, outcome, baseline, value(s), feasible, reason, client ('valid' or 'client-limited
     (invalid): why': whether the load client, not the server, set the value), gpus, `set.<key>` per setting, metric
-    columns (throughputs, latency percentiles in ms, memory), planned vs measured KV tokens, timing."""
+    columns (throughputs, latency percentiles in ms, memory), planned vs measured KV tokens, timing: device-seconds,
+    vLLM's start-up phases (`startup.<phase>`, seconds) and its compile cache (`compile_cache`: hit / miss / ...)."""
     rows: list[dict[str, Any]] = []
     n_values = len(study.directions)
     for t in study.get_trials(deepcopy=False):
@@ -44,6 +46,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             if key in plan:
                 row[f"plan.{key}"] = plan[key]
         row["device_seconds"] = ua.get(Attr.DEVICE_SECONDS)
+        phases = startup_of(t)
+        if phases is not None:  # vLLM's start-up phases (seconds) and whether its compile cache was hit
+            for f in dataclasses.fields(phases):
+                if f.name != "total_s":  # the metrics' startup_s
+                    key = f.name if f.name.startswith("compile_cache") else f"startup.{f.name}"
+                    row[key] = getattr(phases, f.name)
         row["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)

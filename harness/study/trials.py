@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.records import Failure, RunRecord, to_dict
+from harness.records import Failure, RunRecord, StartupPhases, from_dict, to_dict
 from harness.settings import Topology
 
 
@@ -37,6 +37,7 @@ class Attr:
     MAX_FITTING_LEN = "max_fitting_len"  # vLLM's estimate after a max_model_len start failure
     WORKER = "worker"  # host, pid and pid namespace of the process running the trial (workers.worker_record)
     CLIENT = "client"  # {"valid": bool, "reasons": [...]}: whether the load client, not the server, set the values
+    STARTUP = "startup"  # StartupPhases of the first replica of the run the values come from (and its compile cache)
 
 
 class StudyAttr:
@@ -186,6 +187,8 @@ def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
         trial.set_user_attr(Attr.PLAN, json_safe(ev.plan))
     if ev.curve:
         trial.set_user_attr(Attr.CURVE, json_safe(ev.curve))
+    if ev.record is not None and ev.record.server is not None and ev.record.server.startup is not None:
+        trial.set_user_attr(Attr.STARTUP, json_safe(ev.record.server.startup))
     if ev.pruned_reason:
         trial.set_user_attr(Attr.OUTCOME, Outcome.PRUNED)
         trial.set_user_attr(Attr.REASON, ev.pruned_reason)
@@ -304,6 +307,18 @@ def gpus_of(trial: FrozenTrial) -> int:
     """Replicas x TP x PP of the trial's settings (recorded since the attribute exists; else from the settings)."""
     gpus = trial.user_attrs.get(Attr.GPUS)
     return int(gpus) if isinstance(gpus, int) else Topology.of(settings_of(trial)).gpus
+
+
+def startup_of(trial: FrozenTrial) -> StartupPhases | None:
+    """Where the trial's server start-up went (None: not launched, failed to start, or recorded before it existed)."""
+    data = trial.user_attrs.get(Attr.STARTUP)
+    return from_dict(StartupPhases, data) if isinstance(data, dict) else None
+
+
+def devices_held_of(trial: FrozenTrial) -> int:
+    """The devices a trial's device_seconds counts (the planner's GPUs needed; one on a CPU host)."""
+    needed = (trial.user_attrs.get(Attr.PLAN) or {}).get("gpus_needed")
+    return max(int(needed) if isinstance(needed, (int, float)) else gpus_of(trial), 1)
 
 
 def label_of(trial: FrozenTrial) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from harness.cachedir import vllm_cache_root
 from harness.emit import EmittedConfig, read_config, write_config
 from harness.envinfo import environment
 from harness.errors import UserError
@@ -38,6 +39,7 @@ from harness.study.runner import enqueue_baselines, finished, make_sampler, open
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
+from harness.study.timing import time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, client_of, confirm_key, settings_of)
 from harness.study.workers import Claim, wait_for, worker_seed
@@ -109,9 +111,10 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
+    slots = SlotPool.for_host(n_gpus, parallel, vllm_cache_root=str(vllm_cache_root(results_dir)))
     ctx = StudyContext(model=model, model_name=entry.model_name or entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
                        objective=obj, requests_for=requests_for, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
-                       slots=SlotPool.for_host(n_gpus, parallel))
+                       slots=slots)
     return ctx, name
 
 
@@ -140,6 +143,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     run_trials(study, ctx, trials, parallel, out=out,
                timeout_s=None if deadline is None else max(deadline - time.monotonic(), 1.0))
     table = write_table(study, ctx.study_dir)
+    print_time_spent(study, hardware, out)
     done = len(finished(study))
     if deadline is not None and time.monotonic() >= deadline and done < trials:
         return _out_of_time(entry, name, table, f"after {done}/{trials} finished trials", out)
@@ -161,6 +165,14 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     msg = (conf.verdict if conf else f"trial #{winner.number} is the best feasible trial (not confirmed)")
     print(f"== {name}: {msg}\n   config: {path}\n   table:  {table}", file=out, flush=True)
     return ModelOutcome(entry.model, name, path, table, conf, msg)
+
+
+def print_time_spent(study: optuna.Study, hardware: Any, out: Any) -> None:
+    """Where the trials' device time went, and trials per device-hour (what makes a stretch of GPU time go far)."""
+    on_cpu = getattr(hardware, "arch", "") == "cpu"
+    where = f"{hardware.name} host" if on_cpu else f"{hardware.count}x {hardware.name}"
+    print("   " + time_spent(study.get_trials(deepcopy=False)).line("server" if on_cpu else "GPU", where),
+          file=out, flush=True)
 
 
 def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any) -> ModelOutcome:
