@@ -147,6 +147,7 @@ def test_a_plan_that_misses_an_slo_is_not_recommended_and_the_users_layout_is_me
     assert record["recommended"] is False and any("tiny-b: not steady" in r for r in record["reasons"])
     for (lay, name), m in by.items():
         assert m["placed_on"] and m["rss_peak_mib"] and m["requests"] > 0
+        assert m["goodput_rps"] <= m["offered_rps"] + 1e-9  # over the window's seconds, like the offered rate
         assert Path(m["record"]).is_file()
     # the table: both layouts per model, side by side; the verdict
     assert re.search(r"tiny-b\s+plan\s+cores 1\s+6/s", printed) and re.search(r"tiny-b\s+user\s+cores 0\s+6/s", printed)
@@ -233,6 +234,6 @@ def test_confirm_runs_two_tiny_models_at_once_on_two_core_slots(tmp_path: Path) 
         assert posts == s["requests_sent"] > 0, (s["name"], posts, s["requests_sent"])
     for name, m in models.items():
         assert m["meets_slo"] and m["requests"] > 0 and m["slo_attainment"] >= 0.9 and m["rss_peak_mib"] > 0
-        assert m["p99_ttft_ms"] and m["p99_tpot_ms"] and m["goodput_rps"] > 0
+        assert m["p99_ttft_ms"] and m["p99_tpot_ms"] and 0 < m["goodput_rps"] <= m["offered_rps"] + 1e-9
     assert "tiny-a" in proc.stdout and "tiny-b" in proc.stdout and "RECOMMENDED" in proc.stdout
     assert yaml.safe_load(out.read_text())["recommended"] is True

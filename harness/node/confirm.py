@@ -15,7 +15,7 @@ Measuring one layout:
    with its workload's requests, sent only to its own servers, all models at the same time over one common window
    (`WindowSpec`: warm-up, measured window, tail, drain; the longest warm-up and tail any model needs).
 3. Per model, over the window's arrivals: SLO attainment (share of the window's requests that met every SLO limit,
-   failures count as misses), goodput, p99 TTFT / TPOT, offered and achieved rate against the target, the steady
+   failures count as misses), goodput (those requests per second of the window), p99 TTFT / TPOT, offered and achieved rate against the target, the steady
    verdict (`harness.measure.steady.assess` on its servers' queue), and memory: peak per GPU (NVML) or, on the CPU
    build, the peak RSS of its server process trees.
 
@@ -142,7 +142,7 @@ class ModelConfirmation:
     requests: int = 0  # arrivals in the window: the requests the figures are over
     failed: int = 0
     slo_attainment: float | None = None  # share of the window's requests within every SLO limit
-    goodput_rps: float | None = None
+    goodput_rps: float | None = None  # the window's arrivals within every SLO limit / window
     p99_ttft_ms: float | None = None
     p99_tpot_ms: float | None = None
     kept_up: bool = False  # the steady verdict
@@ -488,7 +488,9 @@ def _model_result(layout: Layout, m: _ModelStream, here: NodeHere, slots: list[S
     met, st = step.metrics, step.steady
     mc.offered_rps, mc.achieved_rps, mc.requests = st.offered_rate, st.achieved_rate, st.requests
     mc.failed = met.failed
-    mc.slo_attainment, mc.goodput_rps = met.slo_attainment, met.goodput
+    mc.slo_attainment = met.slo_attainment
+    if met.slo_attainment is not None and st.window_s > 0:  # per second of the window, like offered and achieved
+        mc.goodput_rps = met.slo_attainment * st.requests / st.window_s
     mc.p99_ttft_ms = met.ttft_ms.p99 if met.ttft_ms else None
     mc.p99_tpot_ms = met.tpot_ms.p99 if met.tpot_ms else None
     mc.kept_up, mc.steady_reasons = st.kept_up, list(st.reasons)
