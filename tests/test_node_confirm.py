@@ -237,3 +237,19 @@ def test_confirm_runs_two_tiny_models_at_once_on_two_core_slots(tmp_path: Path) 
         assert m["p99_ttft_ms"] and m["p99_tpot_ms"] and 0 < m["goodput_rps"] <= m["offered_rps"] + 1e-9
     assert "tiny-a" in proc.stdout and "tiny-b" in proc.stdout and "RECOMMENDED" in proc.stdout
     assert yaml.safe_load(out.read_text())["recommended"] is True
+
+
+def test_cpu_build_shares_the_memory_node_between_instances_without_a_fixed_kv_cache() -> None:
+    gib = 2**30
+    hw = SimpleNamespace(is_cpu=True, cpu_kv_cache_space_gib=None, available_memory_gib=21.0, memory_bytes=24 * gib)
+    here = confirm_mod.NodeHere("cpu", [Slot(cpu_cores=(0,)), Slot(cpu_cores=(1,))], True, hw)
+    layout = confirm_mod.Layout("plan", "s.yaml", [
+        confirm_mod.Instance("a", {"gpu_memory_utilization": 0.9}, (0,), "1"),
+        confirm_mod.Instance("b", {"kv_cache_memory_bytes": 2**26}, (1,), "2")])
+    sized = confirm_mod._cpu_memory_shares(layout, here)
+    assert set(sized) == {0}  # a fixed KV cache is the user's
+    share = sized[0]["gpu_memory_utilization"]
+    assert 0 < share and 2 * share * 24 <= 21.0 - 1.0  # both servers' requests fit the node at once, with margin
+    gpu = confirm_mod.NodeHere("gpu", [Slot(gpu_ids=(0,)), Slot(gpu_ids=(1,))], False, hw)
+    assert confirm_mod._cpu_memory_shares(layout, gpu) == {}
+    assert gpu.slot((0, 1)) == Slot(gpu_ids=(0, 1)) and here.describe(here.slot((1,))) == "cores 1"
