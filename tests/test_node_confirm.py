@@ -5,6 +5,7 @@ not-recommended path; and, on vLLM's CPU build, two tiny models served at once u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -139,6 +140,9 @@ def test_a_plan_that_misses_an_slo_is_not_recommended_and_the_users_layout_is_me
         [("tiny-a", (0,)), ("tiny-b", (1,))], [("tiny-b", (0,)), ("tiny-a", (1,))]]
     assert all(Path(m).is_absolute() for call in started for _, _, m in call)  # the local model path
     record = json.loads(next((tmp_path / "results" / "node").glob("*/confirm.json")).read_text())
+    for lay in ("plan", "user_layout"):  # every server of a layout took requests while the others did
+        runs = record[lay]["servers"]
+        assert max(s["first_sent_at"] for s in runs) < min(s["last_done_at"] for s in runs)
     by = {(m["layout"], m["name"]): m for lay in ("plan", "user_layout") for m in record[lay]["models"]}
     assert by[("plan", "tiny-a")]["meets_slo"] and by[("plan", "tiny-a")]["kept_up"]
     b = by[("plan", "tiny-b")]
@@ -226,6 +230,8 @@ def test_confirm_runs_two_tiny_models_at_once_on_two_core_slots(tmp_path: Path) 
     # both servers ran at the same time: each was ready before the other stopped, and alive after the load
     assert all(s["alive_after_load"] for s in servers)
     assert max(s["ready_at"] for s in servers) < min(s["stopped_at"] for s in servers)
+    # and served at the same time: each took requests while the other did
+    assert max(s["first_sent_at"] for s in servers) < min(s["last_done_at"] for s in servers)
     # each model's requests reached only its own server: the server's own access log counts them
     models = {m["name"]: m for m in record["plan"]["models"]}
     for s in servers:
@@ -253,3 +259,14 @@ def test_cpu_build_shares_the_memory_node_between_instances_without_a_fixed_kv_c
     gpu = confirm_mod.NodeHere("gpu", [Slot(gpu_ids=(0,)), Slot(gpu_ids=(1,))], False, hw)
     assert confirm_mod._cpu_memory_shares(layout, gpu) == {}
     assert gpu.slot((0, 1)) == Slot(gpu_ids=(0, 1)) and here.describe(here.slot((1,))) == "cores 1"
+
+
+def test_verdict_per_model() -> None:
+    m = confirm_mod.ModelConfirmation("a", "plan", [[0]], ["GPU 0"], 2.0, SLO(tpot_ms=50, percentile=99),
+                                      requests=100, slo_attainment=0.99, kept_up=True)
+    assert m.meets_slo and m.miss_reason() is None
+    low = dataclasses.replace(m, slo_attainment=0.985)
+    assert not low.meets_slo and "SLO attainment 98.5% < 99%" in low.miss_reason()
+    unsteady = dataclasses.replace(m, kept_up=False, steady_reasons=["completed 50 of 100"])
+    assert "not steady (completed 50 of 100)" in unsteady.miss_reason()
+    assert not dataclasses.replace(m, note="not served by this layout").meets_slo

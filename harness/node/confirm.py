@@ -187,6 +187,8 @@ class ServerRun:
     alive_after_load: bool
     requests_sent: int  # requests the client sent to it
     log_paths: list[str]
+    first_sent_at: float | None = None  # wall clock of the first request sent to it
+    last_done_at: float | None = None  # wall clock when the last request sent to it ended
 
 
 @dataclass
@@ -401,16 +403,18 @@ def _measure(layout: Layout, plan: NodePlan, models: dict[str, _ModelStream], he
             dead = [(inst, d.dead_server_failure()) for inst, d in zip(layout.instances, deps)]
             result.failure = "; ".join(f"{inst.label} ({inst.name}) died under load: {f.kind}: {f.message}"
                                        for inst, f in dead if f is not None) or None
-            sent = {name: _sent_per_target(step) for name, step in steps.items()}
             seen: dict[str, int] = {}
             for inst, d, slot in zip(layout.instances, deps, slots):
                 k = seen.get(inst.name, 0)
-                n_targets = len(d.group.targets)
-                counts = sent.get(inst.name, [])
+                seen[inst.name] = k + len(d.group.targets)
+                step = steps.get(inst.name)
+                mine = [r for r in step.load.results if k <= r.replica < seen[inst.name]] if step else []
+                at = step.load.started_at if step else 0.0
                 result.servers.append(ServerRun(
                     inst.label, inst.name, here.describe(slot), d.served_name, d.pids, ready_at, stopped_at,
-                    d.dead_server_failure() is None, sum(counts[k:k + n_targets]), d.log_paths))
-                seen[inst.name] = k + n_targets
+                    d.dead_server_failure() is None, len(mine), d.log_paths,
+                    min((at + r.send_s for r in mine), default=None),
+                    max((at + r.send_s + r.e2e_s for r in mine), default=None)))
     except ServerStartError as exc:
         result.failure = f"a server did not start ({exc.failure.kind}): {exc.failure.message} (log: {exc.log_path})"
         print(f"[{layout.label}] {result.failure}", file=out, flush=True)
@@ -443,14 +447,6 @@ def _plans(active: list[_ModelStream], spec: WindowSpec) -> list[Any]:
                           for k, m in enumerate(active)])
 
 
-def _sent_per_target(step: WindowStep) -> list[int]:
-    n = max((r.replica for r in step.load.results), default=-1) + 1
-    counts = [0] * n
-    for r in step.load.results:
-        counts[r.replica] += 1
-    return counts
-
-
 def _progress_printer(label: str, out: Any) -> Any:
     latest: dict[str, LoadProgress] = {}
     last = [time.monotonic()]
@@ -474,13 +470,11 @@ def _model_result(layout: Layout, m: _ModelStream, here: NodeHere, slots: list[S
     mine = [(inst, s) for inst, s in zip(layout.instances, slots) if inst.name == m.name]
     mc = ModelConfirmation(m.name, layout.label, [list(inst.devices) for inst, _ in mine],
                            [here.describe(s) for _, s in mine], m.target_rps, m.slo)
-    if not mine:
-        mc.note = "not served by this layout" if m.target_rps > 0 else "no traffic and no server"
-        if m.target_rps <= 0:
-            mc.kept_up = True
+    if m.target_rps <= 0:  # no traffic: nothing to meet, served or not
+        mc.kept_up = True
         return mc
-    if m.target_rps <= 0:
-        mc.kept_up, mc.note = True, ""
+    if not mine:
+        mc.note = "not served by this layout"
         return mc
     if step is None:
         mc.note = result.failure or "not measured"
