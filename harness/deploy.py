@@ -31,7 +31,8 @@ from harness.nvml import nvml_session
 from harness.records import SLO, Failure, RunRecord, ServerSide, ServerStats
 from harness.settings import Topology
 
-__all__ = ["ATTACHED_NOTE", "DEFAULT_REQUEST_TIMEOUT_S", "Deployment", "attach", "deploy", "deploy_together"]
+__all__ = ["ATTACHED_NOTE", "DEFAULT_REQUEST_TIMEOUT_S", "DeployJob", "Deployment", "attach", "deploy",
+           "deploy_together"]
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
@@ -47,6 +48,19 @@ class Deployment:
     startup_s: float | None = None
     server_side: ServerSide | None = None  # attached: what the record cannot have, where the settings came from
     client_cores: tuple[int, ...] = ()  # where the load client's thread runs (CPU host: a core the servers leave)
+    served_model_name: str | None = None  # what the servers answer to, when not the model path
+
+    @property
+    def served_name(self) -> str:
+        """The model name requests must carry: vLLM's --served-model-name (its first), else the model path."""
+        named = self.settings.get("served_model_name")
+        if isinstance(named, (list, tuple)):
+            named = named[0] if named else None
+        return str(named or self.served_model_name or self.model)
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.group.servers if s.pid is not None]
 
     @property
     def log_paths(self) -> list[str]:
@@ -84,10 +98,9 @@ class Deployment:
             arrival = Arrival(mode="concurrency", max_concurrency=concurrency or 1, num_requests=num_requests,
                               duration_s=duration_s, seed=workload.seed)
         warmup = min(workload.warmup_requests, max(len(requests) - 1, 0))
-        pids = [s.pid for s in self.group.servers if s.pid is not None]
-        with ResourceSampler(pids, self.gpu_ids) as sampler, MetricsScraper(self.group.targets) as scraper:
+        with ResourceSampler(self.pids, self.gpu_ids) as sampler, MetricsScraper(self.group.targets) as scraper:
             with pinned_thread(self.client_cores):
-                load = run_load_sync(self.group.targets, requests, arrival, model=self.model, api=workload.api,
+                load = run_load_sync(self.group.targets, requests, arrival, model=self.served_name, api=workload.api,
                                      warmup=warmup, timeout_s=timeout_s)
         memory = sampler.result()
         from_metrics = scraper.result()
@@ -103,22 +116,35 @@ class Deployment:
         return record
 
 
+@dataclass(frozen=True)
+class DeployJob:
+    """One configuration to start: its model (local path or hub name), settings, slot and log folder, and the name
+    its servers serve (None: the model path, vLLM's default)."""
+
+    model: str
+    settings: dict[str, Any]
+    slot: Slot | None
+    log_dir: Path
+    served_model_name: str | None = None
+
+
 @contextlib.contextmanager
 def deploy(model: str, settings: dict[str, Any], *, slot: Slot | None = None, log_dir: Path,
-           start_timeout_s: float = 900.0) -> Iterator[Deployment]:
+           start_timeout_s: float = 900.0, served_model_name: str | None = None) -> Iterator[Deployment]:
     """Start every replica of `settings`, wait until all are ready, tear all down on exit (also on Ctrl-C).
 
     Raises `ServerStartError` with a classified failure when any replica fails to start.
     """
-    with deploy_together(model, [(settings, slot, log_dir)], start_timeout_s=start_timeout_s) as (dep,):
+    with deploy_together([DeployJob(model, settings, slot, log_dir, served_model_name)],
+                         start_timeout_s=start_timeout_s) as (dep,):
         yield dep
 
 
 @contextlib.contextmanager
-def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Path]], *,
-                    start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
-    """Several deployments (settings, slot, log dir) started at once: their start-ups (minutes each on GPUs, for
-    torch.compile and CUDA graphs) overlap instead of adding up. All are torn down on exit or on any start failure.
+def deploy_together(jobs: list[DeployJob], *, start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
+    """Several deployments started at once (one configuration of one model each; the models may differ, as on a
+    node shared between models): their start-ups (minutes each on GPUs, for torch.compile and CUDA graphs) overlap
+    instead of adding up. All are torn down on exit or on any start failure.
 
     Deployments that share a GPU (several servers on one GPU, each with its share of gpu_memory_utilization)
     start one after another instead: vLLM sizes its KV cache from the device's free memory before and after its
@@ -127,12 +153,12 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
     """
     groups: list[ServerGroup] = []
     gpu_ids: list[list[int]] = []
-    for settings, slot, log_dir in jobs:
-        placement = replica_placement(settings, slot)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        groups.append(ServerGroup([ServerSpec(model=model, settings=settings, gpus=p.gpus, env=p.env,
-                                              cpu_cores=p.cpu_cores, log_path=log_dir / f"server{i}.log",
-                                              start_timeout_s=start_timeout_s)
+    for job in jobs:
+        placement = replica_placement(job.settings, job.slot)
+        job.log_dir.mkdir(parents=True, exist_ok=True)
+        groups.append(ServerGroup([ServerSpec(model=job.model, settings=job.settings, gpus=p.gpus, env=p.env,
+                                              cpu_cores=p.cpu_cores, log_path=job.log_dir / f"server{i}.log",
+                                              start_timeout_s=start_timeout_s, served_model_name=job.served_model_name)
                                    for i, p in enumerate(placement)]))
         gpu_ids.append([g for p in placement for g in (p.gpus or [])])
     try:
@@ -141,9 +167,10 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
                 wait_all_ready(groups[:k])
             group.start()
         wait_all_ready(groups)
-        yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s,
-                          client_cores=slot.client_cores if slot is not None else ())
-               for (settings, slot, _), group, ids in zip(jobs, groups, gpu_ids)]
+        yield [Deployment(model=job.model, settings=dict(job.settings), group=group, gpu_ids=ids,
+                          startup_s=group.startup_s, served_model_name=job.served_model_name,
+                          client_cores=job.slot.client_cores if job.slot is not None else ())
+               for job, group, ids in zip(jobs, groups, gpu_ids)]
     finally:
         stop_groups(groups)
 

@@ -567,7 +567,7 @@ def server_groups(profile: Profile, names: list[str]) -> list[tuple[str | None, 
 
 
 def run_group(profile: Profile, state: State, deadline: Deadline, config: str | None, units: list[Unit]) -> None:
-    from harness.deploy import deploy_together
+    from harness.deploy import DeployJob, deploy_together
     from harness.launch.server import ServerStartError
     from harness.records import to_dict
 
@@ -591,13 +591,15 @@ def run_group(profile: Profile, state: State, deadline: Deadline, config: str | 
     if build_s:  # the model is gone (a fresh host): build it again first
         run_build(profile, deadline, {cfg.model})
     log_root = state.root / "logs" / config / time.strftime("%Y%m%dT%H%M%S")
-    jobs = [(dict(s), slot, log_root / f"deployment{i}") for i, (s, slot) in enumerate(zip(cfg.deployments, cfg.slots))]
+    model = str(profile.model_path(cfg.model))
+    jobs = [DeployJob(model, dict(s), slot, log_root / f"deployment{i}")
+            for i, (s, slot) in enumerate(zip(cfg.deployments, cfg.slots))]
     say(f"{config}: starting {len(jobs)} server(s) for {', '.join(u.name for u in pending)} "
         f"(~{cfg.startup_estimate_s:.0f} s; elapsed {deadline.elapsed():.0f} s)")
     t0 = time.monotonic()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     try:
-        with deploy_together(str(profile.model_path(cfg.model)), jobs, start_timeout_s=profile.start_timeout_s) as deps:
+        with deploy_together(jobs, start_timeout_s=profile.start_timeout_s) as deps:
             wall = time.monotonic() - t0
             startup = {"startup_s": [round(d.startup_s or 0.0, 1) for d in deps], "startup_wall_s": round(wall, 1),
                        "started": started, "log_dir": log_root.relative_to(state.root).as_posix()}

@@ -185,7 +185,7 @@ class _App:
         continuous = bool(opts.get("continuous_usage_stats"))
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         entry: dict[str, Any] = {"n": n, "chat": chat, "recv_ns": recv, "writes_ns": [], "status": 200,
-                                 "max_tokens": n_tokens, "prompt_tokens": prompt_tokens,
+                                 "max_tokens": n_tokens, "prompt_tokens": prompt_tokens, "model": body.get("model"),
                                  "peer": list(peer) if peer else None}
         if c.record:
             self.log.append(entry)

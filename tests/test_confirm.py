@@ -90,9 +90,9 @@ def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], 
         return Evaluation(settings=settings), gpus_needed[settings["who"]]
 
     @contextlib.contextmanager
-    def deploy_together(model: str, jobs: list[Any], *, start_timeout_s: float) -> Any:
-        started.append([(settings["who"], slot.gpu_ids) for settings, slot, _ in jobs])
-        yield [settings["who"] for settings, _, _ in jobs]
+    def deploy_together(jobs: list[Any], *, start_timeout_s: float) -> Any:
+        started.append([(job.settings["who"], job.slot.gpu_ids) for job in jobs])
+        yield [job.settings["who"] for job in jobs]
 
     def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
                      repeat_of: list[float] | None = None) -> Evaluation:

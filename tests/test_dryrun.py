@@ -19,14 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server start, a model build, a study or a tokenizer load fails the test."""
     from harness.launch import server
+    from harness.models import build as model_build
     from harness.study import runner, tune
 
     def fail(*a: Any, **k: Any) -> Any:
         raise AssertionError("the dry run started something")
 
     monkeypatch.setattr(server.Server, "start", fail)
-    monkeypatch.setattr(tune, "build_tiny", fail)
-    monkeypatch.setattr(tune, "build_from_config", fail)
+    monkeypatch.setattr(model_build, "build_tiny", fail)
+    monkeypatch.setattr(model_build, "build_from_config", fail)
     monkeypatch.setattr(tune, "tune_model", fail)
     monkeypatch.setattr(runner, "open_study", fail)
     monkeypatch.setattr(tune, "load_tokenizer", fail)

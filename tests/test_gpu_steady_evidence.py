@@ -198,9 +198,10 @@ def test_servers_sharing_a_gpu_start_one_after_another(monkeypatch, tmp_path):
     monkeypatch.setattr(deploy_mod, "ServerGroup", Group)
     monkeypatch.setattr(deploy_mod, "wait_all_ready", lambda groups: events.append(
         "ready " + ",".join(g.name for g in groups)))
-    jobs = [({}, Slot(gpu_ids=(0,)), tmp_path / "a"), ({}, Slot(gpu_ids=(0,)), tmp_path / "b"),
-            ({}, Slot(gpu_ids=(1,)), tmp_path / "c")]
-    with deploy_mod.deploy_together("m", jobs) as deps:
+    jobs = [deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(0,)), tmp_path / "a"),
+            deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(0,)), tmp_path / "b"),
+            deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(1,)), tmp_path / "c")]
+    with deploy_mod.deploy_together(jobs) as deps:
         assert len(deps) == 3
     # b shares GPU 0 with a: it starts once a is ready; c (GPU 1) does not wait for b
     assert events[:5] == ["start g0", "ready g0", "start g1", "start g2", "ready g0,g1,g2"]

@@ -80,3 +80,14 @@ def test_arch_cli_with_config_path(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 1000 and tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 999
     assert tok("hello there")["input_ids"][0] != 999  # GPT-2 style: no BOS added
+
+
+def test_ensure_model_passes_hub_names_and_refuses_a_missing_directory(tmp_path):
+    from harness.errors import UserError
+    from harness.models import ensure_model
+
+    assert ensure_model("org/some-model") == "org/some-model"
+    with pytest.raises(UserError, match="no such model directory"):
+        ensure_model(str(tmp_path / "absent"))
+    (tmp_path / "m").mkdir()
+    assert ensure_model(str(tmp_path / "m")) == str((tmp_path / "m").resolve())

@@ -166,7 +166,8 @@ def test_committed_node_plan_is_what_the_command_writes_and_lints_clean(tmp_path
     assert "0 error(s), 0 warning(s)" in capsys.readouterr().out
 
 
-def test_cli_bad_input_and_confirm(tmp_path, capsys):
+def test_cli_bad_input_and_confirm(tmp_path, capsys, monkeypatch):
+    from harness.node import confirm as confirm_mod
     from harness.node.__main__ import main
 
     sweep = _sweep(tmp_path, traffic="{models: {ghost: {rps: 1}}}")
@@ -175,9 +176,15 @@ def test_cli_bad_input_and_confirm(tmp_path, capsys):
     assert "traffic.models.ghost" in err and str(sweep) in err
     sweep = _sweep(tmp_path, traffic="{models: {tiny: {rps: 1}}}",
                    models="[{name: tiny, model: microsoft/DialoGPT-medium}]")
+    # a 4-GPU plan on a CPU host with one core: refused before anything starts, nothing written
+    monkeypatch.setattr(confirm_mod, "detect_hardware", lambda *a: detect_hardware("CPU"))
+    monkeypatch.setattr(confirm_mod, "cpu_slots", lambda n: [(0,)])
     assert main([str(sweep), "--gpu", "L40S", "--num-gpus", "4", "--confirm", "--out",
                  str(tmp_path / "n.yaml")]) == 2
-    assert "--confirm" in capsys.readouterr().err and not (tmp_path / "n.yaml").exists()
+    err = capsys.readouterr().err
+    assert "--confirm" in err and "4 devices" in err and not (tmp_path / "n.yaml").exists()
+    assert main([str(sweep), "--gpu", "L40S", "--num-gpus", "4", "--confirm", "--window", "0"]) == 2
+    assert "--window" in capsys.readouterr().err
     assert main([str(sweep), "--gpu", "L40S", "--num-gpus", "4", "--topology", "0,1;2"]) == 2
     assert "exactly once" in capsys.readouterr().err
 

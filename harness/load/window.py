@@ -137,6 +137,17 @@ class WindowPlan:
         return lo <= send_s < hi
 
 
+def common_window(plans: Sequence[WindowPlan]) -> list[WindowPlan]:
+    """Plans of one mixed load (one per model, each at its own rate) shaped alike: the longest warm-up and tail of
+    any of them, so the measured window covers the same seconds for every model and each model's last window
+    arrivals are still served next to everyone's traffic."""
+    if len({(p.step_s, p.drain_s) for p in plans}) > 1:
+        raise ValueError("the plans of one mixed load need one step_s and drain_s")
+    warmup = max((p.warmup_s for p in plans), default=0.0)
+    tail = max((p.tail_s for p in plans), default=0.0)
+    return [dataclasses.replace(p, warmup_s=warmup, tail_s=tail) for p in plans]
+
+
 def mark_window(results: Sequence[RequestResult], plan: WindowPlan) -> list[RequestResult]:
     """Copies of `results` with every arrival outside the measured window flagged `warmup` (not measured), so
     `harness.measure.stats.summarize` gives the window's metrics."""

@@ -1,4 +1,6 @@
 """Run one time-window load step against live servers and judge it: load, server queue series, metrics, verdict.
+`run_window_step` loads the replicas of one configuration; `run_mixed_window_step` several models' servers at
+once (one mixed load, one window), each model judged on its own servers and requests.
 
 The pieces a windowed step needs, in the order they happen: the `/metrics` scraper starts, the client runs the
 step's whole schedule (warm-up, window, tail) with no client-side warm-up and each request's timeout at the
@@ -9,11 +11,13 @@ verdict is folded in by the caller (`harness.measure.steady.apply_slo`), which o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from harness.load.client import LoadProgress, LoadResult, Target, run_load_sync
+from harness.load.mixed import Stream, run_mixed_load_sync
 from harness.load.prompts import RequestSpec
 from harness.load.window import WindowPlan, mark_window
 from harness.measure.stats import summarize
@@ -48,6 +52,20 @@ def window_metrics(results: Sequence[RequestResult], plan: WindowPlan, slo: SLO 
     return marked, summarize(marked, duration, slo)
 
 
+@dataclass
+class WindowStream:
+    """One model's part of a mixed windowed step: its servers, requests, plan (its rate, the common window) and SLO."""
+
+    name: str
+    targets: list[Target] | list[tuple[str, str | None]]
+    requests: list[RequestSpec]
+    plan: WindowPlan
+    model: str  # the name the servers serve
+    api: str
+    slo: SLO | None = None
+    extra_body: dict[str, Any] | None = None
+
+
 def run_window_step(
     targets: list[Target] | list[tuple[str, str | None]],
     requests: list[RequestSpec],
@@ -64,20 +82,73 @@ def run_window_step(
     """Run `plan` on `targets` (replicas of one configuration) with `requests` (at least
     `plan.requests_needed()`); `scrape_period_s` None skips the server's /metrics (no queue series); `progress`
     is the client's live progress (about once a second)."""
-    if len(requests) < plan.requests_needed():
-        raise ValueError(f"the step needs {plan.requests_needed()} requests, got {len(requests)}")
-    scraper = None
-    if scrape_period_s is not None:
-        scraper = MetricsScraper([tuple(t) for t in targets], period_s=scrape_period_s).start()  # type: ignore[misc]
-    try:
+    _check_requests(requests, plan)
+    with _scraping([targets], scrape_period_s) as scrapers:
         load = run_load_sync(targets, requests, plan.arrival(), model=model, api=api, warmup=0,
                              timeout_s=plan.drain_s, extra_body=extra_body, progress=progress)
+    return _judge(load, plan, slo, criteria, scrapers[0])
+
+
+def run_mixed_window_step(
+    streams: Sequence[WindowStream],
+    *,
+    criteria: SteadyCriteria = SteadyCriteria(),
+    scrape_period_s: float | None = 0.5,
+    progress: Callable[[str, LoadProgress], None] | None = None,
+) -> dict[str, WindowStep]:
+    """Every stream's plan at once (one mixed load, `harness.load.mixed`), each judged on its own servers: window
+    metrics over its window arrivals, the steady verdict with its servers' queue series. The plans must share
+    their window (`harness.load.window.common_window`)."""
+    if len({s.plan.window for s in streams}) > 1:
+        raise ValueError("the streams of a mixed step need one common window (harness.load.window.common_window)")
+    for s in streams:
+        _check_requests(s.requests, s.plan)
+    mixed = [Stream(s.name, s.targets, s.requests, s.plan.arrival(), s.model, s.api, s.extra_body) for s in streams]
+    with _scraping([s.targets for s in streams], scrape_period_s) as scrapers:
+        loads = run_mixed_load_sync(mixed, timeout_s=max(s.plan.drain_s for s in streams), progress=progress)
+    return {s.name: _judge(loads[s.name], s.plan, s.slo, criteria, scraper) for s, scraper in zip(streams, scrapers)}
+
+
+def _check_requests(requests: Sequence[RequestSpec], plan: WindowPlan) -> None:
+    if len(requests) < plan.requests_needed():
+        raise ValueError(f"the step needs {plan.requests_needed()} requests, got {len(requests)}")
+
+
+@contextlib.contextmanager
+def _scraping(target_sets: Sequence[Sequence[Any]], period_s: float | None) -> Iterator[list[_Scrape]]:
+    """One /metrics scraper per target set while the load runs (None each when `period_s` is None)."""
+    scrapes = [_Scrape(MetricsScraper([tuple(t) for t in ts], period_s=period_s).start() if period_s is not None
+                       else None) for ts in target_sets]  # type: ignore[misc]
+    try:
+        yield scrapes
     finally:
-        server = scraper.stop() if scraper is not None else None
-    waiting = None
-    if scraper is not None:
-        t0 = load.t0_perf_ns / 1e9
-        waiting = [(t - t0, v) for t, v in scraper.series[WAITING_METRIC]]
+        for sc in scrapes:
+            sc.stop()
+
+
+class _Scrape:
+    """A running scraper and, once stopped, what it said over the step."""
+
+    def __init__(self, scraper: MetricsScraper | None) -> None:
+        self.scraper = scraper
+        self.server: ServerStats | None = None
+
+    def stop(self) -> None:
+        if self.scraper is not None and self.server is None:
+            self.server = self.scraper.stop()
+
+    def waiting(self, t0_perf_ns: int) -> list[tuple[float, float]] | None:
+        """The server queue series on the load's send clock."""
+        if self.scraper is None:
+            return None
+        t0 = t0_perf_ns / 1e9
+        return [(t - t0, v) for t, v in self.scraper.series[WAITING_METRIC]]
+
+
+def _judge(load: LoadResult, plan: WindowPlan, slo: SLO | None, criteria: SteadyCriteria, scrape: _Scrape
+           ) -> WindowStep:
+    """The step's window metrics and steady verdict from its load and its servers' queue series."""
     marked, metrics = window_metrics(load.results, plan, slo)
-    steady = assess(load.results, plan.window, target_rate=plan.rate, waiting=waiting, criteria=criteria)
-    return WindowStep(plan=plan, load=load, results=marked, metrics=metrics, steady=steady, server=server)
+    steady = assess(load.results, plan.window, target_rate=plan.rate, waiting=scrape.waiting(load.t0_perf_ns),
+                    criteria=criteria)
+    return WindowStep(plan=plan, load=load, results=marked, metrics=metrics, steady=steady, server=scrape.server)

@@ -12,6 +12,7 @@ from harness.models.build import (
     build_from_config,
     build_tiny,
     cached_tiny,
+    ensure_model,
     is_model_dir,
     resolve_config,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "build_from_config",
     "build_tiny",
     "cached_tiny",
+    "ensure_model",
     "is_model_dir",
     "resolve_config",
 ]

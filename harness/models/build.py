@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,23 @@ def is_model_dir(path: str | Path) -> bool:
     """A local model directory (config.json inside); anything else is a hub name passed to vLLM as-is."""
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file()
+
+
+def ensure_model(model: str, build: str | None = None, *, key: str = "models[].model") -> str:
+    """A local model a sweep may build when missing (`build`: "tiny" or an architecture name), as an absolute path;
+    hub names pass through untouched. UserError for a local path that is not there."""
+    path = Path(model)
+    if build and not (path / "config.json").exists():
+        print(f"building model '{build}' into {path} ...", file=sys.stderr, flush=True)
+        if build == "tiny":
+            build_tiny(path)
+        else:
+            build_from_config(build, path)
+    if path.exists():
+        return str(path.resolve())
+    if model.startswith((".", "/")) or build:
+        raise UserError("no such model directory", source=model, key=key)
+    return model
 
 
 def resolve_config(name_or_path: str) -> dict[str, Any]:

@@ -3,9 +3,13 @@
     python -m harness.node sweeps/l40s.yaml                           # the GPUs here (NVML), else the sweep's hardware
     python -m harness.node sweeps/l40s.yaml --gpu L40S --num-gpus 4   # plan for a node that is not this machine
     python -m harness.node sweeps/l40s.yaml --topology "0,1;2,3" --out configs/node.yaml
+    python -m harness.node sweeps/l40s.yaml --confirm --user-config their.yaml   # measure it here, and theirs
 
 Prints each model's capacity table and the plan, and writes the plan in the user's `vllm_instances:` format.
-Exit status: 0 when every model meets its target, 1 when some cannot (the plan is still written), 2 for bad input.
+With --confirm every instance starts at once on this machine (GPUs, or core sets on vLLM's CPU build) under every
+model's target traffic; a plan that misses a model's SLO there is written as NODE.not-recommended.yaml instead.
+Exit status: 0 when every model meets its target (and, with --confirm, its SLO), 1 when some cannot (the plan is
+still written), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL of the studies (default: RESULTS_DIR/studies.db)")
     p.add_argument("--confirm", action="store_true",
                    help="start every instance of the plan together and measure it under the mixed traffic")
+    p.add_argument("--user-config", metavar="PATH",
+                   help="with --confirm: the user's own layout (vllm_instances: model_name, settings, gpu_devices), "
+                        "measured the same way on the same node, side by side")
+    p.add_argument("--window", type=float, default=300.0, metavar="S",
+                   help="with --confirm: the measured window in seconds (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=60.0, metavar="S",
+                   help="with --confirm: warm-up before the window in seconds (default: %(default)s)")
+    p.add_argument("--start-timeout", type=float, metavar="S",
+                   help="with --confirm: seconds a server may take to start (default: the sweep's start_timeout_s)")
     return p
 
 
@@ -42,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.node.inputs import load_inputs
 
     args = _parser().parse_args(argv)
+    if args.user_config and not args.confirm:
+        raise UserError("compares the user's layout with the plan under --confirm; add --confirm", key="--user-config")
+    for key, value in (("--window", args.window), ("--warmup", args.warmup), ("--start-timeout", args.start_timeout)):
+        if value is not None and not value > 0 and not (key == "--warmup" and value == 0):
+            raise UserError(f"must be a number of seconds > 0, got {value}", key=key)
     inputs = load_inputs(args.sweep)
     if args.results_dir:
         inputs.sweep.results_dir = args.results_dir
@@ -49,13 +67,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     topology = _topology(args, hw)
     plan = build_plan(inputs, hw, topology, storage=args.storage)
     print_plan(plan, sys.stdout)
+    argspec = _argspec()
+    conf = None
+    out = Path(args.out)
     if args.confirm:
-        from harness.node.confirm import confirm_plan
+        from harness.node.confirm import confirm_plan, print_confirmation
+        from harness.node.emit import not_recommended_path
 
-        confirm_plan(plan, results_dir=Path(inputs.sweep.results_dir))
-    path = write_node_config(args.out, plan, argspec=_argspec(), sweep_label=args.sweep)
-    print(f"\nplan written to {path} (lint it: python -m harness.plan {path} --gpu {hw.name} --num-gpus {hw.count})")
-    return 1 if plan.allocation.shortfalls else 0
+        conf = confirm_plan(plan, results_dir=Path(inputs.sweep.results_dir),
+                            user_config=Path(args.user_config) if args.user_config else None,
+                            duration_s=args.window, warmup_s=args.warmup,
+                            start_timeout_s=args.start_timeout or inputs.sweep.start_timeout_s)
+        print_confirmation(conf, sys.stdout)
+        if not conf.recommended:
+            out = not_recommended_path(out)
+    path = write_node_config(out, plan, argspec=argspec, sweep_label=args.sweep, confirmation=conf)
+    what = "plan" if conf is None else ("confirmed plan" if conf.recommended else
+                                        f"plan NOT recommended (missed its confirmation; {args.out} left as it was)")
+    print(f"\n{what} written to {path} (lint it: python -m harness.plan {path} --gpu {hw.name} --num-gpus {hw.count})")
+    return 1 if plan.allocation.shortfalls or (conf is not None and not conf.recommended) else 0
 
 
 def _hardware(args: argparse.Namespace, sweep_hw: dict[str, Any], source: str) -> Any:

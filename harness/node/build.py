@@ -37,6 +37,7 @@ class NodePlan:
 def build_plan(inputs: NodeInputs, hardware: Hardware, topology: Topology, *, storage: str | None = None,
                out: Any = sys.stderr) -> NodePlan:
     from harness.load.workload import load_workload
+    from harness.models import ensure_model
     from harness.plan import load_model_facts
     from harness.space import load_space
     from harness.study import naming
@@ -56,7 +57,7 @@ def build_plan(inputs: NodeInputs, hardware: Hardware, topology: Topology, *, st
         study_name = naming.study_name(entry.name, hw_tag, workload.name, sweep.objective.kind)
         measured, note = measured_candidates(storage_url, study_name, t.slo, sweep.results_dir)
         studies[t.name] = note
-        facts = load_model_facts(entry.model)
+        facts = load_model_facts(ensure_model(entry.model, entry.build))  # a `build:` model is made here
         rows = capacity_rows(t.name, facts, hardware, shape_of(workload), t.slo, {**space.fixed, **entry.fixed},
                              quantizations, measured)
         tables[t.name] = rows

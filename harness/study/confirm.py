@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from optuna.trial import FrozenTrial
 
-from harness.deploy import deploy_together
+from harness.deploy import DeployJob, deploy_together
 from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
@@ -214,8 +214,8 @@ def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
                 # GPUs: all need free devices now; CPU: only one of them is under load at any time
                 slot = (stack.enter_context(ctx.slots.acquire(needs[trial.number], timeout_s=SLOT_WAIT_S))
                         if ctx.slots.gpu_ids else ctx.slots.cpu_host_slot())
-                jobs.append((settings_of(trial), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
-            deps = stack.enter_context(deploy_together(ctx.model, jobs, start_timeout_s=ctx.start_timeout_s))
+                jobs.append(DeployJob(ctx.model, settings_of(trial), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
+            deps = stack.enter_context(deploy_together(jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):
             deps = None
         if not deps:

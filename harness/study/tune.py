@@ -26,7 +26,7 @@ from harness.launch.vllm_args import load_argspec
 from harness.load.prompts import build_requests
 from harness.load.tokenizer import load_tokenizer
 from harness.load.workload import load_workload
-from harness.models import build_from_config, build_tiny
+from harness.models import ensure_model
 from harness.paths import portable
 from harness.plan import load_model_facts
 from harness.plan.lint import require_feasible
@@ -55,22 +55,6 @@ class ModelOutcome:
     message: str
 
 
-def ensure_model(entry: ModelEntry) -> str:
-    """A local model that the sweep may build (the demo's tiny model); hub names pass through untouched."""
-    path = Path(entry.model)
-    if entry.build and not (path / "config.json").exists():
-        print(f"building model '{entry.build}' into {path} ...", file=sys.stderr, flush=True)
-        if entry.build == "tiny":
-            build_tiny(path)
-        else:
-            build_from_config(entry.build, path)
-    if path.exists():
-        return str(path.resolve())
-    if entry.model.startswith((".", "/")) or entry.build:
-        raise UserError("no such model directory", source=entry.model, key="models[].model")
-    return entry.model
-
-
 def config_path_of(sweep: Sweep, entry: ModelEntry) -> Path:
     """Where the model's recommended config is (and is written): configs/<name>.yaml."""
     return Path(sweep.configs_dir) / f"{entry.name}.yaml"
@@ -87,7 +71,7 @@ def study_baselines(space: Any, config_path: Path) -> dict[str, dict[str, Any]]:
 
 def refuse_infeasible(sweep: Sweep, entry: ModelEntry, hardware: Any) -> None:
     """Before any trial: UserError naming the reason and the fix when the model's space has no feasible candidate."""
-    facts = load_model_facts(ensure_model(entry))
+    facts = load_model_facts(ensure_model(entry.model, entry.build))
     space = load_space(sweep.space).for_model(facts.max_context, entry.fixed)
     longest = load_workload(entry.workload or sweep.workload).max_total_tokens()
     require_feasible(space, facts, hardware, source=sweep.source, key=f"models[{entry.name}]", longest_request=longest)
@@ -122,7 +106,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
                out: Any = sys.stderr, deadline: float | None = None) -> ModelOutcome:
     """`deadline` (time.monotonic()): start no trial or confirmation after it; a rerun resumes."""
     results_dir = Path(sweep.results_dir)
-    model = ensure_model(entry)
+    model = ensure_model(entry.model, entry.build)
     ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
     trials = entry.trials or sweep.trials
     storage = make_storage(storage_url or default_storage(results_dir))
