@@ -198,15 +198,9 @@ def requests_for(n: int, output_tokens: int, prompt_words: int = 4) -> list:
 
 def wait_idle(fake: CapacityFake, timeout_s: float = 60.0) -> None:
     """Until the fake's virtual queue is empty, so one step's backlog does not load the next."""
-    from harness.measure.vllm_metrics import RUNNING_METRIC, WAITING_METRIC, scrape
+    from harness.measure.vllm_metrics import wait_idle as wait_servers_idle
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        snap = scrape(fake.url)
-        if not (snap.total(WAITING_METRIC) or snap.total(RUNNING_METRIC)):
-            return
-        time.sleep(0.05)
-    raise TimeoutError("capacity fake still busy")
+    wait_servers_idle([(fake.url, None)], timeout_s=timeout_s, poll_s=0.05)
 
 
 def window_measure(fake: CapacityFake, spec: Any, output_tokens: int, slo: Any = None, *, keep_client: bool = False,

@@ -10,10 +10,11 @@ verdict is folded in by the caller (`harness.measure.steady.apply_slo`), which o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from harness.load.client import LoadResult, Target, run_load_sync
+from harness.load.client import LoadProgress, LoadResult, Target, run_load_sync
 from harness.load.prompts import RequestSpec
 from harness.load.window import WindowPlan, mark_window
 from harness.measure.stats import summarize
@@ -59,9 +60,11 @@ def run_window_step(
     criteria: SteadyCriteria = SteadyCriteria(),
     scrape_period_s: float | None = 0.5,
     extra_body: dict[str, Any] | None = None,
+    progress: Callable[[LoadProgress], None] | None = None,
 ) -> WindowStep:
     """Run `plan` on `targets` (replicas of one configuration) with `requests` (at least
-    `plan.requests_needed()`); `scrape_period_s` None skips the server's /metrics (no queue series)."""
+    `plan.requests_needed()`); `scrape_period_s` None skips the server's /metrics (no queue series); `progress`:
+    the client's live-progress callback (`harness.load.progress.StepDisplay` on a terminal)."""
     if len(requests) < plan.requests_needed():
         raise ValueError(f"the step needs {plan.requests_needed()} requests, got {len(requests)}")
     scraper = None
@@ -69,7 +72,7 @@ def run_window_step(
         scraper = MetricsScraper([tuple(t) for t in targets], period_s=scrape_period_s).start()  # type: ignore[misc]
     try:
         load = run_load_sync(targets, requests, plan.arrival(), model=model, api=api, warmup=0,
-                             timeout_s=plan.drain_s, extra_body=extra_body)
+                             timeout_s=plan.drain_s, extra_body=extra_body, progress=progress)
     finally:
         server = scraper.stop() if scraper is not None else None
     waiting = None

@@ -151,6 +151,27 @@ def scrape(base_url: str, api_key: str | None = None, timeout_s: float = 5.0) ->
     return parse_prometheus(fetch_metrics_text(base_url, api_key, timeout_s))
 
 
+def wait_idle(targets: list[tuple[str, str | None]], timeout_s: float = 120.0, poll_s: float = 0.25) -> float:
+    """Block until every server reports no request waiting or running on /metrics, so one load step's backlog
+    does not load the next; returns the seconds waited. A server without these gauges counts as idle (nothing to
+    wait for); one that does not answer is polled again until `timeout_s`, then TimeoutError."""
+    t0 = time.monotonic()
+    while True:
+        busy = 0.0
+        try:
+            for url, key in targets:
+                snap = scrape(url, key, timeout_s=min(5.0, timeout_s))
+                busy += (snap.total(WAITING_METRIC) or 0.0) + (snap.total(RUNNING_METRIC) or 0.0)
+        except (urllib.error.URLError, OSError, TimeoutError):
+            busy = math.inf
+        waited = time.monotonic() - t0
+        if busy == 0:
+            return waited
+        if waited > timeout_s:
+            raise TimeoutError(f"the server(s) still had {busy:g} requests waiting or running after {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
 def stats_from_snapshot(snap: MetricsSnapshot, since: MetricsSnapshot | None = None) -> ServerStats:
     """ServerStats from one scrape; counters (preemptions, prefix hits) as deltas from `since` when given.
 

@@ -30,9 +30,11 @@ class Attr:
     METRICS = "metrics"  # Evaluation.summary(): flat numbers of the run the values come from
     RECORDS = "records"  # paths of the run records (one per load step) and of a failure file
     DEVICE_SECONDS = "device_seconds"  # wall time the servers held their devices, times the devices held
-    GPUS = "gpus"  # replicas x TP x PP of the settings (Topology.gpus)
+    GPUS = "gpus"  # replicas x DP x TP x PP of the settings (Topology.gpus): what every per-GPU value divides by
     PLAN = "plan"  # the planner's prediction (Plan.to_dict())
     CURVE = "curve"  # capacity: latency vs offered load, one point per load step
+    CAPACITY = "capacity"  # capacity: the bracket (capacity_lo/hi), converged, stopped, limited_by_client, steps
+    STEADY = "steady"  # the steady verdict of the run the values come from (holds, ratio, trends, reasons)
     MAX_FITTING_LEN = "max_fitting_len"  # vLLM's estimate after a max_model_len start failure
     WORKER = "worker"  # host, pid and pid namespace of the process running the trial (workers.worker_record)
 
@@ -83,9 +85,16 @@ class Evaluation:
     curve: list[dict[str, Any]] = field(default_factory=list)  # capacity: latency vs offered load
     device_seconds: float = 0.0  # wall time servers held their devices, times the devices held
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers (capacity_rps, ...)
+    capacity: dict[str, Any] | None = None  # capacity searches: CapacityBracket.summary()
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the measured deployment used (1 for a CPU server): what the per-GPU numbers divide by."""
+        return max(Topology.of(self.settings).gpus, 1)
 
     def summary(self) -> dict[str, Any]:
-        """Flat numbers for trial user attributes, the table and the dashboard."""
+        """Flat numbers for trial user attributes, the table and the dashboard; every throughput-like number also
+        per GPU (`<name>_per_gpu`), so candidates of different GPU counts compare on equal hardware."""
         out: dict[str, Any] = {}
         rec = self.record
         if rec is not None and rec.metrics is not None:
@@ -110,7 +119,28 @@ class Evaluation:
         if self.plan:
             out["planned_kv_cache_tokens"] = self.plan.get("kv_cache_tokens")
         out.update(self.metrics)
+        if self.capacity is not None:
+            out["capacity_hi"] = self.capacity.get("capacity_hi")
+        if rec is not None and rec.steady is not None:
+            out["steady_completion_ratio"] = rec.steady.completion_ratio
+        for name in PER_GPU_METRICS:
+            if isinstance(out.get(name), (int, float)):
+                out[f"{name}_per_gpu"] = out[name] / self.gpus
         return {k: v for k, v in out.items() if v is not None}
+
+
+PER_GPU_METRICS = ("capacity_rps", "goodput", "output_throughput", "request_throughput", "total_token_throughput")
+
+
+def steady_summary(steady: Any) -> dict[str, Any] | None:
+    """The compact steady verdict a trial keeps (the full block is in its run record)."""
+    if steady is None:
+        return None
+    return {"holds": steady.holds, "kept_up": steady.kept_up, "slo_ok": steady.slo_ok,
+            "completion_ratio": steady.completion_ratio, "offered_rate": steady.offered_rate,
+            "achieved_rate": steady.achieved_rate, "inflight_growth": steady.inflight_growth,
+            "waiting_growth": steady.waiting_growth, "growth_limit": steady.growth_limit,
+            "window_s": steady.window_s, "reasons": list(steady.reasons), "warnings": list(steady.warnings)}
 
 
 def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
@@ -128,6 +158,10 @@ def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
         trial.set_user_attr(Attr.PLAN, json_safe(ev.plan))
     if ev.curve:
         trial.set_user_attr(Attr.CURVE, json_safe(ev.curve))
+    if ev.capacity is not None:
+        trial.set_user_attr(Attr.CAPACITY, json_safe(ev.capacity))
+    if ev.record is not None and ev.record.steady is not None:
+        trial.set_user_attr(Attr.STEADY, json_safe(steady_summary(ev.record.steady)))
     if ev.pruned_reason:
         trial.set_user_attr(Attr.OUTCOME, Outcome.PRUNED)
         trial.set_user_attr(Attr.REASON, ev.pruned_reason)
@@ -229,6 +263,26 @@ def gpus_of(trial: FrozenTrial) -> int:
     """Replicas x TP x PP of the trial's settings (recorded since the attribute exists; else from the settings)."""
     gpus = trial.user_attrs.get(Attr.GPUS)
     return int(gpus) if isinstance(gpus, int) else Topology.of(settings_of(trial)).gpus
+
+
+def capacity_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The capacity bracket of a capacity trial ({} for other kinds and for trials stored before brackets)."""
+    return dict(trial.user_attrs.get(Attr.CAPACITY) or {})
+
+
+def steady_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The compact steady verdict of the trial's run ({} before steady verdicts were recorded)."""
+    return dict(trial.user_attrs.get(Attr.STEADY) or {})
+
+
+def per_gpu_metric(trial: FrozenTrial, name: str) -> float | None:
+    """`name` per GPU of the trial: recorded (`<name>_per_gpu`), else the absolute number / its GPUs (studies
+    stored before per-GPU numbers)."""
+    recorded = metric_of(trial, f"{name}_per_gpu")
+    if recorded is not None:
+        return recorded
+    value = metric_of(trial, name)
+    return None if value is None else value / max(gpus_of(trial), 1)
 
 
 def label_of(trial: FrozenTrial) -> str:

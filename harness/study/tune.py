@@ -87,17 +87,17 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     workload = load_workload(entry.workload or sweep.workload)
     tokenizer = load_tokenizer(model)
     obj = sweep.objective
-    n_requests = obj.num_requests + workload.warmup_requests
 
     @functools.lru_cache(maxsize=16)
-    def requests_for(step: int) -> list[Any]:
-        return build_requests(workload, tokenizer, n_requests, seed=sweep.seed * 1000 + step)
+    def requests_for(step: int, n: int) -> list[Any]:
+        # windowed steps need rate x time requests (a count that follows from the step's rate)
+        return build_requests(workload, tokenizer, n, seed=sweep.seed * 1000 + step)
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
     ctx = StudyContext(model=model, model_name=entry.model_name or entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
                        objective=obj, requests_for=requests_for, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
-                       slots=SlotPool.for_host(n_gpus, parallel))
+                       slots=SlotPool.for_host(n_gpus, parallel), out=sys.stderr)
     return ctx, name
 
 
@@ -107,6 +107,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     results_dir = Path(sweep.results_dir)
     model = ensure_model(entry)
     ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
+    ctx.out = out
     trials = entry.trials or sweep.trials
     storage = make_storage(storage_url or default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
