@@ -121,8 +121,9 @@ class Evaluation:
         out.update(self.metrics)
         if self.capacity is not None:
             out["capacity_hi"] = self.capacity.get("capacity_hi")
-        if rec is not None and rec.steady is not None:
-            out["steady_completion_ratio"] = rec.steady.completion_ratio
+        steady = getattr(rec, "steady", None)
+        if steady is not None:
+            out["steady_completion_ratio"] = steady.completion_ratio
         for name in PER_GPU_METRICS:
             if isinstance(out.get(name), (int, float)):
                 out[f"{name}_per_gpu"] = out[name] / self.gpus
@@ -160,7 +161,7 @@ def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
         trial.set_user_attr(Attr.CURVE, json_safe(ev.curve))
     if ev.capacity is not None:
         trial.set_user_attr(Attr.CAPACITY, json_safe(ev.capacity))
-    if ev.record is not None and ev.record.steady is not None:
+    if getattr(ev.record, "steady", None) is not None:
         trial.set_user_attr(Attr.STEADY, json_safe(steady_summary(ev.record.steady)))
     if ev.pruned_reason:
         trial.set_user_attr(Attr.OUTCOME, Outcome.PRUNED)
