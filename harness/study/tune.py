@@ -34,6 +34,7 @@ from harness.space import load_space
 from harness.study import naming
 from harness.study.confirm import Confirmation, confirm
 from harness.study.evaluate import StudyContext
+from harness.study.pergpu import fill_replicas, gpus_used, one_server
 from harness.study.runner import enqueue_baselines, finished, make_sampler, open_study, run_trials
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
@@ -116,7 +117,8 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     baselines = {BASELINE_DEFAULTS: dict(ctx.space.fixed)}
     if config_path.exists():
         committed = read_config(config_path)
-        baselines[BASELINE_COMMITTED] = {**ctx.space.fixed, **committed.settings}
+        # one server of it: the study measures servers and ranks them per GPU (its replicas are a deployment)
+        baselines[BASELINE_COMMITTED] = one_server({**ctx.space.fixed, **committed.settings})
     # A shared storage may have other workers: each gets its own sampler seed, or all would propose the same
     # candidates (one node with the default storage stays reproducible from the sweep's seed).
     seed = sweep.seed if storage_url is None else worker_seed(sweep.seed)
@@ -201,8 +203,15 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
     }
     if conf is not None:
         provenance["improvement"] = {"metric": conf.metric, "relative": conf.improvement,
+                                     "per_gpu": conf.per_gpu, "winner_gpus": conf.winner_gpus,
+                                     "baseline_gpus": conf.baseline_gpus, "sides": conf.pairing,
                                      "winner": conf.winner.to_dict(), "baseline": conf.baseline.to_dict(),
                                      "verdict": conf.verdict}
+    settings = one_server(settings)
+    provenance["deployment"] = deployment_provenance(settings, conf, hardware)
+    settings = {**settings, "replicas": provenance["deployment"]["replicas"]}
+    if settings["replicas"] == 1:
+        settings.pop("replicas")
     vllm_settings, _ = split_settings(settings)
     argv_tail = load_argspec().to_argv(vllm_settings)
     topo = Topology.of(settings)
@@ -213,6 +222,28 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
               f"{conf.verdict if conf else 'best feasible trial (not confirmed)'}")
     return write_config(path, EmittedConfig(model=ctx.model_name, settings=settings, provenance=provenance,
                                             header=header), gpu_sets=sets, argv_tail=argv_tail)
+
+
+def deployment_provenance(settings: dict[str, Any], conf: Confirmation | None, hardware: Any) -> dict[str, Any]:
+    """How many replicas of the measured server the emitted config deploys, and where that number comes from: the
+    node's GPUs / the server's GPUs (derived from the per-GPU value, not measured) unless the confirmation ran
+    exactly that replica count (then its scaling efficiency is the evidence)."""
+    node = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
+    replicas = fill_replicas(settings, node)
+    per_server = gpus_used(settings)
+    out: dict[str, Any] = {"replicas": replicas, "gpus_per_replica": per_server, "gpus": replicas * per_server,
+                           "node_gpus": node}
+    scaling = conf.scaling if conf is not None else None
+    if replicas == 1:
+        out["replica_count"] = "one server (as measured)" if node else "one server on the CPU host (as measured)"
+    elif scaling and scaling.get("replicas") == replicas and scaling.get("efficiency") is not None:
+        out["replica_count"] = (f"measured by the confirmation: {replicas} replicas on {scaling['gpus']} GPUs, "
+                                f"scaling efficiency {scaling['efficiency']:.0%} of the one server's per-GPU value")
+        out["scaling"] = scaling
+    else:
+        out["replica_count"] = (f"derived from the per-GPU value of one measured server ({node} GPUs / {per_server} "
+                                f"per server), not measured with {replicas} replicas")
+    return out
 
 
 def _hw_dict(hardware: Any) -> dict[str, Any]:
