@@ -299,11 +299,20 @@ def fmt_values(values: list[float] | None) -> str:
 
 
 def describe(trial: FrozenTrial) -> str:
-    """One progress line's account of a finished trial: its outcome, values and reason."""
+    """One progress line's account of a finished trial: its outcome, values (with the GPUs they used and, for a
+    capacity search, the bracket) and reason."""
     outcome = trial.user_attrs.get(Attr.OUTCOME, trial.state.name.lower())
     reason = trial.user_attrs.get(Attr.REASON)
     if trial.state == TrialState.COMPLETE:
-        return f"{outcome}: {fmt_values(trial.values)}" + (f" ({reason})" if reason else "")
+        gpus = gpus_of(trial)
+        cap = capacity_of(trial)
+        bracket = ""
+        if cap and cap.get("capacity_lo") is not None:
+            hi = cap.get("capacity_hi")
+            bracket = (f", capacity {cap['capacity_lo']:.3g}-{'?' if hi is None else f'{hi:.3g}'} req/s"
+                       + (" (client-limited)" if cap.get("limited_by_client") else ""))
+        return (f"{outcome}: {fmt_values(trial.values)} [{gpus} GPU{'s' if gpus != 1 else ''}{bracket}]"
+                + (f" ({reason})" if reason else ""))
     return f"{outcome}" + (f": {reason}" if reason else "")
 
 
