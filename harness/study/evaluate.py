@@ -39,6 +39,7 @@ class StudyContext:
     start_timeout_s: float
     slots: SlotPool
     out: Any = None  # where load steps report their progress (None: quiet)
+    out_tty: bool | None = None  # False: never rewrite a line in place (trials run side by side); None: ask `out`
 
 
 def _plan(ctx: StudyContext, settings: dict[str, Any]) -> Any:
@@ -97,7 +98,7 @@ def measure_live(ctx: StudyContext, dep: Deployment, ev: Evaluation, label: str,
         ev.record_paths.append(str(save_record(record, run_dir / f"{label}-step{step}.json")))
 
     steps = LoadSteps(deployment=dep, workload=ctx.workload, requests_for=ctx.requests_for, slo=ctx.objective.slo,
-                      plan=ev.plan, save=save, label=label, out=ctx.out)
+                      plan=ev.plan, save=save, label=label, out=ctx.out, tty=ctx.out_tty)
     obj = ctx.objective
     got = obj.measure_repeat(steps, repeat_of) if repeat_of is not None else obj.measure(steps, incumbent)
     ev.values, ev.constraints, ev.record = got.values, got.constraints, got.record

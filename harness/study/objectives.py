@@ -78,6 +78,7 @@ class LoadSteps:
     count: int = 0
     label: str = ""
     out: Any = None
+    tty: bool | None = None  # False: a progress line every 10 s even on a terminal (several trials at once)
     last_e2e_s: float | None = None  # the last step's mean E2E: sizes the next window's warm-up and tail
 
     @property
@@ -126,7 +127,8 @@ class LoadSteps:
         return record
 
     def _display(self) -> StepDisplay | None:
-        return StepDisplay(prefix=f"    {self.label} step {self.count}: ", out=self.out) if self.out else None
+        return (StepDisplay(prefix=f"    {self.label} step {self.count}: ", out=self.out, tty=self.tty)
+                if self.out else None)
 
     def _say(self, text: str) -> None:
         if self.out is not None:

@@ -108,7 +108,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     results_dir = Path(sweep.results_dir)
     model = ensure_model(entry)
     ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
-    ctx.out = out
+    ctx.out, ctx.out_tty = out, (False if parallel > 1 else None)  # side-by-side trials: no line rewritten in place
     trials = entry.trials or sweep.trials
     storage = make_storage(storage_url or default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
