@@ -3,7 +3,8 @@
 `deploy()` starts the server(s) of one configuration (replicas on disjoint GPU or core sets, see
 `harness.launch.placement`); `Deployment.run()` drives one measured load against them and returns a `RunRecord` with
 metrics, client self-check, memory and vLLM's own counters. A bench number and a sweep number are therefore the
-same measurement.
+same measurement. `attach()` makes a Deployment of servers the harness did not start (`bench --url`): the same
+`run()`, without the figures that need the process (its group is an `ExternalGroup`: targets, no processes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from harness.envinfo import environment
+from harness.launch.external import ExternalGroup, base_url, check_served, is_local
 from harness.launch.failures import classify
 from harness.launch.placement import Slot, replica_placement
 from harness.launch.server import ServerGroup, ServerSpec, stop_groups, wait_all_ready
@@ -26,12 +28,13 @@ from harness.measure.sampler import ResourceSampler
 from harness.measure.stats import summarize
 from harness.measure.steady import SteadyCriteria, assess
 from harness.measure.step import run_window_step
-from harness.measure.vllm_metrics import (WAITING_METRIC, MetricsScraper, merge_stats, server_stats_from_log,
-                                          wait_idle)
-from harness.records import SLO, Failure, RunMetrics, RunRecord, ServerStats, Steady
+from harness.measure.vllm_metrics import (WAITING_METRIC, MetricsScraper, merge_stats, scrape, server_stats_from_log,
+                                          settings_from_cache_info, wait_idle)
+from harness.nvml import nvml_session
+from harness.records import SLO, Failure, RunMetrics, RunRecord, ServerSide, ServerStats, Steady
 from harness.settings import Topology
 
-__all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "Deployment", "deploy", "deploy_together"]
+__all__ = ["ATTACHED_NOTE", "DEFAULT_REQUEST_TIMEOUT_S", "Deployment", "attach", "deploy", "deploy_together"]
 
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
@@ -42,9 +45,10 @@ class Deployment:
 
     model: str
     settings: dict[str, Any]
-    group: ServerGroup
+    group: ServerGroup | ExternalGroup
     gpu_ids: list[int] = field(default_factory=list)
     startup_s: float | None = None
+    server_side: ServerSide | None = None  # attached: what the record cannot have, where the settings came from
 
     @property
     def log_paths(self) -> list[str]:
@@ -101,7 +105,8 @@ class Deployment:
         running on /metrics: the last step's backlog must not load this one), then warm-up, window, tail, drain.
         The record's metrics cover the window's arrivals; `steady` is the kept-up verdict (the caller folds the
         SLO judgement in, `harness.study.capacity.step_verdict`)."""
-        wait_idle(self.group.targets, timeout_s=idle_timeout_s)
+        if self.dead_server_failure() is None:  # a dead server never becomes idle: the step records the failure
+            wait_idle(self.group.targets, timeout_s=idle_timeout_s)
         pids = [s.pid for s in self.group.servers if s.pid is not None]
         with ResourceSampler(pids, self.gpu_ids) as sampler:
             step = run_window_step(self.group.targets, requests, window, model=self.model, api=workload.api,
@@ -112,7 +117,7 @@ class Deployment:
     def _record(self, workload: Any, arrival: Arrival, slo: SLO | None, plan: dict[str, Any] | None,
                 metrics: RunMetrics, load: LoadResult, sampler: ResourceSampler, from_metrics: ServerStats,
                 steady: Steady | None, window: WindowPlan | None = None) -> RunRecord:
-        log_stats = server_stats_from_log(self.group.servers[0].read_log())
+        log_stats = server_stats_from_log(self.group.servers[0].read_log()) if self.group.servers else ServerStats()
         arrival_dict = arrival.to_dict()
         if window is not None:
             arrival_dict["window"] = {"warmup_s": window.warmup_s, "step_s": window.step_s, "tail_s": window.tail_s,
@@ -123,7 +128,7 @@ class Deployment:
             model=self.model, settings=dict(self.settings), workload=workload.to_dict(), arrival=arrival_dict,
             slo=slo, argv=self.group.argv, metrics=metrics, client=load.client, memory=sampler.result(),
             server=merge_stats(log_stats, from_metrics), plan=plan, env=environment(), log_paths=self.log_paths,
-            startup_s=self.startup_s, steady=steady)
+            startup_s=self.startup_s, steady=steady, server_side=self.server_side)
         record.failure = self.dead_server_failure()
         return record
 
@@ -144,6 +149,11 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
                     start_timeout_s: float = 900.0) -> Iterator[list[Deployment]]:
     """Several deployments (settings, slot, log dir) started at once: their start-ups (minutes each on GPUs, for
     torch.compile and CUDA graphs) overlap instead of adding up. All are torn down on exit or on any start failure.
+
+    Deployments that share a GPU (several servers on one GPU, each with its share of gpu_memory_utilization)
+    start one after another instead: vLLM sizes its KV cache from the device's free memory before and after its
+    own profiling run, so memory another server allocates meanwhile would be counted as this server's (a smaller
+    KV cache, or a failed start). The next one starts once those before it on its GPUs are ready.
     """
     groups: list[ServerGroup] = []
     gpu_ids: list[list[int]] = []
@@ -155,10 +165,50 @@ def deploy_together(model: str, jobs: list[tuple[dict[str, Any], Slot | None, Pa
                                    for i, p in enumerate(placement)]))
         gpu_ids.append([g for p in placement for g in (p.gpus or [])])
     try:
-        for group in groups:
+        for k, group in enumerate(groups):
+            if any(set(gpu_ids[k]) & set(ids) for ids in gpu_ids[:k]):
+                wait_all_ready(groups[:k])
             group.start()
         wait_all_ready(groups)
         yield [Deployment(model=model, settings=dict(settings), group=group, gpu_ids=ids, startup_s=group.startup_s)
                for (settings, _, _), group, ids in zip(jobs, groups, gpu_ids)]
     finally:
         stop_groups(groups)
+
+
+ATTACHED_NOTE = ("attached: no process figures (per-process GPU memory, process RSS, the start-up log: KV capacity "
+                 "from the log, start-up time; no argv); /metrics scraped")
+
+
+def attach(urls: str | list[str], api_key: str | None, model: str) -> Deployment:
+    """A Deployment of running servers (replicas of `model`) the harness did not start, checked first: each answers
+    `/v1/models` with `api_key` and serves `model` (else a one-line UserError). Its settings are what the servers
+    report (`max_model_len` from /v1/models, the cache settings from /metrics), marked as observed; its GPU memory
+    is the whole of every device of this host when the servers are local and NVML exists, else none.
+    """
+    bases = [base_url(u) for u in ([urls] if isinstance(urls, str) else urls)]
+    settings: dict[str, Any] = {}
+    observed: dict[str, str] = {}
+    card = check_served(bases[0], api_key, model)
+    for other in bases[1:]:
+        check_served(other, api_key, model)
+    if card.max_model_len is not None:
+        settings["max_model_len"], observed["max_model_len"] = card.max_model_len, "/v1/models"
+    try:
+        cache = settings_from_cache_info(scrape(bases[0], api_key))
+        has_metrics = True
+    except OSError:  # urllib's URLError/HTTPError and timeouts: a server without /metrics is still measured
+        cache, has_metrics = {}, False
+    for key, value in cache.items():
+        settings.setdefault(key, value)
+        observed.setdefault(key, "/metrics vllm:cache_config_info")
+    gpu_ids: list[int] = []
+    if all(is_local(b) for b in bases):
+        with nvml_session() as nv:
+            gpu_ids = list(range(nv.nvmlDeviceGetCount())) if nv is not None else []
+    note = ATTACHED_NOTE if has_metrics else ATTACHED_NOTE.replace("/metrics scraped", "/metrics did not answer")
+    side = ServerSide(note=note, urls=bases, observed=observed, metrics_endpoint=has_metrics,
+                      gpu_memory="whole device: every process on this host's GPUs, not only the server's"
+                      if gpu_ids else None)
+    return Deployment(model=model, settings=settings, group=ExternalGroup([(b, api_key) for b in bases]),
+                      gpu_ids=gpu_ids, server_side=side)

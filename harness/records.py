@@ -195,6 +195,22 @@ class ServerStats:
 
 
 @dataclass
+class ServerSide:
+    """What a run on a server the harness did not start (`bench --url`) could observe of it, said in the record.
+
+    Without the process there is no per-process GPU memory, no RSS, no start-up log (KV capacity from the log,
+    start-up time) and no argv; `/metrics` is still scraped. `settings` of such a record are what the server
+    reported, each key's source in `observed`.
+    """
+
+    note: str  # "attached: no process figures (...)"
+    urls: list[str] = field(default_factory=list)
+    observed: dict[str, str] = field(default_factory=dict)  # setting -> where the server reported it
+    gpu_memory: str | None = None  # whose memory `memory.gpus` holds; None: not sampled
+    metrics_endpoint: bool = True  # /metrics answered when the harness attached
+
+
+@dataclass
 class Failure:
     """Why a server did not start or died. `kind` is one of FAILURE_KINDS."""
 
@@ -220,7 +236,7 @@ class RunRecord:
     workload: dict[str, Any]
     arrival: dict[str, Any]
     slo: SLO | None
-    argv: list[list[str]]  # one argv per replica
+    argv: list[list[str]] | None  # one argv per replica (None: attached, the command line is unknown)
     metrics: RunMetrics | None = None
     client: ClientCheck | None = None
     memory: MemoryUsage | None = None
@@ -231,6 +247,7 @@ class RunRecord:
     log_paths: list[str] = field(default_factory=list)
     startup_s: float | None = None
     steady: Steady | None = None  # the steady-state verdict of a time-window load step
+    server_side: ServerSide | None = None  # set when the harness attached to servers it did not start
 
     @property
     def ok(self) -> bool:

@@ -14,8 +14,10 @@ then written on those deadlines. A late event loop (a loaded test machine) delay
 accounting, so the server's capacity stays exactly the closed form.
 
 Streams are vLLM's (rendered by `tests/fakeserver.py`: continuous usage per chunk, a final usage chunk, `[DONE]`;
-completions and chat). `/metrics` exports `vllm:num_requests_waiting` and `vllm:num_requests_running` in the
-Prometheus text format, computed from the virtual queue at the scrape's instant.
+completions and chat); `GET /v1/models` lists the model. `/metrics` exports, in the Prometheus text format,
+`vllm:num_requests_waiting` and `vllm:num_requests_running` computed from the virtual queue at the scrape's instant,
+`vllm:kv_cache_usage_perc` (running / slots: a running request holds one slot's share of the cache),
+`vllm:num_preemptions_total` (always 0) and `vllm:cache_config_info` (the config's block counts).
 
 Script: `python tests/capacity_fake.py --port 0 --config JSON` prints `PORT <n>`; `CapacityFake` runs it in its
 own process so the load client's process does not share its event loop.
@@ -39,7 +41,7 @@ from typing import Any
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fakeserver import FakeConfig, _App  # noqa: E402  (the stream renderer; one home for vLLM's format)
+from fakeserver import FakeConfig, _App, models_response  # noqa: E402  (one home for vLLM's formats)
 
 
 @dataclass
@@ -51,6 +53,11 @@ class CapacityConfig:
     tokens_per_chunk: int = 1
     api_key: str | None = None
     model: str = "fake-model"
+    # what /v1/models and /metrics' vllm:cache_config_info report, as vLLM 0.32 does (nothing here depends on them)
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_gpu_blocks: int = 1024
+    gpu_memory_utilization: float = 0.9
 
     def service_s(self, prompt_tokens: float, output_tokens: float) -> float:
         return self.prefill_s + self.prefill_per_token_s * prompt_tokens + self.token_s * max(output_tokens - 1, 0)
@@ -82,7 +89,12 @@ class _Server:
         running = sum(1 for a, s, e in self.jobs if s <= now < e)
         return waiting, running
 
+    async def models(self, request: web.Request) -> web.Response:
+        c = self.config
+        return models_response(request, c.model, c.api_key, c.max_model_len)
+
     async def metrics(self, request: web.Request) -> web.Response:
+        c = self.config
         waiting, running = self.gauges(time.perf_counter())
         labels = f'{{engine="0",model_name="{self.config.model}"}}'
         text = (
@@ -95,6 +107,17 @@ class _Server:
             "# TYPE vllm:request_success_total counter\n"
             f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{self.config.model}"}} '
             f"{float(self.served)}\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"  # each running request holds one slot's share of the cache
+            f"vllm:kv_cache_usage_perc{labels} {running / c.slots}\n"
+            "# TYPE vllm:num_preemptions_total counter\n"  # slots never preempt
+            f"vllm:num_preemptions_total{labels} 0.0\n"
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
+            "# TYPE vllm:cache_config_info gauge\n"
+            f'vllm:cache_config_info{{block_size="{c.block_size}",cache_dtype="auto",enable_prefix_caching="True",'
+            f'engine="0",gpu_memory_utilization="{c.gpu_memory_utilization}",kv_cache_memory_bytes="None",'
+            f'kv_cache_size_tokens="{c.num_gpu_blocks * c.block_size}",num_cpu_blocks="None",'
+            f'num_gpu_blocks="{c.num_gpu_blocks}",num_gpu_blocks_override="None",'
+            f'prefix_caching_hash_algo="sha256",user_specified_block_size="False"}} 1.0\n'
         )
         return web.Response(text=text, content_type="text/plain")
 
@@ -142,6 +165,7 @@ def make_app(config: CapacityConfig) -> web.Application:
     app.router.add_post("/v1/completions", state.completions)
     app.router.add_post("/v1/chat/completions", state.chat)
     app.router.add_get("/metrics", state.metrics)
+    app.router.add_get("/v1/models", state.models)
     return app
 
 

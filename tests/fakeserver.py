@@ -13,6 +13,7 @@ Zero-delay mode (all delays 0, no failures) pre-renders each response once and w
 benchmark of the client is not limited by this server. Run it in its own process (`FakeServer(process=True)`,
 optionally pinned to a CPU) when the client's own core must not be shared.
 
+`GET /v1/models` lists the one model (`FakeConfig.model`, with `max_model_len`), behind the key like the streams.
 Control endpoints: POST /_config (JSON fields of FakeConfig), GET /_log (per-request timings), POST /_reset.
 Script: `python tests/fakeserver.py --port 0 [--cpu N] [--config JSON]` prints `PORT <n>`.
 """
@@ -54,9 +55,21 @@ class FakeConfig:
     record: bool = True  # keep per-request timings for GET /_log
     model: str = "fake-model"
     cached_prompt_tokens: int | None = None  # final usage reports prompt_tokens_details.cached_tokens (capped)
+    max_model_len: int | None = 2048  # reported by GET /v1/models, as vLLM's ModelCard does (None: left out)
 
 
 # ---------------------------------------------------------------------------------------------- the app
+
+
+def models_response(request: web.Request, model: str, api_key: str | None, max_model_len: int | None) -> web.Response:
+    """GET /v1/models as vLLM answers it: 401 without the key, else a list with one ModelCard."""
+    if api_key and request.headers.get("Authorization") != f"Bearer {api_key}":
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    card: dict[str, Any] = {"id": model, "object": "model", "created": 0, "owned_by": "vllm", "root": model,
+                            "parent": None, "permission": []}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return web.json_response({"object": "list", "data": [card]})
 
 
 async def sleep_until(deadline_ns: int) -> None:
@@ -144,6 +157,10 @@ class _App:
         return out
 
     # -- handlers
+    async def models(self, request: web.Request) -> web.Response:
+        c = self.config
+        return models_response(request, c.model, c.api_key, c.max_model_len)
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._stream(request, chat=False)
 
@@ -231,6 +248,7 @@ def make_app(config: FakeConfig) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/completions", state.completions)
     app.router.add_post("/v1/chat/completions", state.chat)
+    app.router.add_get("/v1/models", state.models)
     app.router.add_post("/_config", state.set_config)
     app.router.add_get("/_log", state.get_log)
     app.router.add_post("/_reset", state.reset)

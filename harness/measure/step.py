@@ -9,8 +9,7 @@ verdict is folded in by the caller (`harness.measure.steady.apply_slo`), which o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +62,8 @@ def run_window_step(
     progress: Callable[[LoadProgress], None] | None = None,
 ) -> WindowStep:
     """Run `plan` on `targets` (replicas of one configuration) with `requests` (at least
-    `plan.requests_needed()`); `scrape_period_s` None skips the server's /metrics (no queue series); `progress`:
-    the client's live-progress callback (`harness.load.progress.StepDisplay` on a terminal)."""
+    `plan.requests_needed()`); `scrape_period_s` None skips the server's /metrics (no queue series); `progress`
+    is the client's live progress (about once a second)."""
     if len(requests) < plan.requests_needed():
         raise ValueError(f"the step needs {plan.requests_needed()} requests, got {len(requests)}")
     scraper = None

@@ -151,24 +151,27 @@ def scrape(base_url: str, api_key: str | None = None, timeout_s: float = 5.0) ->
     return parse_prometheus(fetch_metrics_text(base_url, api_key, timeout_s))
 
 
-def wait_idle(targets: list[tuple[str, str | None]], timeout_s: float = 120.0, poll_s: float = 0.25) -> float:
-    """Block until every server reports no request waiting or running on /metrics, so one load step's backlog
-    does not load the next; returns the seconds waited. A server without these gauges counts as idle (nothing to
-    wait for); one that does not answer is polled again until `timeout_s`, then TimeoutError."""
+def wait_idle(targets: list[tuple[str, str | None]], timeout_s: float = 120.0, poll_s: float = 0.1) -> float:
+    """Until every server's queue is empty (waiting + running == 0 on /metrics), so one load step's backlog does
+    not load the next; returns the seconds waited. Raises TimeoutError when a server is still busy (or does not
+    answer) after `timeout_s`."""
     t0 = time.monotonic()
+    busy = list(targets)
     while True:
-        busy = 0.0
-        try:
-            for url, key in targets:
-                snap = scrape(url, key, timeout_s=min(5.0, timeout_s))
-                busy += (snap.total(WAITING_METRIC) or 0.0) + (snap.total(RUNNING_METRIC) or 0.0)
-        except (urllib.error.URLError, OSError, TimeoutError):
-            busy = math.inf
-        waited = time.monotonic() - t0
-        if busy == 0:
-            return waited
-        if waited > timeout_s:
-            raise TimeoutError(f"the server(s) still had {busy:g} requests waiting or running after {timeout_s:g} s")
+        still = []
+        for url, key in busy:
+            try:
+                snap = scrape(url, key)
+            except (urllib.error.URLError, OSError, TimeoutError):
+                still.append((url, key))
+                continue
+            if (snap.total(WAITING_METRIC) or 0.0) + (snap.total(RUNNING_METRIC) or 0.0) > 0:
+                still.append((url, key))
+        busy = still
+        if not busy:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{len(busy)} server(s) still busy after {timeout_s:g} s: {busy[0][0]}")
         time.sleep(poll_s)
 
 
@@ -226,6 +229,38 @@ def capacity_from_cache_info(snap: MetricsSnapshot) -> LogCapacity:
         cap.kv_cache_tokens = int(blocks * block_size)
     cap.max_concurrency = conc
     return cap
+
+
+# CacheConfig fields vLLM computes rather than takes (init=False): capacity goes to ServerStats, the rest is internal
+_DERIVED_CACHE_FIELDS = frozenset({
+    "engine", "num_gpu_blocks", "num_cpu_blocks", "kv_cache_size_tokens", "kv_cache_max_concurrency",
+    "user_specified_block_size", "kv_cache_layout", "effective_attention_block_size", "hash_block_size",
+    "cache_hit_alignment_tokens", "use_kda_recoverssm",
+})
+
+
+def settings_from_cache_info(snap: MetricsSnapshot) -> dict[str, bool | int | float | str]:
+    """The cache settings a server runs with, from its `vllm:cache_config_info` labels (vLLM's CacheConfig, by
+    the names that are also its engine arguments: block_size, gpu_memory_utilization, enable_prefix_caching, ...);
+    values typed back from their label strings, unset (`None`) and computed fields left out. Empty when absent."""
+    info = snap.labels(CACHE_INFO_METRIC) or {}
+    out: dict[str, bool | int | float | str] = {}
+    for key, text in sorted(info.items()):
+        if key.startswith("_") or key in _DERIVED_CACHE_FIELDS or text in ("None", "", "[]", "{}"):
+            continue
+        out[key] = _typed(text)
+    return out
+
+
+def _typed(text: str) -> bool | int | float | str:
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 class MetricsScraper:

@@ -36,6 +36,7 @@ from harness.records import SLO, RunRecord, to_dict
 from harness.study.capacity import DEFAULT_PRECISION, CapacityBracket, search_capacity, step_verdict
 from harness.study.pergpu import per_gpu
 from harness.study.scoring import metric_value, slo_violations
+from harness.study.steadysearch import ServerDied
 
 MAXIMIZE, MINIMIZE = "maximize", "minimize"
 
@@ -50,14 +51,6 @@ class Measurement:
     curve: list[dict[str, Any]] = field(default_factory=list)  # latency vs offered load, one point per load step
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers for the trial's metrics
     capacity: dict[str, Any] | None = None  # capacity searches: CapacityBracket.summary()
-
-
-class ServerDied(Exception):
-    """A server of the deployment exited during a step: the search stops, the trial is a failure."""
-
-    def __init__(self, record: RunRecord) -> None:
-        super().__init__("a server exited during the load step")
-        self.record = record
 
 
 @dataclass
