@@ -6,8 +6,10 @@ The fake (`tests/capacity_fake.py`, its own process) has `slots` slots serving 8
 its sustainable rate is slots / 0.2 s. For each true capacity, three searches run on one fresh fake, each from
 the same start rate (half the truth, as a study's first guess might be):
 
-- `count-64`, `count-300`: `harness.study.scoring.capacity_search` (today's) with 64 and 300 Poisson requests
-  per step and the SLO-only verdict (p99 TTFT <= 1000 ms, p99 TPOT <= 50 ms, <= 1% failed), rel_tol 0.1.
+- `count-64`, `count-300`: the request-count steps of the capacity objective before time windows (64 and 300
+  Poisson requests per step, every request measured) with the SLO-only verdict (p99 TTFT <= 1000 ms, p99 TPOT
+  <= 50 ms, <= 1% failed), run through the same bracketing search at 10% precision (the old search's rel_tol):
+  a step "holds" when its percentiles hold, whatever the server sustained.
 - `window`: `harness.study.capacity.search_capacity` (new) with `step_s`-second windows after a warm-up, the
   steady verdict (completion ratio, in-flight and server-queue trends) and the same SLO, precision 5%.
 
@@ -29,10 +31,25 @@ from capacity_fake import CapacityConfig, CapacityFake, count_measure, window_me
 
 from harness.load.window import WindowSpec  # noqa: E402
 from harness.records import SLO  # noqa: E402
+from harness.records import Steady  # noqa: E402
 from harness.study.capacity import search_capacity  # noqa: E402
-from harness.study.scoring import capacity_search  # noqa: E402
+from harness.study.scoring import slo_holds  # noqa: E402
 
 OUTPUT_TOKENS = 8
+
+
+def slo_only(measure):  # type: ignore[no-untyped-def]
+    """measure(rate) -> (record, verdict) for request-count steps judged as before windows: the SLO alone, and the
+    rate counted as served (no completion or queue test)."""
+
+    def step(rate: float):  # type: ignore[no-untyped-def]
+        record = measure(rate)
+        ok = slo_holds(record, SLO_LIMITS)
+        n = record.metrics.completed if record.metrics else 0
+        return record, Steady(holds=ok, kept_up=True, slo_ok=ok, offered_rate=rate, achieved_rate=rate, requests=n,
+                              completed=n, completion_ratio=1.0)
+
+    return step
 SLO_LIMITS = SLO(ttft_ms=1000.0, tpot_ms=50.0)
 
 
@@ -50,8 +67,8 @@ def main() -> None:
         with CapacityFake(config) as fake:
             for n in (64, 300):
                 t = time.monotonic()
-                old = capacity_search(count_measure(fake, n, OUTPUT_TOKENS, SLO_LIMITS), SLO_LIMITS, start_rate=start,
-                                      max_steps=8)
+                old = search_capacity(slo_only(count_measure(fake, n, OUTPUT_TOKENS, SLO_LIMITS)), start_rate=start,
+                                      precision=0.1, max_steps=8)
                 rows.append((mu, f"count-{n} (today)", old.capacity, None, len(old.steps), time.monotonic() - t))
                 print(rows[-1], flush=True)
             t = time.monotonic()

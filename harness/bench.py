@@ -27,13 +27,17 @@ from harness.launch.placement import Slot, client_cores, cpu_slots
 from harness.launch.server import ServerStartError
 from harness.launch.vllm_args import load_argspec
 from harness.load.arrival import Arrival
+from harness.load.progress import StepDisplay
 from harness.load.prompts import RequestSpec, build_requests
 from harness.load.tokenizer import load_tokenizer
+from harness.load.window import DEFAULT_WARMUP_S, WindowPlan, WindowSpec
 from harness.load.workload import Workload, load_workload
+from harness.measure.steady import SteadyCriteria
 from harness.plan import Hardware, detect_hardware, load_model_facts, plan_candidate
 from harness.plan.hardware import size_cpu_launch
 from harness.records import SLO, RunRecord, parse_slo, save_record, to_dict
 from harness.settings import Topology
+from harness.study.capacity import step_verdict, validate_steady_keys
 from harness.yamlfile import parse_scalars
 
 DEFAULT_START_TIMEOUT_S = 900.0
@@ -53,7 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a vLLM setting by its config name, e.g. max_num_seqs=64 (repeatable)")
     p.add_argument("--workload", default="chat-short", help="preset name or workload YAML file")
-    p.add_argument("--duration", type=float, help="seconds of measured load (default: the workload's request count)")
+    p.add_argument("--duration", type=float, help="seconds of measured load (default: the workload's request count); "
+                   "with --rate: a steady-state window step, the verdict printed (warm-up first, then the drain)")
+    p.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_S,
+                   help=f"with --rate and --duration: seconds of warm-up before the window (floor; default "
+                        f"{DEFAULT_WARMUP_S:g})")
+    p.add_argument("--steady-fraction", type=float, default=0.95,
+                   help="with --rate and --duration: completions in the window must reach this x arrivals")
     p.add_argument("--num-requests", type=int, help="measured requests (default: the workload's)")
     p.add_argument("--concurrency", type=int, help="closed loop with this many requests in flight (default 16)")
     p.add_argument("--rate", type=float, help="open loop: Poisson arrivals at this many requests/s")
@@ -116,9 +126,28 @@ def _print_table(record: RunRecord, out: Any = sys.stdout) -> None:
         rows.append(("server start-up (s)", f"{record.startup_s:.1f}"))
     if record.server_side is not None:
         rows.append(("server side", record.server_side.note))
+    rows += steady_rows(record)
     width = max(len(k) for k, _ in rows) if rows else 0
     for k, v in rows:
         print(f"{k:<{width}}  {v}", file=out)
+
+
+def steady_rows(record: RunRecord) -> list[tuple[str, str]]:
+    """The steady block: did the server keep up over the window, and why not."""
+    st = record.steady
+    if st is None:
+        return []
+    rows = [("steady", "holds" if st.holds else "DOES NOT HOLD"),
+            ("window (s) / warm-up (s)", f"{st.window_s:.1f} / {st.warmup_s:.1f}"),
+            ("offered / served in the window (req/s)", f"{st.offered_rate:.3f} / {st.achieved_rate:.3f}"),
+            ("completion ratio (needed)", f"{st.completion_ratio:.3f} ({st.fraction:g})"),
+            ("in flight: mean / growth (limit)", f"{st.inflight_mean:.1f} / {st.inflight_growth:+.1f} "
+                                                 f"({st.growth_limit:.1f})")]
+    if st.waiting_growth is not None:
+        rows.append(("server queue growth (limit)", f"{st.waiting_growth:+.1f} ({st.growth_limit:.1f})"))
+    rows += [("not steady because", reason) for reason in st.reasons]
+    rows += [("note", warning) for warning in st.warnings]
+    return rows
 
 
 @main_guard
@@ -161,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     start_timeout_s=args.start_timeout or DEFAULT_START_TIMEOUT_S) as dep:
             print(f"ready in {dep.startup_s:.1f} s; running workload '{workload.name}' ...", file=sys.stderr,
                   flush=True)
-            record = dep.run(workload, load.requests, slo=slo, plan=plan_dict, rate=args.rate,
-                             burstiness=args.burstiness, concurrency=load.concurrency, num_requests=load.num,
-                             duration_s=args.duration)
+            record = _measure(dep, args, workload, load, slo, plan_dict)
     except ServerStartError as exc:
         path = run_dir / "failure.json"
         path.write_text(json.dumps({"model": model, "settings": settings, "failure": to_dict(exc.failure)},
@@ -209,8 +236,7 @@ def _bench_attached(args: argparse.Namespace) -> int:
     print(f"attached to {urls} serving {args.model} (observed: {dep.settings or 'nothing'}); running workload "
           f"'{workload.name}' ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
-    record = dep.run(workload, load.requests, slo=slo, rate=args.rate, burstiness=args.burstiness,
-                     concurrency=load.concurrency, num_requests=load.num, duration_s=args.duration)
+    record = _measure(dep, args, workload, load, slo, None)
     return _finish(record, run_dir, t0)
 
 
@@ -223,15 +249,45 @@ def _check_load_args(args: argparse.Namespace) -> None:
             raise UserError(f"must be >= 1, got {value}", key=name)
     if args.rate is not None and args.concurrency is not None:
         raise UserError("choose one load: --rate (open loop) or --concurrency (closed loop)", key="--rate")
+    for key, value in (("--warmup", {"warmup_s": args.warmup}), ("--steady-fraction",
+                                                                  {"steady_fraction": args.steady_fraction})):
+        try:
+            validate_steady_keys(value)
+        except UserError as exc:
+            raise UserError(str(exc).split(": ", 1)[-1], key=key) from None
 
 
 @dataclass
 class _Load:
-    """The load the options ask for: its requests (warm-up first), concurrency (closed loop) and request count."""
+    """The load the options ask for: its requests (warm-up first), concurrency (closed loop) and request count;
+    `window`: --rate with --duration, a steady-state step as a capacity search measures it."""
 
     requests: list[RequestSpec]
     concurrency: int | None
     num: int | None
+    window: WindowPlan | None = None
+
+
+def _measure(dep: Any, args: argparse.Namespace, workload: Workload, load: _Load, slo: SLO | None,
+             plan: dict[str, Any] | None) -> RunRecord:
+    """The one measurement of bench (launched or attached), with live progress; a window step's record gets the
+    steady verdict with the SLO percentiles folded in, as a capacity search judges it."""
+    display = StepDisplay(prefix="    ")
+    try:
+        if load.window is not None:
+            w = load.window
+            print(f"steady-state step: {args.rate:g} req/s, {w.warmup_s:g} s warm-up, {w.step_s:g} s window "
+                  f"({w.requests_needed()} requests)", file=sys.stderr, flush=True)
+            record = dep.run_window(workload, load.requests, w, slo=slo, plan=plan, progress=display,
+                                    criteria=SteadyCriteria(fraction=args.steady_fraction))
+            if record.steady is not None:
+                record.steady = step_verdict(record, record.steady, slo)
+            return record
+        return dep.run(workload, load.requests, slo=slo, plan=plan, rate=args.rate, burstiness=args.burstiness,
+                       concurrency=load.concurrency, num_requests=load.num, duration_s=args.duration,
+                       progress=display)
+    finally:
+        display.finish()
 
 
 def _build_load(args: argparse.Namespace, workload: Workload, tokenizer: Any) -> _Load:
@@ -243,10 +299,12 @@ def _build_load(args: argparse.Namespace, workload: Workload, tokenizer: Any) ->
                        burstiness=args.burstiness, num_requests=num, duration_s=args.duration)
                if args.rate else Arrival(mode="concurrency", max_concurrency=concurrency, num_requests=num,
                                          duration_s=args.duration))
-    n_build = arrival.requests_needed() or num or 64
+    window = (WindowSpec(step_s=args.duration, warmup_s=args.warmup, burstiness=args.burstiness).plan(args.rate)
+              if args.rate is not None and args.duration is not None else None)
+    n_build = (window.requests_needed() if window is not None else None) or arrival.requests_needed() or num or 64
     requests = build_requests(workload, tokenizer, n_build + workload.warmup_requests,
                               seed=args.seed if args.seed is not None else workload.seed)
-    return _Load(requests, concurrency, num)
+    return _Load(requests, concurrency, num, window)
 
 
 def _run_dir(args: argparse.Namespace) -> Path:

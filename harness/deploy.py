@@ -14,7 +14,7 @@ import datetime as _dt
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from harness.envinfo import environment
 from harness.launch.external import ExternalGroup, base_url, check_served, is_local
@@ -22,13 +22,16 @@ from harness.launch.failures import classify
 from harness.launch.placement import Slot, pinned_thread, replica_placement
 from harness.launch.server import ServerGroup, ServerSpec, stop_groups, wait_all_ready
 from harness.load.arrival import Arrival
-from harness.load.client import run_load_sync
+from harness.load.client import LoadProgress, LoadResult, run_load_sync
+from harness.load.window import WindowPlan
 from harness.measure.sampler import ResourceSampler
 from harness.measure.stats import summarize
-from harness.measure.vllm_metrics import (MetricsScraper, merge_stats, scrape, server_stats_from_log,
-                                          settings_from_cache_info)
+from harness.measure.steady import SteadyCriteria, assess
+from harness.measure.step import run_window_step
+from harness.measure.vllm_metrics import (WAITING_METRIC, MetricsScraper, merge_stats, scrape, server_stats_from_log,
+                                          settings_from_cache_info, wait_idle)
 from harness.nvml import nvml_session
-from harness.records import SLO, Failure, RunRecord, ServerSide, ServerStats
+from harness.records import SLO, Failure, RunMetrics, RunRecord, ServerSide, ServerStats, Steady
 from harness.settings import Topology
 
 __all__ = ["ATTACHED_NOTE", "DEFAULT_REQUEST_TIMEOUT_S", "DeployJob", "Deployment", "attach", "deploy",
@@ -89,8 +92,13 @@ class Deployment:
     def run(self, workload: Any, requests: list[Any], *, slo: SLO | None = None, plan: dict[str, Any] | None = None,
             rate: float | None = None, burstiness: float = 1.0, concurrency: int | None = None,
             num_requests: int | None = None, duration_s: float | None = None,
-            timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> RunRecord:
-        """One measured load: `requests[:warmup]` unmeasured, then the rest at the given rate or concurrency."""
+            timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+            progress: Callable[[LoadProgress], None] | None = None) -> RunRecord:
+        """One measured load: `requests[:warmup]` unmeasured, then the rest at the given rate or concurrency.
+
+        The record's `steady` block judges the measured span (first to last measured send) the way a windowed
+        step's window is judged (`harness.measure.steady.assess`), so even a request-count run says whether the
+        server kept up; `run_window` is the measurement that a capacity verdict rests on."""
         if rate is not None:
             arrival = Arrival(mode="poisson" if burstiness == 1.0 else "gamma", rate=rate, burstiness=burstiness,
                               num_requests=num_requests, duration_s=duration_s, seed=workload.seed)
@@ -101,17 +109,47 @@ class Deployment:
         with ResourceSampler(self.pids, self.gpu_ids) as sampler, MetricsScraper(self.group.targets) as scraper:
             with pinned_thread(self.client_cores):
                 load = run_load_sync(self.group.targets, requests, arrival, model=self.served_name, api=workload.api,
-                                     warmup=warmup, timeout_s=timeout_s)
-        memory = sampler.result()
-        from_metrics = scraper.result()
+                                     warmup=warmup, timeout_s=timeout_s, progress=progress)
+        measured = [r.send_s for r in load.results if not r.warmup]
+        steady = None
+        if len(measured) > 1 and max(measured) > min(measured):
+            t0 = load.t0_perf_ns / 1e9
+            steady = assess(load.results, (min(measured), max(measured)), target_rate=rate,
+                            waiting=[(t - t0, v) for t, v in scraper.series[WAITING_METRIC]])
+        return self._record(workload, arrival, slo, plan, summarize(load.results, load.duration_s, slo), load,
+                            sampler, scraper.result(), steady)
+
+    def run_window(self, workload: Any, requests: list[Any], window: WindowPlan, *, slo: SLO | None = None,
+                   plan: dict[str, Any] | None = None, criteria: SteadyCriteria = SteadyCriteria(),
+                   progress: Callable[[LoadProgress], None] | None = None,
+                   idle_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> RunRecord:
+        """One time-window step (`harness.load.window`): wait until the servers are idle (nothing waiting or
+        running on /metrics: the last step's backlog must not load this one), then warm-up, window, tail, drain.
+        The record's metrics cover the window's arrivals; `steady` is the kept-up verdict (the caller folds the
+        SLO judgement in, `harness.study.capacity.step_verdict`)."""
+        if self.dead_server_failure() is None:  # a dead server never becomes idle: the step records the failure
+            wait_idle(self.group.targets, timeout_s=idle_timeout_s)
+        with ResourceSampler(self.pids, self.gpu_ids) as sampler, pinned_thread(self.client_cores):
+            step = run_window_step(self.group.targets, requests, window, model=self.served_name, api=workload.api,
+                                   slo=slo, criteria=criteria, progress=progress)
+        return self._record(workload, window.arrival(), slo, plan, step.metrics, step.load, sampler,
+                            step.server or ServerStats(), step.steady, window=window)
+
+    def _record(self, workload: Any, arrival: Arrival, slo: SLO | None, plan: dict[str, Any] | None,
+                metrics: RunMetrics, load: LoadResult, sampler: ResourceSampler, from_metrics: ServerStats,
+                steady: Steady | None, window: WindowPlan | None = None) -> RunRecord:
         log_stats = self.log_stats()
+        arrival_dict = arrival.to_dict()
+        if window is not None:
+            arrival_dict["window"] = {"warmup_s": window.warmup_s, "step_s": window.step_s, "tail_s": window.tail_s,
+                                      "drain_s": window.drain_s}
         record = RunRecord(
             run_id=f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            model=self.model, settings=dict(self.settings), workload=workload.to_dict(), arrival=arrival.to_dict(),
-            slo=slo, argv=self.group.argv, metrics=summarize(load.results, load.duration_s, slo),
-            client=load.client, memory=memory, server=merge_stats(log_stats, from_metrics), plan=plan,
-            env=environment(), log_paths=self.log_paths, startup_s=self.startup_s, server_side=self.server_side)
+            model=self.model, settings=dict(self.settings), workload=workload.to_dict(), arrival=arrival_dict,
+            slo=slo, argv=self.group.argv, metrics=metrics, client=load.client, memory=sampler.result(),
+            server=merge_stats(log_stats, from_metrics), plan=plan, env=environment(), log_paths=self.log_paths,
+            startup_s=self.startup_s, steady=steady, server_side=self.server_side)
         record.failure = self.dead_server_failure()
         return record
 

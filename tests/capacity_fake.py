@@ -259,7 +259,7 @@ def window_measure(fake: CapacityFake, spec: Any, output_tokens: int, slo: Any =
 
 
 def count_measure(fake: CapacityFake, num_requests: int, output_tokens: int, slo: Any = None) -> Any:
-    """measure(rate) -> RunRecord for today's request-count steps (`harness.study.scoring.capacity_search`):
+    """measure(rate) -> RunRecord for request-count steps as the capacity objective ran them before time windows:
     `num_requests` Poisson arrivals at the rate, all measured, metrics as `harness.measure.stats` defines them."""
     from harness.load.arrival import Arrival
     from harness.load.client import run_load_sync

@@ -110,7 +110,7 @@ import yaml  # noqa: E402
 
 def write_sweep(root: Path, model: Path, *, trials: int, confirm: int = 0, space_name: str = "e2e",
                 fixed: dict[str, Any] | None = None, choices: list[int] | None = None, max_steps: int = 2,
-                seed: int = 3, dirs: bool = True, start_timeout_s: int = 400) -> Path:
+                seed: int = 3, dirs: bool = True, start_timeout_s: int = 400, step_s: float = 4) -> Path:
     """The tiny CPU sweep the end-to-end tests share: one max_num_seqs knob, a loose SLO, `trials` trials.
 
     `fixed` replaces the default gpu_memory_utilization sizing (e.g. an explicit kv_cache_memory_bytes, the cheapest
@@ -127,7 +127,7 @@ def write_sweep(root: Path, model: Path, *, trials: int, confirm: int = 0, space
         "space": str(root / "space.yaml"),
         "workload": "tiny-cpu",
         "objective": {"kind": "capacity", "slo": {"ttft_ms": 8000, "tpot_ms": 1000, "percentile": 90},
-                      "num_requests": 8, "start_rate": 2.0, "max_steps": max_steps},
+                      "step_s": step_s, "warmup_s": 1, "start_rate": 2.0, "max_steps": max_steps},
         "trials": trials,
         "confirm": {"repeats": confirm},
         "sampler": "random",

@@ -108,11 +108,14 @@ def test_attached_record_has_metrics_and_says_what_it_lacks(
 
 
 def test_attached_open_loop_for_a_duration(fake: CapacityFake, tokenizer_dir: Path, tmp_path: Path) -> None:
-    """--rate and --duration drive the same Poisson schedule as on a started server (well below capacity)."""
+    """--rate and --duration drive the same steady-state window step as on a started server (well below
+    capacity): a warm-up, the measured window, the verdict."""
     assert main(["--url", fake.url, f"--api-key={KEY}", "--model", "served-tiny", "--tokenizer", str(tokenizer_dir),
-                 "--workload", "tiny-cpu", "--rate", "8", "--duration", "3", "--results-dir", str(tmp_path)]) == 0
+                 "--workload", "tiny-cpu", "--rate", "8", "--duration", "3", "--warmup", "1",
+                 "--results-dir", str(tmp_path)]) == 0
     rec = load_record(_only_record(tmp_path))
-    assert rec.arrival["mode"] == "poisson" and rec.arrival["rate"] == 8 and rec.arrival["duration_s"] == 3
+    assert rec.arrival["mode"] == "poisson" and rec.arrival["rate"] == 8 and rec.arrival["window"]["step_s"] == 3
+    assert rec.steady is not None and rec.steady.window_s == 3 and rec.steady.requests > 0
     assert rec.metrics is not None and rec.metrics.completed >= 5 and rec.metrics.failed == 0
     assert rec.client is not None and rec.client.requested_rate == 8
     assert rec.server is not None and rec.server.peak_kv_usage is not None

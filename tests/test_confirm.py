@@ -104,6 +104,7 @@ def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], 
     monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
     monkeypatch.setattr(confirm_mod, "finalize", lambda ctx, ev, label: ev)
     monkeypatch.setattr(confirm_mod, "deploy_together", deploy_together)
+    monkeypatch.setattr(confirm_mod, "measure_scaling", lambda ctx, winner, log=None: None)  # tested on its own
 
 
 def test_both_configs_start_once_together_on_disjoint_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,3 +253,61 @@ def test_a_repeat_that_could_not_start_is_no_number(monkeypatch: pytest.MonkeyPa
     conf = confirm(Ctx(), b, b, 3, "goodput_rps")
     assert conf.winner.runs == [] and conf.to_dict()["winner"]["mean"] is None
     assert conf.verdict.startswith("not confirmed: 3 confirmation repeat(s) could not be measured (not started: ")
+
+
+# ---------------------------------------------------------------------------------------------- equal hardware
+
+
+def test_defaults_run_as_tp1_replicas_on_the_winners_gpu_count() -> None:
+    from harness.study.pergpu import equal_gpu_pair
+
+    defaults: dict[str, Any] = {"max_model_len": 4096}
+    tp2 = {"max_model_len": 4096, "tensor_parallel_size": 2, "max_num_seqs": 128}
+    p = equal_gpu_pair(tp2, defaults, node_gpus=4)
+    assert p.winner == tp2 and p.baseline == {**defaults, "replicas": 2}  # 2 GPUs vs 2
+    assert p.equal and p.winner_gpus == p.baseline_gpus == 2
+    assert "winner TP 2 on 2 GPUs vs baseline 2 x TP 1 on 2 GPUs (equal GPUs)" == p.describe()
+    one = equal_gpu_pair({"max_num_seqs": 64}, defaults, node_gpus=4)
+    assert one.winner_gpus == one.baseline_gpus == 1 and "replicas" not in one.baseline  # 1 GPU vs 1
+    # the user's committed TP 2 config next to a TP 1 winner: the winner as 2 replicas, 2 GPUs vs 2
+    committed = {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.9}
+    c = equal_gpu_pair({"max_num_seqs": 64}, committed, node_gpus=4)
+    assert c.winner == {"max_num_seqs": 64, "replicas": 2} and c.baseline == committed and c.equal
+    # an emitted config's replicas are a deployment: the pair starts from one server of it
+    assert equal_gpu_pair({"tensor_parallel_size": 2}, {**committed, "replicas": 2}, 4).baseline == committed
+    # no common GPU count fits (TP 4 next to TP 2 x PP 3 = 6 on a 4-GPU node... lcm 12): one server a side, per GPU
+    far = equal_gpu_pair({"tensor_parallel_size": 4}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 3}, 8)
+    assert not far.equal and (far.winner_gpus, far.baseline_gpus) == (4, 6) and "per GPU" in far.describe()
+    # a CPU host: one server a side
+    assert equal_gpu_pair({"max_num_seqs": 8}, {}, node_gpus=0).winner_gpus == 1
+
+
+def test_confirmation_pairs_sides_on_equal_gpus_and_measures_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[dict[str, Any], str, Any]] = []
+
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None,
+                 incumbent: list[float] | None = None) -> Evaluation:
+        calls.append((settings, label, repeat_of or incumbent))
+        if label == "confirm-scaling":  # 2 replicas of TP 2 on 4 GPUs: 90% of the one server's per-GPU value
+            return Evaluation(settings=settings, values=[4.5], constraints=[0.0])
+        return Evaluation(settings=settings, values=[5.0 if settings.get("tensor_parallel_size") == 2 else 3.0],
+                          constraints=[0.0])
+
+    monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
+    ctx = Ctx()
+    ctx.slots = type("S", (), {"gpu_ids": [0, 1, 2, 3]})()  # type: ignore[attr-defined]
+    def phases(ctx: Any, pairs: Any, sides: Any, repeats: int) -> Any:  # fresh servers (evaluate) per repeat
+        yield confirm_mod.MODE_FRESH, None, [(i, p) for i in range(repeats) for p in pairs]
+
+    monkeypatch.setattr(confirm_mod, "_phases", phases)
+    winner = frozen(4, 5.0, {"tensor_parallel_size": 2})
+    conf = confirm(ctx, winner, frozen(0, 3.0, {}), 2, "goodput_per_gpu")
+    baseline_settings = [c[0] for c in calls if c[1].startswith("confirm-baseline")]
+    assert baseline_settings == [{"replicas": 2}, {"replicas": 2}]  # vLLM's defaults as 2 TP 1 replicas
+    assert conf.winner_gpus == conf.baseline_gpus == 2 and conf.recommended_trial == 4
+    assert conf.improvement == pytest.approx(5.0 / 3.0 - 1)  # per GPU, on equal hardware
+    assert conf.scaling is not None and conf.scaling["replicas"] == 2 and conf.scaling["gpus"] == 4
+    assert conf.scaling["efficiency"] == pytest.approx(0.9)
+    assert calls[-1] == ({"tensor_parallel_size": 2, "replicas": 2}, "confirm-scaling", [5.0])
+    saved = confirm_mod.Confirmation.from_dict(conf.to_dict())
+    assert saved.scaling == conf.scaling and saved.baseline_gpus == 2 and "equal GPUs" in saved.pairing

@@ -171,22 +171,26 @@ def test_space_feasibility(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 name: mini
 knobs:
   tensor_parallel_size: {type: categorical, choices: [1, 2, 3, 4]}
-  replicas: {type: categorical, choices: [1, 2, 4]}
   max_model_len: {type: categorical, choices: [4096, 8192]}
 """)
     code = main(["--model", "meta-llama/Llama-2-70b-chat-hf", "--space", space, *L40S])
     out = capsys.readouterr().out
     assert code == 0
-    assert "all 24 candidates planned" in out
-    # only TP 4 x 1 replica holds 70B fp16 on 4x L40S, and only at 4096 tokens (the model's limit): 1 of 24
-    assert "feasible             1 (4.2%)" in out
+    assert "all 8 candidates planned" in out
+    # only TP 4 holds 70B fp16 on 4x L40S, and only at 4096 tokens (the model's limit): 1 of 8
+    assert "feasible             1 (12.5%)" in out
     assert "attention heads" in out
     from harness.space import load_space
 
     rep = space_feasibility(load_space(space), load_model_facts("mistralai/Mistral-7B-Instruct-v0.2"),
                             detect_hardware("L40S", 4))
-    # TP 3 never divides 32 heads; replicas x TP > 4 never fits; everything else does
-    assert rep.feasible == 2 * (3 + 2 + 1) and rep.grid_size == 24
+    # TP 3 never divides 32 heads; everything else fits
+    assert rep.feasible == 2 * 3 and rep.grid_size == 8
+    # replicas are a deployment decision: a space that searches them is refused, naming the file and key
+    bad = _write(tmp_path, "bad.yaml", "name: bad\nknobs:\n  replicas: {type: categorical, choices: [1, 2]}\n")
+    assert main(["--model", "meta-llama/Llama-2-70b-chat-hf", "--space", bad, *L40S]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: knobs.replicas: replicas are a deployment decision, not a search dimension" in err
 
 
 def test_space_sampling_for_large_grids(tmp_path: Path) -> None:

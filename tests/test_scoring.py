@@ -1,4 +1,5 @@
-"""Objective and constraint computation, the objective classes, and the capacity search, on hand-made runs."""
+"""Objective and constraint computation and the objective classes, on hand-made runs (the capacity search itself:
+tests/test_steady.py; over a fake server: tests/test_capacity_objective.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from harness.records import ClientCheck, Failure, LatencyStats, RunMetrics, RunRecord, SLO
 from harness.study.objectives import (OBJECTIVES, CapacityObjective, GoodputObjective, ParetoObjective,
                                       ThroughputObjective, objective_from_dict)
-from harness.study.scoring import capacity_search, metric_value, slo_holds, slo_violations
+from harness.study.scoring import metric_value, slo_holds, slo_violations
 
 
 def stats(p99: float, p90: float | None = None) -> LatencyStats:
@@ -56,6 +57,8 @@ def test_failures_drops_and_client_limits_violate() -> None:
 class FakeSteps:
     """Stands in for LoadSteps: each run() is one 'load step' whose record `make(load)` returns."""
 
+    gpus = 1
+
     def __init__(self, make: Any) -> None:
         self.make, self.loads = make, []
 
@@ -82,20 +85,32 @@ def test_fixed_load_objectives_value_one_run() -> None:
 
 
 def test_capacity_objective_searches_from_the_incumbent_and_confirms_at_the_winners_rate() -> None:
-    def at(load: dict[str, Any]) -> RunRecord:  # holds the SLO up to 5 req/s
-        return record(100 if load["rate"] <= 5 else 5000, 10, goodput=min(load["rate"], 5.0))
+    from test_capacity_objective import ModelSteps
 
     obj = CapacityObjective(slo=SLO_, start_rate=1.0, max_steps=8)
-    steps = FakeSteps(at)
-    got = obj.measure(steps, incumbent=[4.0])
-    assert steps.loads[0]["rate"] == 4.0  # started where the best trial so far is
-    assert 4.0 <= got.values[0] <= 5.0 and got.constraints == [0.0] and got.metrics == {"capacity_rps": got.values[0]}
-    assert [p["rate"] for p in got.curve] == sorted(load["rate"] for load in steps.loads)
-    repeat = FakeSteps(at)
-    again = obj.measure_repeat(repeat, [4.5])
-    assert [load["rate"] for load in repeat.loads] == [4.5] and again.values == [4.5]
-    assert obj.confirm_metric([4.5]) == "goodput_rps_at_4.5_rps"
-    assert not obj.confirms_on_own_scale("goodput_rps_at_4.5_rps") and obj.confirms_on_own_scale("capacity_rps")
+    steps = ModelSteps(5.0, gpus=2)  # 5 req/s on 2 GPUs: 2.5 per GPU
+    got = obj.measure(steps, incumbent=[2.0])  # type: ignore[arg-type]
+    assert steps.rates[0] == 4.0  # started where the best trial so far is: 2 per GPU x 2 GPUs
+    assert 2.0 <= got.values[0] <= 2.5 and got.constraints == [0.0]
+    assert got.metrics == {"capacity_rps": pytest.approx(2 * got.values[0])}
+    assert got.capacity is not None and got.capacity["capacity_lo"] == got.metrics["capacity_rps"]
+    assert [p["rate"] for p in got.curve] == sorted(steps.rates)
+    repeat = ModelSteps(5.0, gpus=2)
+    again = obj.measure_repeat(repeat, [2.25])  # type: ignore[arg-type]
+    assert repeat.rates == [4.5] and again.values == [pytest.approx(2.25)]
+    assert obj.confirm_metric([2.25]) == "goodput_per_gpu_at_2.25_rps_per_gpu"
+    assert not obj.confirms_on_own_scale("goodput_per_gpu_at_2.25_rps_per_gpu")
+    assert obj.confirms_on_own_scale("capacity_rps")
+
+
+def test_old_stored_objectives_read_back_absolute_and_request_count() -> None:
+    old = {"kind": "capacity", "slo": {"ttft_ms": 1000}, "num_requests": 300, "max_steps": 6}
+    obj = objective_from_dict(old)
+    assert obj.per_gpu is False and obj.step_s is None and obj.num_requests == 300
+    assert "before steady-state windows" in obj.describe("-", "p99 SLO")
+    assert obj.ranked([10.0], 2) == [10.0] and CapacityObjective().ranked([10.0], 2) == [5.0]
+    assert objective_from_dict({"kind": "goodput", "rate": 4}).per_gpu is False
+
 
 
 def test_objectives_come_back_from_a_stored_identity() -> None:
@@ -104,51 +119,3 @@ def test_objectives_come_back_from_a_stored_identity() -> None:
         stored = obj.to_dict()
         assert stored["kind"] == kind and list(stored)[0] == "kind"
         assert objective_from_dict(stored) == obj
-
-
-def fake_server(capacity: float):
-    """A server whose p99 TTFT explodes above `capacity` req/s."""
-    calls: list[float] = []
-
-    def measure(rate: float) -> RunRecord:
-        calls.append(rate)
-        return record(ttft99=100 if rate <= capacity else 5000, tpot99=10)
-
-    return measure, calls
-
-
-def test_capacity_search_doubles_then_bisects() -> None:
-    measure, calls = fake_server(capacity=5.0)
-    res = capacity_search(measure, SLO_, start_rate=1.0, max_steps=8, rel_tol=0.05)
-    assert calls[:4] == [1.0, 2.0, 4.0, 8.0]
-    assert calls[4] == 6.0 and calls[5] == 5.0
-    assert 4.5 <= res.capacity <= 5.0
-    assert res.best is not None and res.capacity in [s.rate for s in res.steps if s.ok]
-    curve = res.curve()
-    assert [p["rate"] for p in curve] == sorted(p["rate"] for p in curve)
-
-
-def test_capacity_search_halves_when_start_is_too_high() -> None:
-    measure, calls = fake_server(capacity=0.3)
-    res = capacity_search(measure, SLO_, start_rate=2.0, max_steps=6)
-    assert calls[:4] == [2.0, 1.0, 0.5, 0.25]
-    assert res.capacity >= 0.25
-
-
-def test_capacity_zero_when_nothing_holds() -> None:
-    measure, calls = fake_server(capacity=0.0)
-    res = capacity_search(measure, SLO_, start_rate=1.0, max_steps=10, min_rate=0.1)
-    assert res.capacity == 0.0 and res.best is None
-    assert min(calls) >= 0.1 / 2
-
-
-def test_client_limit_bounds_the_search_from_above() -> None:
-    calls: list[float] = []
-
-    def measure(rate: float) -> RunRecord:
-        calls.append(rate)
-        return record(100, 10, valid=rate < 4)
-
-    res = capacity_search(measure, SLO_, start_rate=8.0, max_steps=4, rel_tol=0.01)
-    assert calls == [8.0, 4.0, 2.0, 3.0]  # never above a rate the client could not drive
-    assert res.limited_by_client and res.capacity == 3.0

@@ -242,6 +242,7 @@ def test_runner_packs_trials_onto_disjoint_gpus(tmp_path: Path, monkeypatch: pyt
     class FakeDeploy:
         def __init__(self, model: str, settings: dict[str, Any], *, slot: Slot, **_: Any) -> None:
             self.slot, self.settings = slot, settings
+            self.topology = SimpleNamespace(gpus=int(settings.get("tensor_parallel_size", 1)))
 
         def __enter__(self) -> "FakeDeploy":
             assert len(self.slot.gpu_ids) == int(self.settings.get("tensor_parallel_size", 1))
@@ -252,15 +253,16 @@ def test_runner_packs_trials_onto_disjoint_gpus(tmp_path: Path, monkeypatch: pyt
             with lock:
                 held.append((self.slot.gpu_ids, self.t0, time.monotonic()))
 
-    def fake_search(measure: Any, slo: Any, **_: Any) -> Any:
+    def fake_search(measure: Any, **_: Any) -> Any:
         time.sleep(0.4)  # "the load" while the GPUs are held
-        return SimpleNamespace(capacity=1.0, curve=lambda: [], best=None, steps=[SimpleNamespace(record=None)])
+        return SimpleNamespace(capacity_lo=1.0, curve=lambda: [], best=None, steps=[SimpleNamespace(record=None, client_limited=False)],
+                               summary=lambda: {"capacity_lo": 1.0})
 
     monkeypatch.setattr(evaluate_mod, "_plan", fake_plan)
     monkeypatch.setattr(evaluate_mod, "deploy", FakeDeploy)
-    monkeypatch.setattr(objectives_mod, "capacity_search", fake_search)
+    monkeypatch.setattr(objectives_mod, "search_capacity", fake_search)
     ctx = StudyContext(model="m", model_name="m", slug="m", facts=None, hardware=None, space=space, workload=None,
-                       objective=CapacityObjective(), requests_for=lambda step: [], study_dir=tmp_path,
+                       objective=CapacityObjective(), requests_for=lambda step, n: [], study_dir=tmp_path,
                        start_timeout_s=10, slots=SlotPool(gpu_ids=[0, 1, 2, 3], gpu_idle=FakeNVML()))
     study = optuna.create_study(study_name="pack", storage=make_storage(f"sqlite:///{tmp_path / 's.db'}"),
                                 direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))

@@ -31,8 +31,9 @@ def test_l40s_space_has_mission_knobs() -> None:
     space = load_space("l40s-4x")
     for knob in ("gpu_memory_utilization", "block_size", "max_model_len", "max_num_batched_tokens", "quantization",
                  "tensor_parallel_size", "max_num_seqs", "enable_chunked_prefill", "enable_prefix_caching",
-                 "kv_cache_dtype", "replicas"):
+                 "kv_cache_dtype"):
         assert knob in space.knobs, knob
+    assert "replicas" not in space.knobs  # a deployment decision: the emitted config fills the node
     assert space.knobs["quantization"].choices == (None, "fp8")
 
 

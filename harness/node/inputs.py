@@ -86,7 +86,10 @@ def measured_candidates(storage: str | None, study_name: str, slo: SLO, results_
         settings = dict(ua.get("settings") or {})
         replicas = int(settings.pop("replicas", 1) or 1)
         gpus = int(settings.get("tensor_parallel_size", 1) or 1) * int(settings.get("pipeline_parallel_size", 1) or 1)
-        m = Measured(study_name, t.number, gpus, float(t.values[0]) / replicas, replicas, settings)
+        # the absolute capacity of what was measured (trial values are per GPU since studies rank per GPU)
+        absolute = (ua.get("metrics") or {}).get("capacity_rps")
+        absolute = float(absolute) if isinstance(absolute, (int, float)) and absolute > 0 else float(t.values[0])
+        m = Measured(study_name, t.number, gpus, absolute / replicas, replicas, settings)
         if gpus not in best or m.capacity_rps > best[gpus].capacity_rps:
             best[gpus] = m
     if not best:

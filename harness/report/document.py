@@ -311,11 +311,30 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
         rows.append([f"best trial #{imp.get('winner_trial')}: {imp['label']}",
                      _spread(imp.get("winner_mean"), imp.get("winner_std"), w_n, imp.get("winner_min"),
                              imp.get("winner_max"), unit, imp.get("winner_invalid"))])
-        rows.append(["improvement over the baseline", _improvement_text(imp) + f" - {imp['source']}"])
+        rows.append(["GPUs on each side", imp.get("sides") or "-"])
+        gain = imp.get("gain_per_gpu")
+        if imp.get("per_gpu") or imp.get("equal_gpus"):
+            rows.append(["improvement over the baseline, per GPU",
+                         _improvement_text(imp) + f" - {imp['source']}"])
+        else:
+            rows.append(["improvement over the baseline (unequal GPUs)",
+                         _improvement_text(imp) + f" - {imp['source']}; it compares "
+                         f"{r.gpu_words(imp.get('winner_gpus'))} with {r.gpu_words(imp.get('baseline_gpus'))}"])
+            rows.append(["improvement per GPU", "-" if gain is None else f"{gain:+.1%}"])
         if r.confirm_rate:
+            per = imp.get("per_gpu")
             rows.append(["how it was confirmed",
-                         f"both configurations served a Poisson load of {r.confirm_rate:g} req/s (the best trial's "
-                         f"capacity) on fresh servers, alternately; scored by goodput"])
+                         f"both configurations served a Poisson load at the best trial's capacity"
+                         + (" per GPU times each side's GPUs" if per else f" ({r.confirm_rate:g} req/s)")
+                         + ", alternately; scored by goodput" + (" per GPU" if per else "")])
+        scaling = imp.get("scaling")
+        if scaling:
+            eff = scaling.get("efficiency")
+            rows.append(["scaling with replicas",
+                         f"{scaling.get('replicas')} replicas on {scaling.get('gpus')} GPUs: "
+                         + ("not measured (" + str(scaling.get("failure")) + ")" if eff is None else
+                            f"{scaling.get('value_per_gpu'):.4g} per GPU vs {scaling.get('one_server_per_gpu'):.4g} "
+                            f"for one server: scaling efficiency {eff:.0%}")])
     rows.append(["recommended configuration",
                  ((label_of(rec) + (" (the baseline is kept)" if base is not None and rec.number == base.number
                                     else "")) if rec is not None else "none: no feasible trial")

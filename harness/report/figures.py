@@ -226,8 +226,9 @@ def _short_objective(r: StudyResults) -> str:
 
 
 def _subtitle(r: StudyResults) -> str:
+    per = "values per GPU of each trial" if r.per_gpu else "values of each trial's whole deployment (not per GPU)"
     return (f"{r.name}  |  {r.hardware_label}  |  workload {r.workload.get('name', r.parts['workload'])}  |  "
-            f"SLO {r.slo_text()}")
+            f"SLO {r.slo_text()}  |  {per}")
 
 
 def _num(x: float) -> str:
@@ -563,7 +564,13 @@ def _key_trials(r: StudyResults) -> list[tuple[str, FrozenTrial, str]]:
     return out
 
 
+def _on(r: StudyResults, t: FrozenTrial) -> str:
+    """` on 2 GPUs`: every number says which GPUs it used."""
+    return f" on {r.gpu_words(r.gpus(t))}"
+
+
 def _all_repeats(conf: dict[str, Any], t: FrozenTrial) -> list[dict[str, Any]]:
+    """The confirmation's per-repeat metrics of this trial (winner or baseline), client-limited ones included."""
     if conf.get("winner_trial") == t.number:
         return list(conf.get("winner_metrics") or [])
     if conf.get("baseline_trial") == t.number:
@@ -606,7 +613,7 @@ def latency_vs_load(r: StudyResults) -> Figure:
                         continue
                     ok = df["ok"].astype(bool) if "ok" in df else np.ones(len(df), bool)
                     ax.plot(df["rate"], df[col], style, color=color, linewidth=2 if q == "p99" else 1.3,
-                            label=f"{role} {label_of(t)}: {q}")
+                            label=f"{role} {label_of(t)}: {q}{_on(r, t)}")
                     ax.scatter(df["rate"][ok], df[col][ok], color=color, s=45, zorder=3)
                     ax.scatter(df["rate"][~ok], df[col][~ok], facecolors="white", edgecolors=color, s=45,
                                linewidths=1.6, zorder=3)
@@ -681,7 +688,7 @@ def _latency_at_load(r: StudyResults) -> Figure:
                     highs.append(max(max(runs) - v, 0.0) if runs else 0.0)
                 xs = np.arange(len(stats)) + (i - (len(trials) - 1) / 2) * width
                 n = (f", mean of {len(repeats)} repeats" if repeats else "") + _left_out(conf, t)
-                ax.bar(xs, heights, width * 0.95, color=color, alpha=0.85, label=f"{role} {label_of(t)}{n}",
+                ax.bar(xs, heights, width * 0.95, color=color, alpha=0.85, label=f"{role} {label_of(t)}{_on(r, t)}{n}",
                        yerr=[lows, highs] if repeats else None, capsize=4)
                 for x, h, up in zip(xs, heights, highs):
                     ax.annotate(_num(h), (x, h + up), textcoords="offset points", xytext=(0, 3), ha="center",

@@ -26,7 +26,7 @@ from harness.study.storage import default_storage, make_storage, redact
 from harness.study.table import trials_table
 from harness.study.timing import TimeSpent, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, Spread, StudyAttr, baseline_of,
-                                  best_feasible, category_of, is_measured, outcome_of, reason_of, settings_of)
+                                  best_feasible, category_of, gpus_of, is_measured, outcome_of, reason_of, settings_of)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,6 +58,9 @@ def latency_label(name: str) -> str:
 def metric_label(metric: str, capacity_label: str = "Capacity at the SLO (req/s)") -> tuple[str, str]:
     """(axis label with unit, unit) of a confirmation metric: `capacity_rps`, `goodput_rps_at_7.5_rps` (capacity
     studies confirm goodput at the winner's capacity), `goodput_rps`, `output_throughput`, ..."""
+    m = re.fullmatch(r"goodput_per_gpu_at_(.+)_rps_per_gpu", metric)
+    if m:
+        return f"Goodput per GPU at {m.group(1)} req/s per GPU offered (req/s per GPU)", "req/s per GPU"
     m = re.fullmatch(r"goodput_rps_at_(.+)_rps", metric)
     if m:
         return f"Goodput at {m.group(1)} req/s offered (req/s)", "req/s"
@@ -370,12 +373,35 @@ class StudyResults:
 
     @property
     def confirm_rate(self) -> float | None:
-        """The fixed offered load (req/s) of a capacity study's confirmation, from its metric name."""
-        m = re.fullmatch(r"goodput_rps_at_(.+)_rps", str((self.confirm or {}).get("metric") or ""))
+        """The fixed offered load (req/s) of a capacity study's confirmation on the winner's side, from its metric
+        name (a per-GPU rate times the GPUs the winner's repeats used)."""
+        metric = str((self.confirm or {}).get("metric") or "")
+        per = re.fullmatch(r"goodput_per_gpu_at_(.+)_rps_per_gpu", metric)
+        m = per or re.fullmatch(r"goodput_rps_at_(.+)_rps", metric)
         try:
-            return float(m.group(1)) if m else None
+            rate = float(m.group(1)) if m else None
         except ValueError:
             return None
+        if rate is not None and per:
+            win = self.winner_trial
+            rate *= int((self.confirm or {}).get("winner_gpus") or (gpus_of(win) if win is not None else 1))
+        return rate
+
+    @property
+    def per_gpu(self) -> bool:
+        """Whether the study's values are per GPU (every study since values were; older ones are absolute)."""
+        return self.objective_spec.per_gpu
+
+    def gpus(self, trial: FrozenTrial | None) -> int | None:
+        """GPUs the trial's measurement used (replicas x DP x TP x PP; 1 for a CPU server)."""
+        return None if trial is None else max(gpus_of(trial), 1)
+
+    def gpu_words(self, n: int | None) -> str:
+        if n is None:
+            return "?"
+        if self.on_cpu:
+            return "the CPU host"
+        return f"{n} GPU{'s' if n != 1 else ''}"
 
     def _get(self, number: int) -> FrozenTrial | None:
         return next((t for t in self._trials if t.number == number), None)
@@ -426,8 +452,14 @@ class StudyResults:
         if conf:
             w, b = conf.get("winner") or {}, conf.get("baseline") or {}
             label, unit = self.confirm_label
+            wt, bt = self._get(conf.get("winner_trial")), self._get(conf.get("baseline_trial"))
+            wg = conf.get("winner_gpus") or self.gpus(wt)
+            bg = conf.get("baseline_gpus") or (self.gpus(bt) if bt is not None else wg)
             return {"source": f"confirmation, {w.get('n', 0)} interleaved repeats each", "metric": conf.get("metric"),
-                    "label": label, "unit": unit,
+                    "label": label, "unit": unit, **self._sides(conf.get("improvement"), w.get("mean"), b.get("mean"),
+                                                                 wg, bg, bool(conf.get("per_gpu")),
+                                                                 conf.get("pairing") or ""),
+                    "scaling": conf.get("scaling"),
                     "winner_trial": conf.get("winner_trial"), "baseline_trial": conf.get("baseline_trial"),
                     "winner_mean": w.get("mean"), "winner_std": w.get("std"), "winner_n": w.get("n"),
                     "winner_min": w.get("min"), "winner_max": w.get("max"),
@@ -445,12 +477,28 @@ class StudyResults:
         rel = (wv / bv - 1.0) if (wv is not None and bv) else None
         return {"source": "single sweep measurements (not confirmed)", "metric": self.objective_metric,
                 "label": self.objective_label, "unit": self.objective_unit,
+                **self._sides(rel, wv, bv, self.gpus(win), self.gpus(base), self.per_gpu, ""), "scaling": None,
                 "winner_trial": win.number, "baseline_trial": base.number if base is not None else None,
                 "winner_mean": wv, "winner_std": None, "winner_n": 1, "winner_min": wv, "winner_max": wv,
                 "baseline_mean": bv, "baseline_std": None, "baseline_n": 1 if bv is not None else 0,
                 "baseline_min": bv, "baseline_max": bv, "relative": rel,
                 "verdict": f"trial #{win.number} is the best feasible trial so far (not confirmed)",
                 "recommended_trial": win.number}
+
+    def _sides(self, rel: float | None, w: float | None, b: float | None, wg: int | None, bg: int | None,
+               per_gpu: bool, sides: str) -> dict[str, Any]:
+        """The GPUs on each side and the gain per GPU (the same as `relative` when the values are per GPU or the
+        GPU counts are equal; else the absolute values divided by each side's GPUs)."""
+        if per_gpu or (wg is not None and wg == bg):
+            gain = rel
+        elif w is not None and b and wg and bg:
+            gain = (w / wg) / (b / bg) - 1.0
+        else:
+            gain = None
+        if not sides and wg is not None:
+            sides = f"winner on {self.gpu_words(wg)} vs baseline on {self.gpu_words(bg)}"
+        return {"winner_gpus": wg, "baseline_gpus": bg, "per_gpu": per_gpu, "gain_per_gpu": gain,
+                "equal_gpus": wg is not None and wg == bg, "sides": sides}
 
     def settings_table(self) -> pd.DataFrame:
         """Every setting of the recommended trial next to the baseline's, with the changed ones marked."""

@@ -39,6 +39,8 @@ class SearchSpace:
         """This space for one model: `model_max` becomes its longest context, and the model's own fixed settings
         (a sweep's `models[].fixed`) replace the knobs of the same keys, so one space file serves every model."""
         fixed = dict(fixed or {})
+        if DEPLOYMENT_KEY in fixed:
+            refuse_replicas(self.source, f"models[].fixed.{DEPLOYMENT_KEY}")
         space = dataclasses.replace(self, knobs={n: k for n, k in self.knobs.items() if n not in fixed},
                                     fixed={**self.fixed, **fixed}, model_max_len=int(max_context))
         space.fixed = space.resolve(space.fixed)
@@ -102,6 +104,17 @@ def resolve_space_path(name_or_path: str | Path) -> Path:
     raise UserError(f"no such search space file; shipped spaces: {shipped}", source=str(name_or_path))
 
 
+DEPLOYMENT_KEY = "replicas"
+
+
+def refuse_replicas(source: str | None, key: str) -> None:
+    """Replicas are a deployment decision, not a search dimension: a UserError saying so and what happens instead."""
+    raise UserError("replicas are a deployment decision, not a search dimension: the study measures one server of "
+                    "each (tensor_parallel_size, pipeline_parallel_size) candidate, ranks it per GPU, and the "
+                    "emitted config fills the node's GPUs with replicas of the winner; remove this key",
+                    source=source, key=key)
+
+
 def load_space(name_or_path: str | Path) -> SearchSpace:
     path = resolve_space_path(name_or_path)
     return parse_space(read_yaml(path, "search space"), str(path), default_name=path.stem)
@@ -119,6 +132,9 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise UserError("must be a mapping of setting name -> value", source=source, key="fixed")
+    for section, keys in (("knobs", knobs_data), ("fixed", fixed)):
+        if DEPLOYMENT_KEY in keys:
+            refuse_replicas(source, f"{section}.{DEPLOYMENT_KEY}")
     both = set(fixed) & set(knobs_data)
     if both:
         raise UserError(f"{sorted(both)} are both fixed and knobs; keep one", source=source, key="fixed")

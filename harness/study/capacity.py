@@ -74,6 +74,30 @@ class CapacityBracket:
         held = [s for s in self.steps if s.holds]
         return max(held, key=lambda s: _lo_candidate(s)).record if held else None
 
+    def summary(self) -> dict[str, Any]:
+        """The bracket and a compact verdict per step (JSON), for the trial's attributes and the report."""
+        return {"capacity_lo": self.capacity_lo, "capacity_hi": self.capacity_hi, "converged": self.converged,
+                "stopped": self.stopped, "limited_by_client": self.limited_by_client, "precision": self.precision,
+                "steps": [{"rate": s.rate, "offered": s.offered_rate, "achieved": s.steady.achieved_rate,
+                           "ratio": s.steady.completion_ratio, "holds": s.holds, "client_limited": s.client_limited,
+                           "reason": s.steady.reasons[0] if s.steady.reasons else ""} for s in self.steps]}
+
+    def curve(self) -> list[dict[str, Any]]:
+        """Latency versus offered load, one point per step in rate order, for the report."""
+        out = []
+        for s in sorted(self.steps, key=lambda s: s.offered_rate):
+            row: dict[str, Any] = {"rate": s.offered_rate, "ok": s.holds, "achieved": s.steady.achieved_rate}
+            m = s.record.metrics
+            if m is not None:
+                for stat in ("ttft_ms", "tpot_ms", "e2e_ms"):
+                    st = getattr(m, stat)
+                    if st is not None:
+                        row[f"p50_{stat}"], row[f"p99_{stat}"] = st.p50, st.p99
+                row["output_throughput"] = m.output_throughput
+                row["goodput"] = m.goodput
+            out.append(row)
+        return out
+
 
 def step_verdict(record: RunRecord, steady: Steady, slo: SLO | None) -> Steady:
     """The steady verdict with the SLO percentiles of the window's metrics folded in (scoring's semantics: a

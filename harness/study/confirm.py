@@ -1,8 +1,13 @@
 """Confirm the winner against the baseline: repeated measurements, spread reported, no win inside the noise.
 
-What one repeat measures is the objective's (`Objective.measure_repeat`): for capacity studies one load step at
-the winner's capacity, scored by goodput; for the fixed-load objectives the trial's own measurement. Servers are
-started as few times as the devices allow (see `confirm`).
+Equal hardware: both sides run on the same number of GPUs where the node allows it (`pergpu.equal_gpu_pair`:
+vLLM's defaults at TP 1 as replicas next to a TP 2 winner, 2 GPUs vs 2), and every value is per GPU, so a side
+never wins by taking more GPUs. What one repeat measures is the objective's (`Objective.measure_repeat`): for
+capacity studies one windowed steady step at the winner's capacity per GPU times the side's GPUs, scored by
+goodput per GPU; for the fixed-load objectives the trial's own measurement. Servers are started as few times as
+the devices allow (see `confirm`). Then, on a GPU node with room for more than one winner server, the winner runs
+once with the replicas that fill the node (what the emitted config deploys), to show that its per-GPU value
+scales: the scaling efficiency is that run's per-GPU value over the one server's.
 
 The decision rule is a rank test, not a threshold: the winner is recommended only when every one of its repeats
 beats every baseline repeat (with 3 + 3 runs that is a one-sided Mann-Whitney test at p = 0.05) and its mean is
@@ -21,6 +26,7 @@ from optuna.trial import FrozenTrial
 from harness.deploy import DeployJob, deploy_together
 from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
+from harness.study.pergpu import Pairing, equal_gpu_pair, fill_replicas, gpus_used
 from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
 
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
@@ -42,6 +48,13 @@ class Confirmation:
     winner_metrics: list[dict[str, Any]] = field(default_factory=list)  # per repeat, summary numbers
     baseline_metrics: list[dict[str, Any]] = field(default_factory=list)
     mode: str = MODE_FRESH  # how the repeats were run (MODE_*; phases joined by ' + ')
+    winner_gpus: int | None = None  # GPUs each winner repeat ran on (None: stored before sides were recorded)
+    baseline_gpus: int | None = None
+    winner_settings: dict[str, Any] = field(default_factory=dict)  # as deployed (replicas set)
+    baseline_settings: dict[str, Any] = field(default_factory=dict)
+    pairing: str = ""  # the sides in words
+    per_gpu: bool = False  # the runs are per GPU
+    scaling: dict[str, Any] | None = None  # the winner with the node's replica count, measured once
 
     @property
     def improvement(self) -> float | None:
@@ -55,7 +68,10 @@ class Confirmation:
                 "winner": self.winner.to_dict(), "baseline": self.baseline.to_dict(),
                 "improvement": self.improvement, "recommended_trial": self.recommended_trial,
                 "verdict": self.verdict, "winner_metrics": self.winner_metrics,
-                "baseline_metrics": self.baseline_metrics, "mode": self.mode}
+                "baseline_metrics": self.baseline_metrics, "mode": self.mode, "winner_gpus": self.winner_gpus,
+                "baseline_gpus": self.baseline_gpus, "winner_settings": self.winner_settings,
+                "baseline_settings": self.baseline_settings, "pairing": self.pairing, "per_gpu": self.per_gpu,
+                "scaling": self.scaling}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Confirmation:
@@ -66,7 +82,11 @@ class Confirmation:
                    baseline=Spread.from_dict(saved["baseline"], saved.get("baseline_metrics")),
                    recommended_trial=saved["recommended_trial"],
                    verdict=saved["verdict"], winner_metrics=saved["winner_metrics"],
-                   baseline_metrics=saved["baseline_metrics"], mode=saved.get("mode", ""))
+                   baseline_metrics=saved["baseline_metrics"], mode=saved.get("mode", ""),
+                   winner_gpus=saved.get("winner_gpus"), baseline_gpus=saved.get("baseline_gpus"),
+                   winner_settings=saved.get("winner_settings") or {},
+                   baseline_settings=saved.get("baseline_settings") or {}, pairing=saved.get("pairing", ""),
+                   per_gpu=bool(saved.get("per_gpu", False)), scaling=saved.get("scaling"))
 
 
 def _client_limited(ev: Evaluation) -> list[str]:
@@ -76,7 +96,7 @@ def _client_limited(ev: Evaluation) -> list[str]:
 
 
 def _verdict(winner: FrozenTrial, baseline: FrozenTrial | None, w: Spread, b: Spread, metric: str,
-             same: bool, missing: list[str]) -> tuple[str, int]:
+             same: bool, missing: list[str], sides: str = "", per: str = "") -> tuple[str, int]:
     """(verdict, recommended trial). The rank test needs every repeat of both sides measured and valid: a
     client-limited repeat is no server number, and with fewer repeats `beats` would no longer be a test at p = 0.05."""
     kept = winner.number if same or baseline is None else baseline.number
@@ -93,11 +113,12 @@ def _verdict(winner: FrozenTrial, baseline: FrozenTrial | None, w: Spread, b: Sp
                    f"the baseline is kept (trial #{winner.number} stays unconfirmed)"), kept)
     if same:
         return "the baseline (vLLM defaults) is the best candidate found; it is kept", winner.number
+    on = f"; {sides}" if sides else ""
     if beats(w.runs, b.runs):
         return (f"trial #{winner.number} beats the baseline in every repeat "
-                f"({w.mean:.4g} vs {b.mean:.4g} {metric})", winner.number)
-    return (f"trial #{winner.number} does not beat the baseline beyond the run-to-run spread; the baseline is kept",
-            kept)
+                f"({w.mean:.4g} vs {b.mean:.4g} {metric}{on})", winner.number)
+    return (f"trial #{winner.number} does not beat the baseline{per} beyond the run-to-run spread"
+            + (f" ({sides})" if sides else "") + "; the baseline is kept", kept)
 
 
 def beats(winner: list[float], baseline: list[float]) -> bool:
@@ -105,9 +126,15 @@ def beats(winner: list[float], baseline: list[float]) -> bool:
         statistics.fmean(winner) > statistics.fmean(baseline)
 
 
+def node_gpus(ctx: StudyContext) -> int:
+    """GPUs of the node the study runs on (0 on a CPU host)."""
+    slots = getattr(ctx, "slots", None)
+    return len(slots.gpu_ids) if slots is not None and slots.gpu_ids else 0
+
+
 def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int,
             metric: str, log: Any = None) -> Confirmation:
-    """Re-measure winner and baseline, `repeats` times each.
+    """Re-measure winner and baseline, `repeats` times each, on equal GPUs where the node allows it.
 
     When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
     the repeats alternate between the two live servers (a winner that is the baseline: one live server). When they
@@ -116,23 +143,29 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     time slot at all. Only when a configuration cannot be started on its own slot now does every repeat start a
     fresh server.
     """
-    # What a repeat measures is the objective's (`Objective.measure_repeat`): capacity studies offer both configs
-    # the winner's claimed capacity and score goodput, so a baseline that also sustains it ties (and is kept).
+    # What a repeat measures is the objective's (`Objective.measure_repeat`): capacity studies offer both sides
+    # the winner's claimed capacity per GPU times their GPUs and score goodput per GPU, so a baseline that also
+    # sustains it ties (and is kept).
     winner_values = list(winner.values)
     same = baseline is None or baseline.number == winner.number
+    pairing = (equal_gpu_pair(settings_of(winner), settings_of(baseline), node_gpus(ctx)) if not same
+               else equal_gpu_pair(settings_of(winner), settings_of(winner), node_gpus(ctx)))
+    sides = {"winner": pairing.winner, "baseline": pairing.baseline}
     pairs = [("winner", winner)] + ([] if same else [("baseline", baseline)])
+    if log is not None:
+        print(f"[confirm] {pairing.describe()}", file=log, flush=True)
     runs: dict[str, list[float]] = {"winner": [], "baseline": []}
     valid: dict[str, list[bool]] = {"winner": [], "baseline": []}
     unmeasured: dict[str, list[str]] = {"winner": [], "baseline": []}
     metrics: dict[str, list[dict[str, Any]]] = {"winner": [], "baseline": []}
     modes: list[str] = []
-    with contextlib.closing(_phases(ctx, pairs, repeats)) as phases:
+    with contextlib.closing(_phases(ctx, pairs, sides, repeats)) as phases:
         for mode, live, order in phases:
             modes += [] if mode in modes else [mode]
             for i, (who, trial) in order:
                 if log is not None:
                     print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {mode})", file=log, flush=True)
-                settings = settings_of(trial)
+                settings = sides[who]
                 for attempt in range(1 + CLIENT_RETRIES):
                     label = f"confirm-{who}{i + 1}" + (f"-again{attempt}" if attempt else "")
                     if live:
@@ -154,7 +187,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                 value = ev.values[0]
                 runs[who].append(float(value))
                 valid[who].append(not reasons)
-                metrics[who].append({**ev.summary(), "client_valid": not reasons,
+                metrics[who].append({**ev.summary(), "client_valid": not reasons, "gpus": ev.gpus,
                                      **({"client_reason": reasons[0]} if reasons else {})})
                 if log is not None:
                     print(f"    -> {metric} = {value:.4g}"
@@ -163,38 +196,70 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     w = Spread(runs["winner"], valid["winner"])
     b = Spread(runs["baseline"], valid["baseline"]) if not same else Spread(list(w.runs), list(w.flags))
     missing = unmeasured["winner"] + ([] if same else unmeasured["baseline"])
-    verdict, rec = _verdict(winner, baseline, w, b, metric, same, missing)
+    verdict, rec = _verdict(winner, baseline, w, b, metric, same, missing, pairing.describe(),
+                            " per GPU" if ctx.objective.per_gpu else "")
+    scaling = measure_scaling(ctx, winner, log)
     return Confirmation(metric=metric, winner_trial=winner.number,
                         baseline_trial=None if baseline is None else baseline.number, winner=w,
                         baseline=b, recommended_trial=rec, verdict=verdict,
                         winner_metrics=metrics["winner"], baseline_metrics=metrics["baseline"],
-                        mode=" + ".join(modes))
+                        mode=" + ".join(modes), winner_gpus=pairing.winner_gpus,
+                        baseline_gpus=pairing.winner_gpus if same else pairing.baseline_gpus,
+                        winner_settings=pairing.winner, baseline_settings=pairing.winner if same else pairing.baseline,
+                        pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling)
+
+
+def measure_scaling(ctx: StudyContext, winner: FrozenTrial, log: Any = None) -> dict[str, Any] | None:
+    """The winner once with the replicas that fill the node (what the emitted config deploys), measured as a
+    trial is (a capacity search starts at the one server's capacity x replicas): its per-GPU value over the one
+    server's is the scaling efficiency. None when one server already fills the node (or on a CPU host)."""
+    settings = settings_of(winner)
+    replicas = fill_replicas(settings, node_gpus(ctx))
+    if replicas <= 1 or not ctx.objective.per_gpu or not winner.values or winner.values[0] <= 0:
+        return None
+    scaled = {**settings, "replicas": replicas}
+    if log is not None:
+        print(f"[confirm scaling] trial #{winner.number} x {replicas} replicas on {gpus_used(scaled)} GPUs",
+              file=log, flush=True)
+    ev = evaluate(ctx, scaled, "confirm-scaling", incumbent=list(winner.values))
+    value = ev.values[0] if ev.values and ev.failure is None and not ev.pruned_reason else None
+    one = float(winner.values[0])
+    out = {"replicas": replicas, "gpus": gpus_used(scaled), "settings": scaled, "value_per_gpu": value,
+           "one_server_per_gpu": one, "efficiency": (value / one) if value is not None else None,
+           "failure": ev.pruned_reason or (ev.failure.message[:300] if ev.failure is not None else None),
+           "client_valid": not _client_limited(ev), "capacity": ev.capacity}
+    if log is not None:
+        eff = out["efficiency"]
+        print(f"    -> per GPU {value if value is None else f'{value:.4g}'} vs one server {one:.4g}: scaling "
+              f"efficiency {'-' if eff is None else f'{eff:.0%}'}", file=log, flush=True)
+    return out
 
 
 Phase = tuple[str, "dict[str, Any] | None", list[tuple[int, tuple[str, FrozenTrial]]]]
 
 
-def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], repeats: int) -> Iterator[Phase]:
+def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: dict[str, dict[str, Any]],
+            repeats: int) -> Iterator[Phase]:
     """(mode, live deployments by role or None, the repeats to run on them). Each phase's servers are up only
     while the caller works through its repeats; closing the generator tears them down."""
     interleaved = [(i, pair) for i in range(repeats) for pair in pairs]
     if getattr(ctx, "slots", None) is None:
         yield MODE_FRESH, None, interleaved
         return
-    plans = [plan_settings(ctx, settings_of(trial)) for _, trial in pairs]
+    plans = [plan_settings(ctx, sides[who]) for who, _ in pairs]
     if any(ev.pruned_reason for ev, _ in plans):
         yield MODE_FRESH, None, interleaved
         return
-    needs = {trial.number: n for (_, trial), (_, n) in zip(pairs, plans)}
+    needs = {who: n for (who, _), (_, n) in zip(pairs, plans)}
     if not ctx.slots.gpu_ids or sum(needs.values()) <= ctx.slots.capacity:
-        with _deployed(ctx, pairs, needs) as deps:
+        with _deployed(ctx, pairs, sides, needs) as deps:
             if deps is not None:
                 yield MODE_LIVE, deps, interleaved
                 return
     left = interleaved
     if len(pairs) > 1:
         for pair in pairs:
-            with _deployed(ctx, [pair], needs) as deps:
+            with _deployed(ctx, [pair], sides, needs) as deps:
                 if deps is None:
                     continue  # no free devices for it now: its repeats start fresh servers (which wait for them)
                 yield MODE_IN_TURN, deps, [(i, pair) for i in range(repeats)]
@@ -204,17 +269,17 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], repeats: in
 
 
 @contextlib.contextmanager
-def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]],
-              needs: dict[int, int]) -> Iterator[dict[str, Any] | None]:
+def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: dict[str, dict[str, Any]],
+              needs: dict[str, int]) -> Iterator[dict[str, Any] | None]:
     """These configurations started at once on free devices (disjoint GPU sets), or None when they do not fit now."""
     with contextlib.ExitStack() as stack:
         try:
             jobs = []
             for who, trial in pairs:
                 # GPUs: all need free devices now; CPU: only one of them is under load at any time
-                slot = (stack.enter_context(ctx.slots.acquire(needs[trial.number], timeout_s=SLOT_WAIT_S))
+                slot = (stack.enter_context(ctx.slots.acquire(needs[who], timeout_s=SLOT_WAIT_S))
                         if ctx.slots.gpu_ids else ctx.slots.cpu_host_slot())
-                jobs.append(DeployJob(ctx.model, settings_of(trial), slot, ctx.study_dir / "logs" / f"confirm-{who}"))
+                jobs.append(DeployJob(ctx.model, sides[who], slot, ctx.study_dir / "logs" / f"confirm-{who}"))
             deps = stack.enter_context(deploy_together(jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):
             deps = None

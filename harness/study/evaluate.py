@@ -33,11 +33,13 @@ class StudyContext:
     space: Any  # harness.space.SearchSpace
     workload: Any  # harness.load.workload.Workload
     objective: Objective
-    requests_for: Callable[[int], list[Any]]  # step k -> RequestSpecs: the same prompts for step k of every trial,
-    # different prompts across the steps of one server, so the prefix cache never replays an earlier step
+    requests_for: Callable[[int, int], list[Any]]  # (step k, n) -> n RequestSpecs: the same prompts for step k of
+    # every trial, different prompts across the steps of one server, so the prefix cache never replays an earlier step
     study_dir: Path
     start_timeout_s: float
     slots: SlotPool
+    out: Any = None  # where load steps report their progress (None: quiet)
+    out_tty: bool | None = None  # False: never rewrite a line in place (trials run side by side); None: ask `out`
 
 
 def _plan(ctx: StudyContext, settings: dict[str, Any]) -> Any:
@@ -96,11 +98,11 @@ def measure_live(ctx: StudyContext, dep: Deployment, ev: Evaluation, label: str,
         ev.record_paths.append(str(save_record(record, run_dir / f"{label}-step{step}.json")))
 
     steps = LoadSteps(deployment=dep, workload=ctx.workload, requests_for=ctx.requests_for, slo=ctx.objective.slo,
-                      plan=ev.plan, save=save)
+                      plan=ev.plan, save=save, label=label, out=ctx.out, tty=ctx.out_tty)
     obj = ctx.objective
     got = obj.measure_repeat(steps, repeat_of) if repeat_of is not None else obj.measure(steps, incumbent)
     ev.values, ev.constraints, ev.record = got.values, got.constraints, got.record
-    ev.curve, ev.metrics = got.curve, got.metrics
+    ev.curve, ev.metrics, ev.capacity = got.curve, got.metrics, got.capacity
     ev.client_reasons, ev.values_invalid = got.client_reasons, got.values_invalid
     return ev
 

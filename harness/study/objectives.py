@@ -15,6 +15,11 @@ The contract, for a subclass:
 - `worst_values()`: what a candidate that failed reports (never a good value);
 - `confirm_metric(winner_values)` and `measure_repeat(steps, winner_values)`: what a confirmation repeat of the
   winner and the baseline measures, a higher first value being better.
+
+Per GPU: with `per_gpu` (every new study) the first value Optuna sees is per GPU of the deployment measured
+(`ranked()`), and a fixed load (`rate`, `concurrency`) is offered per GPU (a 2-GPU server gets twice the load),
+so candidates of different GPU counts compare on equal hardware; the absolute number is kept next to it in the
+trial's metrics. Studies stored before this have no `per_gpu` key and read back as absolute.
 """
 
 from __future__ import annotations
@@ -25,8 +30,14 @@ from typing import Any, Callable, ClassVar
 
 from harness.deploy import Deployment
 from harness.errors import UserError
+from harness.load.progress import StepDisplay
+from harness.load.window import DEFAULT_STEP_S, DEFAULT_WARMUP_S, WindowSpec
+from harness.measure.steady import SteadyCriteria
 from harness.records import SLO, RunRecord, to_dict
-from harness.study.scoring import capacity_search, metric_value, slo_violations
+from harness.study.capacity import DEFAULT_PRECISION, CapacityBracket, search_capacity, step_verdict
+from harness.study.pergpu import per_gpu
+from harness.study.scoring import metric_value, slo_violations
+from harness.study.steadysearch import ServerDied
 
 MAXIMIZE, MINIMIZE = "maximize", "minimize"
 
@@ -42,6 +53,7 @@ class Measurement:
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers for the trial's metrics
     client_reasons: list[str] = field(default_factory=list)  # why the load client, not the server, set the values
     values_invalid: bool = False  # the values come from a run the client limited: not a server number at all
+    capacity: dict[str, Any] | None = None  # capacity searches: CapacityBracket.summary()
 
 
 def client_reasons(record: RunRecord | None) -> list[str]:
@@ -52,26 +64,77 @@ def client_reasons(record: RunRecord | None) -> list[str]:
 
 @dataclass
 class LoadSteps:
-    """One candidate's live deployment under the study's workload: each `run()` is one measured load step.
+    """One candidate's live deployment under the study's workload: each `run()` / `run_window()` is one measured,
+    saved load step.
 
-    Step k gets the study's prompts for step k (the same for every trial, different across the steps of one
-    server, so the prefix cache never replays an earlier step) and is saved by `save(record, k)`."""
+    Step k gets the study's prompts for step k (`requests_for(k, n)`: the same for every trial, different across
+    the steps of one server, so the prefix cache never replays an earlier step) and is saved by `save(record, k)`.
+    `out`: where step lines and live progress go (None: quiet); `label` prefixes them."""
 
     deployment: Deployment
-    workload: Any  # harness.load.workload.Workload
-    requests_for: Callable[[int], list[Any]]
+    workload: Any
+    requests_for: Callable[[int, int], list[Any]]
     slo: SLO
     plan: dict[str, Any] | None
     save: Callable[[RunRecord, int], None]
     count: int = 0
+    label: str = ""
+    out: Any = None
+    tty: bool | None = None  # False: a progress line every 10 s even on a terminal (several trials at once)
+    last_e2e_s: float | None = None  # the last step's batch fill time (p99 decode): sizes the next warm-up and tail
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of the deployment measured (replicas x DP x TP x PP; 1 for a CPU server)."""
+        return max(self.deployment.topology.gpus, 1)
 
     def run(self, **load: Any) -> RunRecord:
         """`load`: Deployment.run's arrival keywords (rate, burstiness, concurrency, num_requests, duration_s)."""
         self.count += 1
-        record = self.deployment.run(self.workload, self.requests_for(self.count), slo=self.slo, plan=self.plan,
-                                     **load)
+        n = int(load.get("num_requests") or 64) + self.workload.warmup_requests
+        display = self._display()
+        try:
+            record = self.deployment.run(self.workload, self.requests_for(self.count, n), slo=self.slo,
+                                         plan=self.plan, progress=display, **load)
+        finally:
+            if display is not None:
+                display.finish()
         self.save(record, self.count)
         return record
+
+    def run_window(self, rate: float, spec: WindowSpec, criteria: SteadyCriteria, note: str = "") -> RunRecord:
+        """One time-window step at `rate` (req/s over the whole deployment); the record's `steady` is the final
+        verdict, SLO percentiles of the window folded in."""
+        self.count += 1
+        window = spec.plan(rate, self.last_e2e_s)
+        self._say(f"{note + ': ' if note else ''}{rate:.3g} req/s, {window.step_s:g} s window after "
+                  f"{window.warmup_s:.0f} s warm-up ({window.requests_needed()} requests)")
+        display = self._display()
+        try:
+            record = self.deployment.run_window(self.workload, self.requests_for(self.count, window.requests_needed()),
+                                                window, slo=self.slo, plan=self.plan, criteria=criteria,
+                                                progress=display)
+        finally:
+            if display is not None:
+                display.finish()
+        if record.steady is not None and record.steady.batch_fill_s is not None:
+            self.last_e2e_s = record.steady.batch_fill_s  # the longest decode, not the queue: the next warm-up
+        if record.steady is not None:
+            record.steady = step_verdict(record, record.steady, self.slo)
+            st = record.steady
+            self._say(f"{'holds' if st.holds else 'does not hold'}: offered {st.offered_rate:.3g}, served "
+                      f"{st.achieved_rate:.3g} req/s (ratio {st.completion_ratio:.2f})"
+                      + (f"; {st.reasons[0]}" if st.reasons else ""))
+        self.save(record, self.count)
+        return record
+
+    def _display(self) -> StepDisplay | None:
+        return (StepDisplay(prefix=f"    {self.label} step {self.count}: ", out=self.out, tty=self.tty)
+                if self.out else None)
+
+    def _say(self, text: str) -> None:
+        if self.out is not None:
+            print(f"    {self.label} step {self.count}: {text}", file=self.out, flush=True)
 
 
 @dataclass
@@ -87,6 +150,7 @@ class Objective:
     needs_slo: ClassVar[bool] = False
     needs_fixed_load: ClassVar[bool] = False
     load_curve: ClassVar[bool] = False  # one trial measures several offered loads (the report draws the curve)
+    windowed: ClassVar[bool] = False  # measures time-window steps (the window keys belong to its identity)
 
     slo: SLO = field(default_factory=SLO)
     concurrency: int | None = None  # closed-loop load for the fixed-load kinds
@@ -96,8 +160,15 @@ class Objective:
     duration_s: float | None = None
     start_rate: float = 1.0  # capacity search: first rate tried (req/s)
     min_rate: float = 0.05  # capacity search: below this the config has no capacity
-    max_steps: int = 6  # capacity search: load steps per trial (doubling + bisection)
+    max_steps: int = 6  # capacity search: load steps per trial
     latency_metric: str = "p99_tpot_ms"  # pareto: the latency objective
+    # windowed steps (capacity): None only for a study stored before steps were time windows
+    step_s: float | None = DEFAULT_STEP_S  # measured window of each step, seconds
+    warmup_s: float = DEFAULT_WARMUP_S  # warm-up floor before the window, seconds
+    drain_s: float = 120.0  # per-request timeout after its send, seconds
+    steady_fraction: float = 0.95  # completions in the window >= this x arrivals
+    precision: float = DEFAULT_PRECISION  # the capacity bracket's relative width
+    per_gpu: bool = True  # rank by the first value per GPU (studies stored before this: absolute)
 
     # ---------------------------------------------------------------------------------------------- sweep file
 
@@ -112,7 +183,42 @@ class Objective:
                             source=source, key="objective.slo")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **to_dict(self)}
+        """The study's identity: every key that changes what a trial measures (the window keys only for kinds
+        that measure windows, so the identity of an older fixed-load study keeps its shape)."""
+        d = {"kind": self.kind, **to_dict(self)}
+        if not self.windowed:
+            for key in WINDOW_KEYS:
+                d.pop(key, None)
+        elif self.step_s is not None:
+            d.pop("num_requests", None)  # a window's request count follows from rate x step_s
+        return d
+
+    # ---------------------------------------------------------------------------------------------- per GPU
+
+    def ranked(self, values: list[float], gpus: int) -> list[float]:
+        """Optuna's values from absolute ones: the first per GPU (with `per_gpu`), the others as measured."""
+        if not self.per_gpu or not values:
+            return list(values)
+        return [float(per_gpu(values[0], max(gpus, 1)))] + list(values[1:])
+
+    def absolute(self, values: list[float], gpus: int) -> list[float]:
+        """The inverse of `ranked`: the first value for the whole deployment of `gpus` GPUs."""
+        if not self.per_gpu or not values:
+            return list(values)
+        return [values[0] * max(gpus, 1)] + list(values[1:])
+
+    def per_gpu_words(self) -> str:
+        return " per GPU" if self.per_gpu else ""
+
+    def window_spec(self) -> WindowSpec:
+        if self.step_s is None:
+            raise UserError("this study was measured with request-count steps (before time windows); start a new "
+                            "study (another results_dir) to measure it with step_s windows", key="objective.step_s")
+        return WindowSpec(step_s=self.step_s, warmup_s=self.warmup_s, drain_s=self.drain_s,
+                          burstiness=self.burstiness)
+
+    def criteria(self) -> SteadyCriteria:
+        return SteadyCriteria(fraction=self.steady_fraction)
 
     # ---------------------------------------------------------------------------------------------- planning
 
@@ -180,45 +286,79 @@ class Objective:
 
 @dataclass
 class CapacityObjective(Objective):
-    """Highest Poisson rate whose SLO percentile holds (double, then bisect). Confirmation: the winner's capacity
-    offered to both configurations, scored by goodput, so a baseline that also sustains it ties (and is kept)."""
+    """The highest Poisson rate the server sustains in steady state with its SLO percentiles held, bracketed to
+    `precision` by time-window steps (`harness.study.capacity.search_capacity`); ranked per GPU. Confirmation:
+    one windowed step per repeat at the winner's capacity per GPU times the GPUs of the side measured, scored by
+    goodput per GPU, so a baseline that also sustains it ties (and is kept)."""
 
     kind: ClassVar[str] = "capacity"
     metric: ClassVar[str] = "capacity_rps"
     unit: ClassVar[str] = "req/s"
     needs_slo: ClassVar[bool] = True
     load_curve: ClassVar[bool] = True
-
-    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
-        # start where the incumbent is: one step tells whether this candidate is better
-        start = incumbent[0] if incumbent and incumbent[0] > 0 else self.start_rate
-        result = capacity_search(
-            lambda rate: steps.run(rate=rate, burstiness=self.burstiness, num_requests=self.num_requests),
-            self.slo, start_rate=start, max_steps=self.max_steps, min_rate=self.min_rate)
-        limited = [(st.rate, client_reasons(st.record)) for st in result.steps if client_reasons(st.record)]
-        reasons = [f"the client limited the step at {rate:.3g} req/s ({'; '.join(why)}): the capacity is a lower "
-                   f"bound set by the client" for rate, why in limited[:1]]
-        return Measurement(values=[result.capacity], constraints=[0.0 if result.capacity > 0 else 1.0],
-                           record=result.best or result.steps[-1].record, curve=result.curve(),
-                           metrics={self.metric: result.capacity}, client_reasons=reasons,
-                           values_invalid=bool(limited) and result.best is None)
+    windowed: ClassVar[bool] = True
 
     def expected_steps(self) -> int:
         return self.max_steps
+
+    def expected_step_s(self, request_s: float) -> float:
+        # a window step: warm-up (at least a few requests' lifetimes), the measured window, the tail, and the wait
+        # for the last requests; old request-count studies keep the request-based estimate
+        if self.step_s is None:
+            return super().expected_step_s(request_s)
+        plan = self.window_spec().plan(self.start_rate, request_s)
+        return plan.warmup_s + plan.step_s + plan.tail_s + request_s
 
     def offered_rate(self) -> float | None:
         # the search starts at start_rate and doubles: its first step is the longest
         return self.start_rate
 
+    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
+        # start where the incumbent is (its value per GPU x this deployment's GPUs): one step tells whether this
+        # candidate is better
+        start = self.absolute(incumbent, steps.gpus)[0] if incumbent and incumbent[0] > 0 else self.start_rate
+        spec, criteria = self.window_spec(), self.criteria()
+
+        def step(rate: float) -> tuple[RunRecord, Any]:
+            record = steps.run_window(rate, spec, criteria,
+                                      note=f"capacity search step {len(bracket_steps) + 1} of at most {self.max_steps}")
+            bracket_steps.append(record)
+            if record.failure is not None:
+                raise ServerDied(record)
+            return record, record.steady
+
+        bracket_steps: list[RunRecord] = []
+        try:
+            bracket = search_capacity(step, start_rate=start, precision=self.precision, max_steps=self.max_steps,
+                                      min_rate=self.min_rate)
+        except ServerDied as died:
+            return Measurement(values=self.worst_values(), constraints=[1.0], record=died.record)
+        capacity = bracket.capacity_lo
+        limited = [(st.rate, client_reasons(st.record)) for st in bracket.steps if st.client_limited]
+        reasons = [f"the client limited the step at {rate:.3g} req/s ({'; '.join(why)}): the capacity is a lower "
+                   f"bound set by the client" for rate, why in limited[:1]]
+        return Measurement(values=self.ranked([capacity], steps.gpus),
+                           constraints=[0.0 if capacity > 0 else 1.0],
+                           record=bracket.best or bracket.steps[-1].record, curve=bracket.curve(),
+                           metrics={self.metric: capacity}, capacity=bracket.summary(), client_reasons=reasons,
+                           values_invalid=bool(limited) and bracket.best is None)
+
     def confirm_metric(self, winner_values: list[float]) -> str:
-        return f"goodput_rps_at_{winner_values[0]:.3g}_rps" if winner_values else "goodput_rps"
+        if not winner_values:
+            return "goodput_rps"
+        if self.per_gpu:
+            return f"goodput_per_gpu_at_{winner_values[0]:.3g}_rps_per_gpu"
+        return f"goodput_rps_at_{winner_values[0]:.3g}_rps"
 
     def measure_repeat(self, steps: LoadSteps, winner_values: list[float]) -> Measurement:
         if not winner_values or winner_values[0] <= 0:
             return self.measure(steps)
-        record = steps.run(rate=winner_values[0], burstiness=self.burstiness, num_requests=self.num_requests)
-        return Measurement(values=[float(record.metrics.goodput or 0.0) if record.metrics else 0.0],
-                           constraints=slo_violations(record, self.slo), record=record,
+        rate = self.absolute(winner_values, steps.gpus)[0]
+        record = steps.run_window(rate, self.window_spec(), self.criteria(), note="confirmation at the winner's capacity")
+        goodput = float(record.metrics.goodput or 0.0) if record.metrics else 0.0
+        held = record.steady is not None and record.steady.holds
+        return Measurement(values=self.ranked([goodput], steps.gpus),
+                           constraints=slo_violations(record, self.slo) + [0.0 if held else 1.0], record=record,
                            client_reasons=client_reasons(record), values_invalid=bool(client_reasons(record)))
 
     def confirms_on_own_scale(self, metric: str) -> bool:
@@ -226,13 +366,20 @@ class CapacityObjective(Objective):
 
     def value_label(self) -> str:
         pct = self.slo.percentile
-        return f"Capacity: highest rate meeting the {f'p{pct:g} ' if pct is not None else ''}SLO (req/s)"
+        per = " per GPU" if self.per_gpu else ""
+        return f"Capacity{per}: highest steady rate meeting the {f'p{pct:g} ' if pct is not None else ''}SLO (req/s{per})"
 
     def title(self) -> str:
-        return "capacity"
+        return "capacity per GPU" if self.per_gpu else "capacity"
 
     def describe(self, load: str, slo: str) -> str:
-        return f"capacity: the highest Poisson request rate whose {slo} holds"
+        if self.step_s is None:
+            return (f"capacity: the highest Poisson request rate whose {slo} holds ({self.num_requests}-request "
+                    f"steps, before steady-state windows)")
+        per = ", per GPU" if self.per_gpu else ""
+        return (f"capacity{per}: the highest Poisson request rate the server sustains in steady state "
+                f"({self.step_s:g} s windows, completions >= {self.steady_fraction:g} x offered, no growing queue) "
+                f"with its {slo}, bracketed to {self.precision:.0%}")
 
 
 @dataclass
@@ -242,16 +389,23 @@ class FixedLoadObjective(Objective):
     needs_fixed_load: ClassVar[bool] = True
 
     def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
-        load: dict[str, Any] = ({"concurrency": self.concurrency} if self.concurrency else
-                                {"rate": self.rate, "burstiness": self.burstiness})
-        record = steps.run(**load, num_requests=self.num_requests, duration_s=self.duration_s)
-        values = self.values(record) if record.metrics is not None else self.worst_values()
-        return Measurement(values=values, constraints=slo_violations(record, self.slo), record=record,
+        # per GPU: the load is per GPU, so each GPU of every candidate sees the same offered load
+        scale = steps.gpus if self.per_gpu else 1
+        load: dict[str, Any] = ({"concurrency": self.concurrency * scale} if self.concurrency else
+                                {"rate": self.rate * scale, "burstiness": self.burstiness})
+        record = steps.run(**load, num_requests=self.num_requests * scale, duration_s=self.duration_s)
+        if record.metrics is None:
+            return Measurement(values=self.worst_values(), constraints=[1.0], record=record)
+        return Measurement(values=self.ranked(self.values(record), steps.gpus),
+                           constraints=slo_violations(record, self.slo), record=record,
                            client_reasons=client_reasons(record), values_invalid=bool(client_reasons(record)))
 
     def values(self, record: RunRecord) -> list[float]:
         """The values of one measured run (which has metrics)."""
         raise NotImplementedError
+
+    def load_words(self) -> str:
+        return " per GPU of the candidate" if self.per_gpu else ""
 
 
 @dataclass
@@ -273,13 +427,14 @@ class GoodputObjective(FixedLoadObjective):
         return metric in ("goodput", "goodput_rps")
 
     def value_label(self) -> str:
-        return "Goodput: requests meeting every SLO (req/s)"
+        per = self.per_gpu_words()
+        return f"Goodput{per}: requests meeting every SLO (req/s{per})"
 
     def title(self) -> str:
-        return "goodput"
+        return "goodput" + self.per_gpu_words()
 
     def describe(self, load: str, slo: str) -> str:
-        return f"goodput at {load}: requests/s meeting {slo}"
+        return f"goodput{self.per_gpu_words()} at {load}{self.load_words()}: requests/s meeting {slo}"
 
 
 @dataclass
@@ -297,13 +452,14 @@ class ThroughputObjective(FixedLoadObjective):
         return metric in ("output_throughput", "throughput", "pareto")
 
     def value_label(self) -> str:
-        return "Output throughput (tok/s)"
+        per = self.per_gpu_words()
+        return f"Output throughput{per} (tok/s{per})"
 
     def title(self) -> str:
-        return "output throughput"
+        return "output throughput" + self.per_gpu_words()
 
     def describe(self, load: str, slo: str) -> str:
-        return f"output tokens/s at {load}, subject to {slo}"
+        return f"output tokens/s{self.per_gpu_words()} at {load}{self.load_words()}, subject to {slo}"
 
 
 @dataclass
@@ -322,8 +478,11 @@ class ParetoObjective(ThroughputObjective):
         return self.latency_metric
 
     def describe(self, load: str, slo: str) -> str:
-        return f"output tokens/s vs {self.latency_metric} at {load} (NSGA-II), subject to {slo}"
+        return (f"output tokens/s{self.per_gpu_words()} vs {self.latency_metric} at {load}{self.load_words()} "
+                f"(NSGA-II), subject to {slo}")
 
+
+WINDOW_KEYS = ("step_s", "warmup_s", "drain_s", "steady_fraction", "precision")
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.kind: cls for cls in (CapacityObjective, GoodputObjective, ThroughputObjective, ParetoObjective)}
@@ -342,5 +501,8 @@ def objective_from_dict(data: dict[str, Any]) -> Objective:
     cls = objective_class(str(data.get("kind") or "capacity"))
     names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names and k != "slo"}
+    kwargs.setdefault("per_gpu", False)  # stored before values were per GPU: absolute
+    if cls.windowed:
+        kwargs.setdefault("step_s", None)  # stored before steps were time windows: request-count steps
     slo = data.get("slo") or {}
     return cls(slo=SLO(**{k: v for k, v in slo.items() if k in {f.name for f in fields(SLO)}}), **kwargs)

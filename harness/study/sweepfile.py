@@ -14,7 +14,8 @@ from typing import Any
 from harness.emit import model_slug
 from harness.errors import UserError
 from harness.records import parse_slo
-from harness.study.objectives import OBJECTIVES, Objective
+from harness.study.capacity import validate_steady_keys
+from harness.study.objectives import OBJECTIVES, WINDOW_KEYS, Objective
 from harness.yamlfile import check_keys, positive, read_yaml
 
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
@@ -22,7 +23,7 @@ SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "
               "traffic")  # traffic: the node plan's expected load per model (harness.node.traffic)
 MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials", "workload")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
-                  "start_rate", "max_steps", "latency_metric", "min_rate")
+                  "start_rate", "max_steps", "latency_metric", "min_rate", *WINDOW_KEYS)
 
 
 @dataclass
@@ -61,10 +62,10 @@ DEMO_SWEEP: dict[str, Any] = {
     "workload": "tiny-cpu",
     # Sized for 2 cores: the server runs on core 1 and the load client on core 0 (harness.launch.placement). There
     # vLLM's defaults served the tiny model at 64 req/s within the SLO (p90 TTFT 98 ms; 128 req/s broke it) with the
-    # client's dispatch lag under 1 ms; 80 requests make a step of 10 s at the start rate and ~1.3 s at 64 req/s,
-    # and five steps double up to there (later trials start at the incumbent's capacity and bisect).
+    # client's dispatch lag under 1 ms. 10 s windows (a GPU study uses 60 s): with warm-up and tail a step lasts
+    # ~15 s on 2 cores, so a search of up to 5 steps to 10% stays near a minute and a quarter.
     "objective": {"kind": "capacity", "slo": {"ttft_ms": 250, "tpot_ms": 40, "percentile": 90},
-                  "num_requests": 80, "start_rate": 8.0, "max_steps": 5},
+                  "step_s": 10, "warmup_s": 2, "precision": 0.1, "start_rate": 8.0, "max_steps": 5},
     "trials": 6,
     "confirm": {"repeats": 3},
 }
@@ -81,8 +82,24 @@ def parse_objective(data: Any, source: str) -> Objective:
     kind = data.get("kind", "capacity")
     if kind not in OBJECTIVES:
         raise UserError(f"kind {kind!r} is not one of {list(OBJECTIVES)}", source=source, key="objective.kind")
-    defaults = OBJECTIVES[kind]()
-    obj = OBJECTIVES[kind](
+    cls = OBJECTIVES[kind]
+    defaults = cls()
+    window_given = [k for k in WINDOW_KEYS if k in data]
+    if cls.windowed:
+        if "num_requests" in data:
+            raise UserError("capacity steps are time windows now: the request count follows from rate x step_s; "
+                            "remove num_requests and set step_s (seconds, default 60)", source=source,
+                            key="objective.num_requests")
+        try:
+            validate_steady_keys({k: data[k] for k in window_given})
+        except UserError as exc:
+            raise UserError(str(exc).split(": ", 1)[-1], source=source, key=f"objective.{exc.key}") from None
+    elif window_given:
+        raise UserError(f"{window_given[0]} shapes time-window steps, which only the capacity objective measures "
+                        f"(kind {kind!r} measures one request-count load)", source=source,
+                        key=f"objective.{window_given[0]}")
+    window = {k: data.get(k, getattr(defaults, k)) for k in WINDOW_KEYS}
+    obj = cls(**window,
         slo=parse_slo(data.get("slo"), source),
         concurrency=positive(data.get("concurrency"), source, "objective.concurrency", integer=True),
         rate=positive(data.get("rate"), source, "objective.rate"),

@@ -11,15 +11,17 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from harness.study.trials import (Attr, baseline_of, client_of, gpus_of, is_feasible, outcome_of, reason_of,
-                                  settings_of, startup_of)
+from harness.study.trials import (Attr, baseline_of, capacity_of, client_of, gpus_of, is_feasible, outcome_of,
+                                  reason_of, settings_of, startup_of, steady_of)
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Columns: number, state, outcome, baseline, value(s), feasible, reason, client ('valid' or 'client-limited
-    (invalid): why': whether the load client, not the server, set the value), gpus, `set.<key>` per setting, metric
-    columns (throughputs, latency percentiles in ms, memory), planned vs measured KV tokens, timing: device-seconds,
-    vLLM's start-up phases (`startup.<phase>`, seconds) and its compile cache (`compile_cache`: hit / miss / ...)."""
+    """Columns: number, state, outcome, baseline, value(s) (the first per GPU in studies that rank per GPU), feasible,
+    reason, client ('valid' or 'client-limited (invalid): why': whether the load client, not the server, set the
+    value), gpus (what every `*_per_gpu` column divides by), the capacity bracket and search steps, the steady
+    verdict, `set.<key>` per setting, metric columns (throughputs and their per-GPU values, latency percentiles in
+    ms, memory), planned vs measured KV tokens, timing: device-seconds, vLLM's start-up phases (`startup.<phase>`,
+    seconds) and its compile cache (`compile_cache`: hit / miss / ...)."""
     rows: list[dict[str, Any]] = []
     n_values = len(study.directions)
     for t in study.get_trials(deepcopy=False):
@@ -37,6 +39,17 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["reason"] = reason_of(t)
         row["client"] = client_of(t)
         row["gpus"] = gpus_of(t)
+        cap = capacity_of(t)
+        if cap:
+            row["capacity_lo"], row["capacity_hi"] = cap.get("capacity_lo"), cap.get("capacity_hi")
+            row["capacity_converged"], row["capacity_stopped"] = cap.get("converged"), cap.get("stopped")
+            row["limited_by_client"] = cap.get("limited_by_client")
+            row["search_steps"] = " ".join(f"{s['offered']:.3g}:{'ok' if s['holds'] else 'no'}"
+                                           for s in cap.get("steps") or [])
+        steady = steady_of(t)
+        if steady:
+            row["steady_holds"] = steady.get("holds")
+            row["steady_reason"] = "; ".join(steady.get("reasons") or [])
         for key, value in settings_of(t).items():
             row[f"set.{key}"] = value
         for key, value in (ua.get(Attr.METRICS) or {}).items():

@@ -31,9 +31,11 @@ class Attr:
     METRICS = "metrics"  # Evaluation.summary(): flat numbers of the run the values come from
     RECORDS = "records"  # paths of the run records (one per load step) and of a failure file
     DEVICE_SECONDS = "device_seconds"  # wall time the servers held their devices, times the devices held
-    GPUS = "gpus"  # replicas x TP x PP of the settings (Topology.gpus)
+    GPUS = "gpus"  # replicas x DP x TP x PP of the settings (Topology.gpus): what every per-GPU value divides by
     PLAN = "plan"  # the planner's prediction (Plan.to_dict())
     CURVE = "curve"  # capacity: latency vs offered load, one point per load step
+    CAPACITY = "capacity"  # capacity: the bracket (capacity_lo/hi), converged, stopped, limited_by_client, steps
+    STEADY = "steady"  # the steady verdict of the run the values come from (holds, ratio, trends, reasons)
     MAX_FITTING_LEN = "max_fitting_len"  # vLLM's estimate after a max_model_len start failure
     WORKER = "worker"  # host, pid and pid namespace of the process running the trial (workers.worker_record)
     CLIENT = "client"  # {"valid": bool, "reasons": [...]}: whether the load client, not the server, set the values
@@ -140,9 +142,16 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own numbers (capacity_rps, ...)
     client_reasons: list[str] = field(default_factory=list)  # why the load client limited the run (empty: valid)
     values_invalid: bool = False  # the values themselves come from a client-limited run
+    capacity: dict[str, Any] | None = None  # capacity searches: CapacityBracket.summary()
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the measured deployment used (1 for a CPU server): what the per-GPU numbers divide by."""
+        return max(Topology.of(self.settings).gpus, 1)
 
     def summary(self) -> dict[str, Any]:
-        """Flat numbers for trial user attributes, the table and the dashboard."""
+        """Flat numbers for trial user attributes, the table and the dashboard; every throughput-like number also
+        per GPU (`<name>_per_gpu`), so candidates of different GPU counts compare on equal hardware."""
         out: dict[str, Any] = {}
         rec = self.record
         if rec is not None and rec.metrics is not None:
@@ -169,7 +178,29 @@ class Evaluation:
         out.update(self.metrics)
         if rec is not None and rec.client is not None:
             out["client_valid"] = not self.client_reasons
+        if self.capacity is not None:
+            out["capacity_hi"] = self.capacity.get("capacity_hi")
+        steady = getattr(rec, "steady", None)
+        if steady is not None:
+            out["steady_completion_ratio"] = steady.completion_ratio
+        for name in PER_GPU_METRICS:
+            if isinstance(out.get(name), (int, float)):
+                out[f"{name}_per_gpu"] = out[name] / self.gpus
         return {k: v for k, v in out.items() if v is not None}
+
+
+PER_GPU_METRICS = ("capacity_rps", "goodput", "output_throughput", "request_throughput", "total_token_throughput")
+
+
+def steady_summary(steady: Any) -> dict[str, Any] | None:
+    """The compact steady verdict a trial keeps (the full block is in its run record)."""
+    if steady is None:
+        return None
+    return {"holds": steady.holds, "kept_up": steady.kept_up, "slo_ok": steady.slo_ok,
+            "completion_ratio": steady.completion_ratio, "offered_rate": steady.offered_rate,
+            "achieved_rate": steady.achieved_rate, "inflight_growth": steady.inflight_growth,
+            "waiting_growth": steady.waiting_growth, "growth_limit": steady.growth_limit,
+            "window_s": steady.window_s, "reasons": list(steady.reasons), "warnings": list(steady.warnings)}
 
 
 def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
@@ -189,6 +220,10 @@ def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
         trial.set_user_attr(Attr.CURVE, json_safe(ev.curve))
     if ev.record is not None and ev.record.server is not None and ev.record.server.startup is not None:
         trial.set_user_attr(Attr.STARTUP, json_safe(ev.record.server.startup))
+    if ev.capacity is not None:
+        trial.set_user_attr(Attr.CAPACITY, json_safe(ev.capacity))
+    if getattr(ev.record, "steady", None) is not None:
+        trial.set_user_attr(Attr.STEADY, json_safe(steady_summary(ev.record.steady)))
     if ev.pruned_reason:
         trial.set_user_attr(Attr.OUTCOME, Outcome.PRUNED)
         trial.set_user_attr(Attr.REASON, ev.pruned_reason)
@@ -321,6 +356,26 @@ def devices_held_of(trial: FrozenTrial) -> int:
     return max(int(needed) if isinstance(needed, (int, float)) else gpus_of(trial), 1)
 
 
+def capacity_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The capacity bracket of a capacity trial ({} for other kinds and for trials stored before brackets)."""
+    return dict(trial.user_attrs.get(Attr.CAPACITY) or {})
+
+
+def steady_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The compact steady verdict of the trial's run ({} before steady verdicts were recorded)."""
+    return dict(trial.user_attrs.get(Attr.STEADY) or {})
+
+
+def per_gpu_metric(trial: FrozenTrial, name: str) -> float | None:
+    """`name` per GPU of the trial: recorded (`<name>_per_gpu`), else the absolute number / its GPUs (studies
+    stored before per-GPU numbers)."""
+    recorded = metric_of(trial, f"{name}_per_gpu")
+    if recorded is not None:
+        return recorded
+    value = metric_of(trial, name)
+    return None if value is None else value / max(gpus_of(trial), 1)
+
+
 def label_of(trial: FrozenTrial) -> str:
     """`#3` or `#0 (vLLM defaults)`."""
     baseline = baseline_of(trial)
@@ -334,11 +389,20 @@ def fmt_values(values: list[float] | None) -> str:
 
 
 def describe(trial: FrozenTrial) -> str:
-    """One progress line's account of a finished trial: its outcome, values and reason."""
+    """One progress line's account of a finished trial: its outcome, values (with the GPUs they used and, for a
+    capacity search, the bracket) and reason."""
     outcome = trial.user_attrs.get(Attr.OUTCOME, trial.state.name.lower())
     reason = trial.user_attrs.get(Attr.REASON)
     if trial.state == TrialState.COMPLETE:
-        return f"{outcome}: {fmt_values(trial.values)}" + (f" ({reason})" if reason else "")
+        gpus = gpus_of(trial)
+        cap = capacity_of(trial)
+        bracket = ""
+        if cap and cap.get("capacity_lo") is not None:
+            hi = cap.get("capacity_hi")
+            bracket = (f", capacity {cap['capacity_lo']:.3g}-{'?' if hi is None else f'{hi:.3g}'} req/s"
+                       + (" (client-limited)" if cap.get("limited_by_client") else ""))
+        return (f"{outcome}: {fmt_values(trial.values)} [{gpus} GPU{'s' if gpus != 1 else ''}{bracket}]"
+                + (f" ({reason})" if reason else ""))
     return f"{outcome}" + (f": {reason}" if reason else "")
 
 

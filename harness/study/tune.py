@@ -35,6 +35,7 @@ from harness.space import load_space
 from harness.study import naming
 from harness.study.confirm import Confirmation, confirm
 from harness.study.evaluate import StudyContext
+from harness.study.pergpu import fill_replicas, gpus_used, one_server
 from harness.study.runner import enqueue_baselines, finished, make_sampler, open_study, run_trials
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
@@ -65,7 +66,8 @@ def study_baselines(space: Any, config_path: Path) -> dict[str, dict[str, Any]]:
     committed configs/<model>.yaml when there is one (its settings over the fixed ones)."""
     baselines = {BASELINE_DEFAULTS: dict(space.fixed)}
     if config_path.exists():
-        baselines[BASELINE_COMMITTED] = {**space.fixed, **read_config(config_path).settings}
+        # one server of it: the study measures servers and ranks them per GPU (its replicas are a deployment)
+        baselines[BASELINE_COMMITTED] = one_server({**space.fixed, **read_config(config_path).settings})
     return baselines
 
 
@@ -87,18 +89,18 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     workload = load_workload(entry.workload or sweep.workload)
     tokenizer = load_tokenizer(model)
     obj = sweep.objective
-    n_requests = obj.num_requests + workload.warmup_requests
 
     @functools.lru_cache(maxsize=16)
-    def requests_for(step: int) -> list[Any]:
-        return build_requests(workload, tokenizer, n_requests, seed=sweep.seed * 1000 + step)
+    def requests_for(step: int, n: int) -> list[Any]:
+        # windowed steps need rate x time requests (a count that follows from the step's rate)
+        return build_requests(workload, tokenizer, n, seed=sweep.seed * 1000 + step)
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
     slots = SlotPool.for_host(n_gpus, parallel, vllm_cache_root=str(vllm_cache_root(results_dir)))
     ctx = StudyContext(model=model, model_name=entry.model_name or entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
                        objective=obj, requests_for=requests_for, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
-                       slots=slots)
+                       slots=slots, out=sys.stderr)
     return ctx, name
 
 
@@ -108,6 +110,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     results_dir = Path(sweep.results_dir)
     model = ensure_model(entry.model, entry.build)
     ctx, name = build_context(sweep, entry, model, hardware, parallel, results_dir)
+    ctx.out, ctx.out_tty = out, (False if parallel > 1 else None)  # side-by-side trials: no line rewritten in place
     trials = entry.trials or sweep.trials
     storage = make_storage(storage_url or default_storage(results_dir))
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
@@ -211,12 +214,19 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
     if conf is not None:
         # each side's mean, sd and n are over its valid repeats; `invalid` lists the client-limited ones apart
         provenance["improvement"] = {"metric": conf.metric, "relative": conf.improvement,
+                                     "per_gpu": conf.per_gpu, "winner_gpus": conf.winner_gpus,
+                                     "baseline_gpus": conf.baseline_gpus, "sides": conf.pairing,
                                      "winner": conf.winner.to_dict(), "baseline": conf.baseline.to_dict(),
                                      "verdict": conf.verdict}
         invalid = len(conf.winner.invalid_runs) + len(conf.baseline.invalid_runs)
         if invalid:
             provenance["improvement"]["client_limited"] = (
                 f"{invalid} repeat(s) {CLIENT_LIMITED_LABEL}: left out of the means; not server numbers")
+    settings = one_server(settings)
+    provenance["deployment"] = deployment_provenance(settings, conf, hardware)
+    settings = {**settings, "replicas": provenance["deployment"]["replicas"]}
+    if settings["replicas"] == 1:
+        settings.pop("replicas")
     vllm_settings, _ = split_settings(settings)
     argv_tail = load_argspec().to_argv(vllm_settings)
     topo = Topology.of(settings)
@@ -227,6 +237,28 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
               f"{conf.verdict if conf else 'best feasible trial (not confirmed)'}")
     return write_config(path, EmittedConfig(model=ctx.model_name, settings=settings, provenance=provenance,
                                             header=header), gpu_sets=sets, argv_tail=argv_tail)
+
+
+def deployment_provenance(settings: dict[str, Any], conf: Confirmation | None, hardware: Any) -> dict[str, Any]:
+    """How many replicas of the measured server the emitted config deploys, and where that number comes from: the
+    node's GPUs / the server's GPUs (derived from the per-GPU value, not measured) unless the confirmation ran
+    exactly that replica count (then its scaling efficiency is the evidence)."""
+    node = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
+    replicas = fill_replicas(settings, node)
+    per_server = gpus_used(settings)
+    out: dict[str, Any] = {"replicas": replicas, "gpus_per_replica": per_server, "gpus": replicas * per_server,
+                           "node_gpus": node}
+    scaling = conf.scaling if conf is not None else None
+    if replicas == 1:
+        out["replica_count"] = "one server (as measured)" if node else "one server on the CPU host (as measured)"
+    elif scaling and scaling.get("replicas") == replicas and scaling.get("efficiency") is not None:
+        out["replica_count"] = (f"measured by the confirmation: {replicas} replicas on {scaling['gpus']} GPUs, "
+                                f"scaling efficiency {scaling['efficiency']:.0%} of the one server's per-GPU value")
+        out["scaling"] = scaling
+    else:
+        out["replica_count"] = (f"derived from the per-GPU value of one measured server ({node} GPUs / {per_server} "
+                                f"per server), not measured with {replicas} replicas")
+    return out
 
 
 def _hw_dict(hardware: Any) -> dict[str, Any]:
