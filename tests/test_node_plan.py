@@ -140,7 +140,7 @@ def test_serve_argv_keeps_values_that_start_with_a_dash():
     assert argv[:3] == ["vllm", "serve", "org/m"]
     assert "--tensor-parallel-size=1" in argv and "--no-enable-prefix-caching" in argv
     assert any(a.endswith("=-odd") for a in argv) and argv[-2:] == ["--host=127.0.0.1", "--port=8003"]
-    # without an installed vLLM: its naming convention
+    # the installed vLLM's parser by default
     assert serve_argv("m", {"max_model_len": 1024, "enforce_eager": True}, 8000)[3:5] == ["--max-model-len=1024",
                                                                                          "--enforce-eager"]
 

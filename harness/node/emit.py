@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from harness.emit import ordered_vllm_block
-from harness.errors import UserError
 from harness.node.allocate import Assignment
 from harness.node.build import NodePlan
 from harness.records import to_dict
@@ -38,32 +37,14 @@ def instances(plan: NodePlan) -> list[tuple[Assignment, dict[str, Any], tuple[in
 
 
 def serve_argv(model: str, settings: dict[str, Any], port: int, argspec: Any = None) -> list[str]:
-    """`vllm serve MODEL --opt=value ...`: `=` keeps a value that starts with '-' a value. Flags from the installed
-    vLLM's parser when given (argspec), else vLLM's naming convention (dest with dashes, --no-X for false)."""
+    """`vllm serve MODEL --opt=value ...` with the installed vLLM's flags (`ArgSpec.to_argv`, the one home of how a
+    setting becomes an argv item: `=` keeps a value that starts with '-' a value); `argspec` defaults to it."""
+    if argspec is None:
+        from harness.launch.vllm_args import load_argspec
+
+        argspec = load_argspec()
     vllm_settings, _ = split_settings({k: v for k, v in settings.items() if k != "model_name"})
-    argv = ["vllm", "serve", model]
-    for dest, value in vllm_settings.items():
-        if value is None:
-            continue
-        if argspec is not None:
-            if dest not in argspec.args:
-                raise UserError(f"vLLM {argspec.vllm_version} has no setting '{dest}'", key=dest)
-            tokens = argspec.to_argv({dest: value})
-            kind = argspec.args[dest].kind
-        else:
-            flag = "--" + dest.replace("_", "-")
-            tokens = ([flag] if value else [f"--no-{dest.replace('_', '-')}"]) if isinstance(value, bool) else [
-                flag, str(value)]
-            kind = "bool" if isinstance(value, bool) else "value"
-        argv += _joined(tokens, kind)
-    return argv + ["--host=127.0.0.1", f"--port={port}"]
-
-
-def _joined(tokens: list[str], kind: str) -> list[str]:
-    """`--flag value` pairs as `--flag=value` (argparse reads both; only the second is safe for '-x' values)."""
-    if kind == "append" or (kind in ("value", "multi") and len(tokens) == 2):
-        return [f"{tokens[i]}={tokens[i + 1]}" for i in range(0, len(tokens), 2)]
-    return tokens  # switches, and multi-valued flags (their values follow the flag)
+    return ["vllm", "serve", model, *argspec.to_argv(vllm_settings), "--host=127.0.0.1", f"--port={port}"]
 
 
 def not_recommended_path(path: str | Path) -> Path:

@@ -324,7 +324,7 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
         if r.confirm_rate:
             per = imp.get("per_gpu")
             rows.append(["how it was confirmed",
-                         f"both configurations served a Poisson load at the best trial's capacity"
+                         "both configurations served a Poisson load at the best trial's capacity"
                          + (" per GPU times each side's GPUs" if per else f" ({r.confirm_rate:g} req/s)")
                          + ", alternately; scored by goodput" + (" per GPU" if per else "")])
         scaling = imp.get("scaling")

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial
 from harness.deploy import DeployJob, deploy_together
 from harness.launch.server import ServerStartError
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
-from harness.study.pergpu import Pairing, equal_gpu_pair, fill_replicas, gpus_used
+from harness.study.pergpu import equal_gpu_pair, fill_replicas, gpus_used
 from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
 
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times

@@ -34,7 +34,7 @@ from harness.load.progress import StepDisplay
 from harness.load.window import DEFAULT_STEP_S, DEFAULT_WARMUP_S, WindowSpec
 from harness.measure.steady import SteadyCriteria
 from harness.records import SLO, RunRecord, to_dict
-from harness.study.capacity import DEFAULT_PRECISION, CapacityBracket, search_capacity, step_verdict
+from harness.study.capacity import DEFAULT_PRECISION, search_capacity, step_verdict
 from harness.study.pergpu import per_gpu
 from harness.study.scoring import metric_value, slo_violations
 from harness.study.steadysearch import ServerDied

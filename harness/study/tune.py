@@ -20,7 +20,6 @@ from optuna.trial import FrozenTrial
 from harness.cachedir import vllm_cache_root
 from harness.emit import EmittedConfig, read_config, write_config
 from harness.envinfo import environment
-from harness.errors import UserError
 from harness.launch.placement import SlotPool, gpu_sets
 from harness.launch.vllm_args import load_argspec
 from harness.load.prompts import build_requests
