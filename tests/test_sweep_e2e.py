@@ -71,6 +71,7 @@ def test_sweep_produces_study_table_and_config(sweep_run) -> None:  # type: igno
     assert trials[0].user_attrs["steady"]["holds"] is True
     assert "capacity search step 1 of at most 2" in proc.stderr and "req/s, 4 s window" in proc.stderr
     # every run record of the search has the steady block; the one the value comes from held
+    from harness.paths import portable
     from harness.records import load_record
 
     records = [load_record(p if Path(p).is_absolute() else root / p)
@@ -117,7 +118,8 @@ def test_emitted_config_round_trips_to_the_same_server_settings(sweep_run) -> No
     assert cfg.settings == trial.user_attrs["settings"]
     record = load_record(Path(trial.user_attrs["records"][0]))
     measured_argv = record.argv[0]
-    relaunch_argv = Server(ServerSpec(model=record.model, settings=cfg.settings)).build_argv()
+    # records name project paths relative to the project (harness.paths): compare the relaunch the same way
+    relaunch_argv = portable(Server(ServerSpec(model=record.model, settings=cfg.settings)).build_argv())
 
     def options(argv: list[str]) -> list[tuple[str, ...]]:
         """argv as sorted (flag, values...) groups: order is free, port and API key are per launch."""
