@@ -71,7 +71,6 @@ def test_sweep_produces_study_table_and_config(sweep_run) -> None:  # type: igno
     assert trials[0].user_attrs["steady"]["holds"] is True
     assert "capacity search step 1 of at most 2" in proc.stderr and "req/s, 4 s window" in proc.stderr
     # every run record of the search has the steady block; the one the value comes from held
-    from harness.paths import portable
     from harness.records import load_record
 
     records = [load_record(p if Path(p).is_absolute() else root / p)
@@ -109,6 +108,7 @@ def test_launch_failure_is_recorded_and_sweep_goes_on(sweep_run) -> None:  # typ
 
 def test_emitted_config_round_trips_to_the_same_server_settings(sweep_run) -> None:  # type: ignore[no-untyped-def]
     from harness.launch.server import Server, ServerSpec
+    from harness.paths import portable
     from harness.records import load_record
 
     root, _, _, _ = sweep_run
