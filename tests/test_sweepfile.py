@@ -51,6 +51,31 @@ def test_model_entries() -> None:
         parse_sweep({**DEMO_SWEEP, "models": ["a/x", "b/x"]}, "s")
 
 
+def test_named_baselines_are_queued_over_the_fixed_settings(tmp_path: Path) -> None:
+    from harness.study.tune import study_baselines
+    from harness.study.trials import BASELINE_DEFAULTS
+    user = {"gpu_memory_utilization": 0.9, "max_model_len": 8192, "max_num_batched_tokens": 32768}
+    sweep = parse_sweep({**DEMO_SWEEP, "models": [{"model": "a/x", "baselines": {"user-setting": user}}]}, "s")
+    assert sweep.models[0].baselines == {"user-setting": user}
+
+    class Space:
+        fixed = {"enforce_eager": True}
+    queued = study_baselines(Space(), tmp_path / "absent.yaml", sweep.models[0].baselines)
+    assert queued == {BASELINE_DEFAULTS: {"enforce_eager": True}, "user-setting": {"enforce_eager": True, **user}}
+
+
+@pytest.mark.parametrize("baselines, fragment", [
+    ({"vllm-defaults": {"max_model_len": 8192}}, "not one of ['vllm-defaults', 'committed-config']"),
+    ({"User Setting": {"max_model_len": 8192}}, "must be lower-case letters"),
+    ({"user": {}}, "must be a mapping of label -> settings"),
+    ([{"max_model_len": 8192}], "must be a mapping of label -> settings"),
+])
+def test_bad_named_baselines(baselines: object, fragment: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_sweep({**DEMO_SWEEP, "models": [{"model": "a/x", "baselines": baselines}]}, "s.yaml")
+    assert fragment in str(info.value) and "models[0].baselines" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_slug() -> None:
     assert model_slug("mistralai/Mistral-7B-Instruct-v0.2") == "mistral-7b-instruct-v0.2"
     assert model_slug("./models/tiny-llama/") == "tiny-llama"

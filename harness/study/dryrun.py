@@ -116,7 +116,7 @@ def plan_model(sweep: Sweep, entry: ModelEntry, hardware: Any, parallel: int) ->
         return Launch(label, settings, plan, commands(served, settings, slots) if plan.feasible else [])
 
     baselines = [launch(f"{BASELINE_NAMES.get(k, k)}", v)
-                 for k, v in study_baselines(space, config_path_of(sweep, entry)).items()]
+                 for k, v in study_baselines(space, config_path_of(sweep, entry), entry.baselines).items()]
     rng = random.Random(sweep.seed)
     drawn = [s for s in (space.sample(rng) for _ in range(EXAMPLE_DRAWS)) if not space.violations(s)]
     plans = [(s, plan_candidate(facts, hardware, s, longest_request=longest)) for s in drawn]

@@ -6,22 +6,23 @@ model on whatever vLLM is installed, small enough for a 2-core laptop.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 from harness.emit import model_slug
 from harness.errors import UserError
 from harness.records import parse_slo
 from harness.study.capacity import validate_steady_keys
 from harness.study.objectives import OBJECTIVES, WINDOW_KEYS, Objective
+from harness.study.trials import BASELINE_COMMITTED, BASELINE_DEFAULTS
 from harness.yamlfile import check_keys, positive, read_yaml
 
 SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "hardware", "storage", "results_dir",
               "configs_dir", "start_timeout_s", "parallel", "sampler", "seed",
               "traffic")  # traffic: the node plan's expected load per model (harness.node.traffic)
-MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials", "workload")
+MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials", "workload", "baselines")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
                   "start_rate", "max_steps", "latency_metric", "min_rate", *WINDOW_KEYS)
 
@@ -35,6 +36,8 @@ class ModelEntry:
     fixed: dict[str, Any] = field(default_factory=dict)  # per-model settings on top of the space's fixed ones
     trials: int | None = None
     workload: str | None = None  # this model's workload instead of the sweep's (a model of short context)
+    # named baselines measured first, beside vLLM's defaults and the committed config (e.g. the user's setting)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +118,24 @@ def parse_objective(data: Any, source: str) -> Objective:
     return obj
 
 
+RESERVED_BASELINES = (BASELINE_DEFAULTS, BASELINE_COMMITTED)  # queued by every study
+
+
+def parse_baselines(data: Any, source: str, key: str) -> dict[str, dict[str, Any]]:
+    """`baselines: {label: {setting: value, ...}}`: settings a study measures first, labelled in every table."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and v for v in data.values()):
+        raise UserError("must be a mapping of label -> settings, like {user-setting: {max_model_len: 8192}}",
+                        source=source, key=key)
+    for label in data:
+        if not isinstance(label, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", label) \
+                or label in RESERVED_BASELINES:
+            raise UserError(f"label {label!r} must be lower-case letters, digits, '.', '_' or '-', and not one of "
+                            f"{list(RESERVED_BASELINES)} (those are queued already)", source=source, key=key)
+    return {str(k): dict(v) for k, v in data.items()}
+
+
 def parse_sweep(data: Any, source: str) -> Sweep:
     if not isinstance(data, dict):
         raise UserError(f"a sweep file is a mapping with keys {list(SWEEP_KEYS)}", source=source)
@@ -136,7 +157,8 @@ def parse_sweep(data: Any, source: str) -> Sweep:
                                  model_name=entry.get("model_name"),
                                  fixed=dict(entry.get("fixed") or {}),
                                  trials=positive(entry.get("trials"), source, f"models[{i}].trials", integer=True),
-                                 workload=entry.get("workload")))
+                                 workload=entry.get("workload"),
+                                 baselines=parse_baselines(entry.get("baselines"), source, f"models[{i}].baselines")))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"model names repeat: {names}", source=source, key="models")

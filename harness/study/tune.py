@@ -60,13 +60,17 @@ def config_path_of(sweep: Sweep, entry: ModelEntry) -> Path:
     return Path(sweep.configs_dir) / f"{entry.name}.yaml"
 
 
-def study_baselines(space: Any, config_path: Path) -> dict[str, dict[str, Any]]:
-    """The baselines a study queues first, by label: vLLM's defaults (the space's fixed settings only), and the
-    committed configs/<model>.yaml when there is one (its settings over the fixed ones)."""
+def study_baselines(space: Any, config_path: Path,
+                    named: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The baselines a study queues first, by label: vLLM's defaults (the space's fixed settings only), the
+    committed configs/<model>.yaml when there is one, and the sweep file's named baselines (each over the fixed
+    settings)."""
     baselines = {BASELINE_DEFAULTS: dict(space.fixed)}
     if config_path.exists():
         # one server of it: the study measures servers and ranks them per GPU (its replicas are a deployment)
         baselines[BASELINE_COMMITTED] = one_server({**space.fixed, **read_config(config_path).settings})
+    for label, settings in (named or {}).items():
+        baselines[label] = one_server({**space.fixed, **settings})
     return baselines
 
 
@@ -85,6 +89,8 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     argspec = load_argspec()
     argspec.check(dict(space.fixed), space.source)
     argspec.check({k: None for k in space.knobs}, space.source)
+    for label, settings in entry.baselines.items():
+        argspec.check(settings, f"{sweep.source} (models[{entry.name}].baselines.{label})")
     workload = load_workload(entry.workload or sweep.workload)
     tokenizer = load_tokenizer(model)
     obj = sweep.objective
@@ -115,7 +121,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     identity = {"model": entry.model, "space": ctx.space.to_dict(), "workload": ctx.workload.to_dict(),
                 "objective": sweep.objective.to_dict(), "hardware": _hw_identity(hardware)}
     config_path = config_path_of(sweep, entry)
-    baselines = study_baselines(ctx.space, config_path)
+    baselines = study_baselines(ctx.space, config_path, entry.baselines)
     # A shared storage may have other workers: each gets its own sampler seed, or all would propose the same
     # candidates (one node with the default storage stays reproducible from the sweep's seed).
     seed = sweep.seed if storage_url is None else worker_seed(sweep.seed)

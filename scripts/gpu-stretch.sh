@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One stretch of GPU time on an offline host whose remote commands are short (minutes each): the work runs detached,
+# so it survives between commands, and each command brings back what is done so far.
+#   scripts/gpu-stretch.sh start BUDGET_S SWEEP.yaml [UNITS] [TRIAL_S]
+#       returns at once. In the background: scripts/gpu_steady_evidence.py --only UNITS (when given), then
+#       scripts/offline-gpu-sweep.sh SWEEP with as many trials as fit: no trial starts later than TRIAL_S (default
+#       480) before the budget ends, and the sweep is interrupted (servers torn down, study resumable) 20 s before.
+#   scripts/gpu-stretch.sh collect OUT_DIR [WAIT_S]
+#       waits until the stretch is done or WAIT_S seconds pass, then packs the state to OUT_DIR/stretch.tgz:
+#       results/ and configs/ (no server logs, no compile cache) and the stretch's logs with the server logs' tails. Safe to call while the work runs (a pack of a study mid-trial resumes from its last finished trial).
+# vLLM must already be importable (see ../shared/gpu/README.md). $GPU_STRETCH_DIR (default /tmp/gpu-stretch) holds
+# the stretch's logs; results land where the sweep file and the evidence script put them.
+set -uo pipefail
+cmd=${1:?start or collect}; shift
+w=${GPU_STRETCH_DIR:-/tmp/gpu-stretch}
+case $cmd in
+start)
+  budget=${1:?BUDGET_S} sweep=${2:?SWEEP} units=${3:-} trial_s=${4:-480}
+  mkdir -p "$w"; rm -f "$w/done"
+  export PYTHONUNBUFFERED=1
+  setsid nohup bash -c '
+    t0=$(date +%s) budget=$1 sweep=$2 units=$3 trial_s=$4 w=$5
+    left() { echo $(( budget - ($(date +%s) - t0) )); }
+    if [ -n "$units" ]; then
+      OUT="$w/evidence-out" python3 scripts/gpu_steady_evidence.py --only "$units" --deadline-s "$(( $(left) - trial_s ))" \
+        > "$w/evidence.log" 2>&1
+    fi
+    minutes=$(( ($(left) - trial_s) / 60 ))
+    if [ "$minutes" -gt 0 ]; then
+      bash scripts/offline-gpu-sweep.sh "$sweep" "$minutes" "$(( $(left) - 20 ))" "$w/sweep-out" > "$w/sweep.log" 2>&1
+    else
+      echo "no time left for a trial ($(left) s)" > "$w/sweep.log"
+    fi
+    touch "$w/done"' _ "$budget" "$sweep" "$units" "$trial_s" "$w" > "$w/stretch.log" 2>&1 < /dev/null &
+  echo "stretch started (pid $!), budget ${budget} s, logs in $w"
+  ;;
+collect)
+  out=${1:?OUT_DIR} wait_s=${2:-0}
+  end=$(( $(date +%s) + wait_s ))
+  while [ ! -f "$w/done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+  [ -f "$w/done" ] && echo "stretch done" || echo "stretch still running"
+  mkdir -p "$out"
+  for f in results/*/*/logs/*/server*.log results/*/*/*/logs/*/server*.log; do
+    [ -f "$f" ] && { echo "== $f"; tail -n 60 "$f"; }
+  done > "$w/server-logs-tail.txt" 2>/dev/null
+  nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader > "$w/nvidia-smi.txt" 2>&1
+  tar -czf "$out/stretch.tgz" --exclude='*/logs/*' --exclude='vllm-cache' --exclude='*.lock' \
+    --exclude='./evidence-out' --exclude='./sweep-out/*.tgz' results configs -C "$w" .
+  ls -la "$out"; tail -n 5 "$w"/*.log
+  ;;
+*) echo "usage: $0 start BUDGET_S SWEEP [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S]" >&2; exit 2 ;;
+esac
