@@ -158,6 +158,13 @@ class Steady:
     batch_fill_s: float | None = None  # p99 decode time (E2E - TTFT) of the step's requests: the next warm-up
     slo_ok: bool | None = None  # the SLO percentiles over the window's requests (None: not judged)
 
+    @property
+    def warmup_basis_s(self) -> float | None:
+        """What sizes the next step's warm-up: this step's batch fill, only when the server kept up. An overloaded
+        step's decode times carry its overload (a batch far past its steady size, every TPOT inflated); a warm-up
+        sized from them is minutes of load that measure nothing (146 s after a 2x overload on one H200)."""
+        return self.batch_fill_s if self.kept_up else None
+
 
 # ---------------------------------------------------------------------------------------------- server side
 

@@ -8,6 +8,10 @@
 #   scripts/gpu-stretch.sh collect OUT_DIR [WAIT_S]
 #       waits until the stretch is done or WAIT_S seconds pass, then packs the state to OUT_DIR/stretch.tgz:
 #       results/ and configs/ (no server logs, no compile cache) and the stretch's logs with the server logs' tails. Safe to call while the work runs (a pack of a study mid-trial resumes from its last finished trial).
+#   scripts/gpu-stretch.sh stop
+#       interrupts the stretch (the sweep gets Ctrl-C: servers torn down, the trial in flight marked failed and
+#       measured again on resume) and waits until it has ended.
+# $EVIDENCE_ARGS: more arguments for the evidence script (e.g. --retry-failed).
 # vLLM must already be importable (see ../shared/gpu/README.md). $GPU_STRETCH_DIR (default /tmp/gpu-stretch) holds
 # the stretch's logs; results land where the sweep file and the evidence script put them.
 set -uo pipefail
@@ -17,13 +21,13 @@ case $cmd in
 start)
   budget=${1:?BUDGET_S} sweep=${2:?SWEEP} units=${3:-} trial_s=${4:-480}
   mkdir -p "$w"; rm -f "$w/done"
-  export PYTHONUNBUFFERED=1
+  export PYTHONUNBUFFERED=1 EVIDENCE_ARGS=${EVIDENCE_ARGS:-}
   setsid nohup bash -c '
     t0=$(date +%s) budget=$1 sweep=$2 units=$3 trial_s=$4 w=$5
     left() { echo $(( budget - ($(date +%s) - t0) )); }
     if [ -n "$units" ]; then
       OUT="$w/evidence-out" python3 scripts/gpu_steady_evidence.py --only "$units" --deadline-s "$(( $(left) - trial_s ))" \
-        > "$w/evidence.log" 2>&1
+        $EVIDENCE_ARGS > "$w/evidence.log" 2>&1
     fi
     minutes=$(( ($(left) - trial_s) / 60 ))
     if [ "$minutes" -gt 0 ]; then
@@ -32,7 +36,18 @@ start)
       echo "no time left for a trial ($(left) s)" > "$w/sweep.log"
     fi
     touch "$w/done"' _ "$budget" "$sweep" "$units" "$trial_s" "$w" > "$w/stretch.log" 2>&1 < /dev/null &
+  echo $! > "$w/pid"
   echo "stretch started (pid $!), budget ${budget} s, logs in $w"
+  ;;
+stop)
+  [ -f "$w/pid" ] || echo "no pid file: stopping by process name only"
+  py='^[^ ]*python3? '  # the Python processes themselves, not timeout(1) or the stretch's shell around them
+  pkill -INT -f "${py}-m harness.sweep"; pkill -INT -f "${py}scripts/gpu_steady_evidence.py"
+  for _ in $(seq 60); do
+    pgrep -f "${py}(-m harness.sweep|scripts/gpu_steady_evidence.py|-m vllm.entrypoints)" > /dev/null || break; sleep 2
+  done
+  [ -f "$w/pid" ] && kill -- -"$(cat "$w/pid")" 2>/dev/null; pkill -f "${py}-m vllm.entrypoints"; sleep 2
+  pgrep -af "${py}(-m harness.sweep|-m vllm.entrypoints)" || echo "stretch stopped"
   ;;
 collect)
   out=${1:?OUT_DIR} wait_s=${2:-0}
@@ -48,5 +63,5 @@ collect)
     --exclude='./evidence-out' --exclude='./sweep-out/*.tgz' results configs -C "$w" .
   ls -la "$out"; tail -n 5 "$w"/*.log
   ;;
-*) echo "usage: $0 start BUDGET_S SWEEP [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S]" >&2; exit 2 ;;
+*) echo "usage: $0 start BUDGET_S SWEEP [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S] | stop" >&2; exit 2 ;;
 esac

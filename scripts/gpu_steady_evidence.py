@@ -213,7 +213,7 @@ def gpu_profile(step_s: float) -> Profile:
     }
     # one rate below the defaults' measured capacity (14.0 req/s at the SLO); a third client row sends our default
     # body (per-chunk usage)
-    compare = CompareSpec(rates=(12.0,), requests=(240,), rounds=3, input_len="128:2048", output_len="64:512",
+    compare = CompareSpec(rates=(12.0,), requests=(150,), rounds=3, input_len="128:2048", output_len="64:512",
                           vllm_client_overhead_s=15.0, clients=("ours", "vllm", "ours-usage"))
     mcap = CapacitySpec(start_rate=16.0, slo=slo, precision=0.05, max_steps=5, expected_e2e_s=8.0)
     dcap = CapacitySpec(start_rate=32.0, slo=slo, precision=0.05, max_steps=4, expected_e2e_s=2.0)

@@ -117,8 +117,8 @@ class LoadSteps:
         finally:
             if display is not None:
                 display.finish()
-        if record.steady is not None and record.steady.batch_fill_s is not None:
-            self.last_e2e_s = record.steady.batch_fill_s  # the longest decode, not the queue: the next warm-up
+        if record.steady is not None and record.steady.warmup_basis_s is not None:
+            self.last_e2e_s = record.steady.warmup_basis_s  # the longest steady decode: the next warm-up
         if record.steady is not None:
             record.steady = step_verdict(record, record.steady, self.slo)
             st = record.steady

@@ -87,8 +87,8 @@ def live_measure(
                                api=workload.api, slo=slo,
                                progress=None if progress is None else (lambda p: progress(step_k, p)))
         k[0] += 1
-        if step.steady.batch_fill_s is not None:
-            last_e2e.append(step.steady.batch_fill_s)
+        if step.steady.warmup_basis_s is not None:
+            last_e2e.append(step.steady.warmup_basis_s)
         log_stats = first.log_stats()
         now = _dt.datetime.now(_dt.timezone.utc)
         record = RunRecord(
