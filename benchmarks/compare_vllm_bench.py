@@ -57,6 +57,7 @@ from harness.measure.stats import summarize
 from harness.records import RequestResult, RunMetrics
 
 VLLM_BODY = {"stream_options": {"include_usage": True}, "repetition_penalty": 1.0}
+USAGE_BODY = {**VLLM_BODY, **CONTINUOUS_USAGE}  # the same body asking for per-chunk usage: what that costs
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 CLIENTS = {"ours": "vllm-tune", "vllm": "vllm bench serve", "ours-usage": "vllm-tune, continuous usage"}
 
@@ -284,6 +285,8 @@ def main() -> int:
         settings = ({"enforce_eager": True, "max_model_len": 1024, "gpu_memory_utilization": 0.2}
                     if not args.model else {})
         settings.update(parse_scalars(args.set, "--set"))
+        # the same prompts every round and client: with the prefix cache on, only the first run would prefill
+        settings.setdefault("enable_prefix_caching", False)
     tokenizer_path = args.tokenizer or model
     from transformers import AutoTokenizer
 
@@ -324,7 +327,7 @@ def main() -> int:
                                                                    Path(tmp) / f"vllm-{k}.json")
                     else:
                         results, duration = run_ours(target, model, requests, arrival,
-                                                     VLLM_BODY if c == "ours" else None)
+                                                     VLLM_BODY if c == "ours" else USAGE_BODY)
                     cpu1 = server.cpu_s() if server is not None else None
                     m = summarize(results, duration)
                     rec: dict[str, Any] = {"metrics": _row(m), "duration_s": duration,
@@ -332,6 +335,8 @@ def main() -> int:
                                            "schedule": _schedule_gap(results, offsets)}
                     if cpu0 is not None and cpu1 is not None and m.total_output_tokens:
                         rec["api_server_cpu_s_per_1k_out_tok"] = (cpu1 - cpu0) / m.total_output_tokens * 1e3
+                    if m.prefix_cached_fraction is not None:  # our client reads usage.prompt_tokens_details
+                        rec["prefix_cached_fraction"] = m.prefix_cached_fraction
                     if vllm_summary is not None:
                         rec["vllm_own"] = {key: vllm_summary.get(key) for key in (
                             "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
@@ -341,6 +346,9 @@ def main() -> int:
                           f"TPOT mean {rec['metrics']['tpot_mean']:7.2f} ms  {rec['metrics']['req_per_s']:.3f} req/s",
                           flush=True)
                 rounds.append(entry)
+                # every finished round is on disk at once: a command cut short keeps what it measured
+                (out / "rounds.json").write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=1,
+                                                            default=str))
         finally:
             if server is not None:
                 server.__exit__(None, None, None)
@@ -354,6 +362,12 @@ def main() -> int:
     head = (f"{args.requests} identical requests per client and round, {args.rounds} rounds alternated; prompts "
             f"{args.input_len} tokens, outputs {args.output_len} tokens (ignore_eos); {load}; server "
             f"{args.url or 'started by the script'} ({model}). Latencies in ms.")
+    cached = [r[c]["prefix_cached_fraction"] for r in rounds for c in clients if "prefix_cached_fraction" in r[c]]
+    if cached and max(cached) > 0.01:
+        # the same prompts every round: a server with prefix caching on prefills each prompt once, in the first
+        # client run, and every later run is measured on a warm cache
+        head += (f" Warning: the server's prefix cache served up to {max(cached):.0%} of our prompt tokens, so runs "
+                 f"after the first are measured on a warm cache; start the server with enable_prefix_caching off.")
     lines = [head, ""] + _table(rounds, clients)
     lines += ["", "| client | prompt tokens received / built | prompt mismatches | output tokens received / asked "
               "| chunks per request | send vs schedule mean / p99 ms | API server CPU s per 1k output tokens |",

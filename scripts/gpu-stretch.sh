@@ -2,7 +2,7 @@
 # One stretch of GPU time on an offline host whose remote commands are short (minutes each): the work runs detached,
 # so it survives between commands, and each command brings back what is done so far.
 #   scripts/gpu-stretch.sh start BUDGET_S SWEEP.yaml [UNITS] [TRIAL_S]
-#       returns at once. In the background: scripts/gpu_steady_evidence.py --only UNITS (when given), then
+#       copies the tree to $GPU_STRETCH_DIR/tree (models/ linked) and returns at once. There, in the background: scripts/gpu_steady_evidence.py --only UNITS (when given), then
 #       scripts/offline-gpu-sweep.sh SWEEP with as many trials as fit: no trial starts later than TRIAL_S (default
 #       480) before the budget ends, and the sweep is interrupted (servers torn down, study resumable) 20 s before.
 #   scripts/gpu-stretch.sh collect OUT_DIR [WAIT_S]
@@ -21,6 +21,12 @@ case $cmd in
 start)
   budget=${1:?BUDGET_S} sweep=${2:?SWEEP} units=${3:-} trial_s=${4:-480}
   mkdir -p "$w"; rm -f "$w/done"
+  # The work runs in a copy of the tree: each remote command syncs the repo root again, which replaces (or
+  # removes) files the work writes there, so a stretch that wrote results into the root would lose them.
+  rm -rf "$w/tree"; mkdir -p "$w/tree"
+  tar --exclude=./.gx --exclude=./models --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$w/tree"
+  [ -d models ] && ln -sfn "$PWD/models" "$w/tree/models"
+  cd "$w/tree"
   export PYTHONUNBUFFERED=1 EVIDENCE_ARGS=${EVIDENCE_ARGS:-}
   setsid nohup bash -c '
     t0=$(date +%s) budget=$1 sweep=$2 units=$3 trial_s=$4 w=$5
@@ -55,12 +61,13 @@ collect)
   while [ ! -f "$w/done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
   [ -f "$w/done" ] && echo "stretch done" || echo "stretch still running"
   mkdir -p "$out"
+  cd "$w/tree" || exit 1
   for f in results/*/*/logs/*/server*.log results/*/*/*/logs/*/server*.log; do
     [ -f "$f" ] && { echo "== $f"; tail -n 60 "$f"; }
   done > "$w/server-logs-tail.txt" 2>/dev/null
   nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader > "$w/nvidia-smi.txt" 2>&1
   tar -czf "$out/stretch.tgz" --exclude='*/logs/*' --exclude='vllm-cache' --exclude='*.lock' \
-    --exclude='./evidence-out' --exclude='./sweep-out/*.tgz' results configs -C "$w" .
+    --exclude='./evidence-out' --exclude='./sweep-out/*.tgz' --exclude='./tree' results configs -C "$w" .
   ls -la "$out"; tail -n 5 "$w"/*.log
   ;;
 *) echo "usage: $0 start BUDGET_S SWEEP [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S] | stop" >&2; exit 2 ;;

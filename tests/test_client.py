@@ -27,7 +27,7 @@ from fakeserver import FakeConfig, FakeServer
 
 from harness.errors import UserError
 from harness.load.arrival import Arrival
-from harness.load.client import LoadProgress, Target, _Conn, _Endpoint, _Req, _result, run_load, run_load_sync
+from harness.load.client import CONTINUOUS_USAGE, LoadProgress, Target, _Conn, _Endpoint, _Req, _result, run_load, run_load_sync
 from harness.load.prompts import RequestSpec
 from harness.load.spread import Workers, WorkerFailed, context, resolve_processes, split, usable_cpus
 from harness.measure.stats import summarize
@@ -120,7 +120,7 @@ def test_ttft_and_itl_match_the_wire(srv: FakeServer, api: str, processes: int) 
 
 def test_multi_token_chunks(srv: FakeServer) -> None:
     srv.configure(chunk_delay_s=0.005, tokens_per_chunk=4)
-    res = run(srv, specs(4, max_tokens=10), closed(2))
+    res = run(srv, specs(4, max_tokens=10), closed(2), extra_body=CONTINUOUS_USAGE)
     for r in res.results:
         assert r.ok, r.error
         assert r.output_tokens == 10
@@ -141,9 +141,10 @@ def test_chat_role_chunk_is_not_output(srv: FakeServer) -> None:
 
 
 def test_without_continuous_usage_counts_one_token_per_chunk(srv: FakeServer) -> None:
+    # the default body is vLLM's benchmark's: final usage only (per-chunk usage costs the server TTFT)
     srv.configure(tokens_per_chunk=3)
     res = run_load_sync([Target(srv.url)], specs(2, max_tokens=6), closed(1), model="m", api="completions",
-                        warmup=0, timeout_s=5, extra_body={"stream_options": {"include_usage": True}})
+                        warmup=0, timeout_s=5)
     for r in res.results:
         assert r.ok and r.output_tokens == 6 and r.chunk_tokens == [1, 1]
 

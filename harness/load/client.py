@@ -13,7 +13,9 @@ Per request (see `harness.records.RequestResult`):
 - ttft_s: send -> the first chunk that carries output (non-empty `text` / `delta.content`, or reasoning text, or
   a continuous-usage `completion_tokens` increase: tokens that decode to "" are still tokens).
 - itl_s: gap before each such chunk after the first; chunk_tokens: tokens each carried (from the
-  `completion_tokens` deltas of `continuous_usage_stats`, 1 per chunk when the server does not send them).
+  `completion_tokens` deltas of `continuous_usage_stats` when the body asks for them (`CONTINUOUS_USAGE`), else
+  1 per chunk: vLLM sends one token per chunk without speculative decoding). The default body is vLLM's own
+  benchmark's (final `usage` only): per-chunk usage costs the server time it would report as our TTFT.
 - e2e_s: send -> end of the HTTP response (vLLM's own client stops at its last token chunk; the usage chunk and
   `[DONE]` follow in the same flush, microseconds later).
 - output_tokens / prompt_tokens: the server's final `usage`.
@@ -815,6 +817,12 @@ class _Sent(NamedTuple):
     result: RequestResult
 
 
+# Per-chunk token counts (`chunk_tokens`) from the server, as an extra body. Not the default: on one H200 (Mistral-7B,
+# 12 req/s, identical requests) asking for them raised mean TTFT ~10% and TPOT ~2% against the same body without
+# them, which is `vllm bench serve`'s body (docs/gpu-results.md, "Our client vs vllm bench serve").
+CONTINUOUS_USAGE: dict[str, Any] = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+
 def _body(spec: RequestSpec, model: str, api: str, extra: dict[str, Any] | None) -> bytes:
     """The JSON body, serialized once before the run so dispatch only writes bytes."""
     payload: dict[str, Any] = {"model": model}
@@ -829,7 +837,7 @@ def _body(spec: RequestSpec, model: str, api: str, extra: dict[str, Any] | None)
         payload["prompt"] = spec.prompt
         payload["max_tokens"] = spec.max_tokens
     payload["stream"] = True
-    payload["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    payload["stream_options"] = {"include_usage": True}  # CONTINUOUS_USAGE (extra body) for per-chunk counts
     payload["ignore_eos"] = spec.ignore_eos
     if extra:
         payload.update(extra)
