@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from harness.load.arrival import Arrival
-from harness.load.client import Target, run_load_sync
+from harness.load.client import CONTINUOUS_USAGE, Target, run_load_sync
 from harness.load.prompts import RequestSpec, build_requests
 from harness.load.workload import parse_workload
 from harness.measure.stats import summarize

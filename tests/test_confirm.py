@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+import yaml
 import pytest
 
 from harness.study import confirm as confirm_mod
@@ -241,6 +242,58 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
                               out=out, deadline=time.monotonic() - 1)
     assert outcome.config_path is None and "before the confirmation" in outcome.message
     assert not (tmp_path / "configs" / "tiny.yaml").exists()
+
+
+@pytest.mark.parametrize("beats_mine", [False, True])
+def test_a_recommendation_replaces_the_committed_config_only_when_it_beats_it(
+        tmp_path, tiny_model, monkeypatch, beats_mine: bool) -> None:  # type: ignore[no-untyped-def]
+    # Winner #2 beats vLLM's defaults (#0); the user's committed config (#1) is then confirmed against it in the
+    # same run, and the committed file is rewritten only when the winner beats that too.
+    import io
+
+    from conftest import write_sweep
+
+    from harness.emit import write_config
+    from harness.plan import detect_hardware
+    from harness.study import tune
+    from harness.study.sweepfile import load_sweep
+
+    def run_trials(study: optuna.Study, ctx: Any, target: int, parallel: int, out: Any, timeout_s: Any) -> None:
+        for value, label, seqs in ((3.0, "vllm-defaults", 2), (4.0, "committed-config", 4), (5.0, None, 8)):
+            trial = study.ask()
+            trial.set_user_attr("settings", {"max_num_seqs": seqs})
+            trial.set_user_attr("baseline", label)
+            trial.set_constraint("slo", 0.0)
+            study.tell(trial, value)
+
+    asked: list[tuple[int, int | None, bool]] = []
+
+    def study_confirmation(study: Any, ctx: Any, winner: Any, baseline: Any, repeats: int, out: Any,
+                           primary: bool = True) -> confirm_mod.Confirmation:
+        asked.append((winner.number, baseline.number, primary))
+        win = primary or beats_mine
+        w, b = confirm_mod.Spread([5.0] * 3, [True] * 3), confirm_mod.Spread([(3.0 if win else 5.5)] * 3, [True] * 3)
+        return confirm_mod.Confirmation(metric="capacity_rps", winner_trial=winner.number,
+                                        baseline_trial=baseline.number, winner=w, baseline=b,
+                                        recommended_trial=winner.number if win else baseline.number,
+                                        verdict="beats" if win else "does not beat")
+
+    sweep = load_sweep(write_sweep(tmp_path, tiny_model, trials=3, confirm=3))
+    config = tmp_path / "configs" / "tiny.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    write_config(config, tune.EmittedConfig(model="tiny", settings={"max_num_seqs": 4}, provenance={}, header="mine"))
+    before = config.read_text()
+    monkeypatch.setattr(tune, "run_trials", run_trials)
+    monkeypatch.setattr(tune, "study_confirmation", study_confirmation)
+    outcome = tune.tune_model(sweep, sweep.models[0], hardware=detect_hardware("CPU"), storage_url=None, parallel=1,
+                              out=io.StringIO())
+    assert asked == [(2, 0, True), (2, 1, False)]
+    emitted = yaml.safe_load(config.read_text())
+    if beats_mine:
+        assert emitted["vllm"]["max_num_seqs"] == 8 and emitted["provenance"]["versus_committed"]["trial"] == 1
+        assert "against the committed config (trial #1): beats" in outcome.message
+    else:
+        assert config.read_text() == before and "is left as it is" in outcome.message
 
 
 def test_a_repeat_that_could_not_start_is_no_number(monkeypatch: pytest.MonkeyPatch) -> None:

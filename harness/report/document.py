@@ -335,6 +335,10 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
                          + ("not measured (" + str(scaling.get("failure")) + ")" if eff is None else
                             f"{scaling.get('value_per_gpu'):.4g} per GPU vs {scaling.get('one_server_per_gpu'):.4g} "
                             f"for one server: scaling efficiency {eff:.0%}")])
+    mine = r.confirm_committed
+    if mine:
+        rows.append([f"against the committed config (trial #{mine.get('baseline_trial')})",
+                     f"{mine.get('verdict')}" + (f" - GPUs: {mine['pairing']}" if mine.get("pairing") else "")])
     rows.append(["recommended configuration",
                  ((label_of(rec) + (" (the baseline is kept)" if base is not None and rec.number == base.number
                                     else "")) if rec is not None else "none: no feasible trial")

@@ -196,6 +196,8 @@ class StudyResults:
     confirm: dict[str, Any] | None  # Confirmation.to_dict(), None before confirmation
     dir: Path | None  # <results_dir>/<model>__<hw>__<wl>__<obj>, None for a bare storage URL
     storage: str = ""  # the storage URL, password hidden
+    # the recommendation against the committed config (Confirmation.to_dict()), when the study had one to replace
+    confirm_committed: dict[str, Any] | None = None
     _trials: list[FrozenTrial] = field(default_factory=list, repr=False)
 
     def refresh(self) -> StudyResults:
@@ -205,6 +207,7 @@ class StudyResults:
         attrs = self.study.user_attrs
         self.identity = dict(attrs.get(StudyAttr.IDENTITY) or {})
         self.confirm = attrs.get(StudyAttr.CONFIRM)
+        self.confirm_committed = attrs.get(StudyAttr.CONFIRM_COMMITTED)
         return self
 
     # ------------------------------------------------------------------------------------------ identity

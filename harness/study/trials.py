@@ -46,7 +46,8 @@ class StudyAttr:
     """Study user-attribute keys."""
 
     IDENTITY = "identity"  # model, space, workload, objective, hardware: what a resume must match
-    CONFIRM = "confirm"  # the latest Confirmation.to_dict()
+    CONFIRM = "confirm"  # the latest Confirmation.to_dict() against vLLM's defaults
+    CONFIRM_COMMITTED = "confirm_committed"  # the recommendation against the committed config, when one ran
 
 
 class Outcome:

@@ -41,7 +41,7 @@ from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
 from harness.study.timing import time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
-                                  baseline_trial, best_feasible, client_of, confirm_key, settings_of)
+                                  baseline_trial, best_feasible, client_of, confirm_key, is_feasible, settings_of)
 from harness.study.workers import Claim, wait_for, worker_seed
 
 
@@ -152,11 +152,32 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
         return _out_of_time(entry, name, table, f"after all {trials} trials, before the confirmation", out)
     conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out)
     rec_trial = study.trials[conf.recommended_trial] if conf else winner
-    path = emit(config_path, study, ctx, rec_trial, baseline, conf, hardware)
-    table = write_table(study, ctx.study_dir)
+    mine = committed_rival(study, rec_trial) if conf is not None else None
+    versus = (study_confirmation(study, ctx, rec_trial, mine, sweep.confirm_repeats, out, primary=False)
+              if mine is not None else None)
     msg = (conf.verdict if conf else f"trial #{winner.number} is the best feasible trial (not confirmed)")
+    if versus is not None and versus.recommended_trial == mine.number:  # type: ignore[union-attr]
+        # the user's own config stays: a recommendation replaces it only when it beats it in the same run
+        table = write_table(study, ctx.study_dir)
+        msg += (f"; against the committed config (trial #{mine.number}): {versus.verdict}, so {config_path} "  # type: ignore[union-attr]
+                f"is left as it is")
+        print(f"== {name}: {msg}\n   table:  {table}", file=out, flush=True)
+        return ModelOutcome(entry.model, name, config_path, table, conf, msg)
+    if versus is not None:
+        msg += f"; against the committed config (trial #{versus.baseline_trial}): {versus.verdict}"
+    path = emit(config_path, study, ctx, rec_trial, baseline, conf, hardware, versus_committed=versus)
+    table = write_table(study, ctx.study_dir)
     print(f"== {name}: {msg}\n   config: {path}\n   table:  {table}", file=out, flush=True)
     return ModelOutcome(entry.model, name, path, table, conf, msg)
+
+
+def committed_rival(study: optuna.Study, recommended: FrozenTrial) -> FrozenTrial | None:
+    """The committed config's trial when the recommendation would replace it: measured, feasible, and another
+    trial. A committed config that failed or was pruned on this node is no rival (the table says why)."""
+    mine = baseline_trial(study.get_trials(deepcopy=False), BASELINE_COMMITTED)
+    if mine is None or mine.number == recommended.number or not is_feasible(mine) or not mine.values:
+        return None
+    return mine
 
 
 def print_time_spent(study: optuna.Study, hardware: Any, out: Any) -> None:
@@ -174,8 +195,9 @@ def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any)
 
 
 def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None,
-                       repeats: int, out: Any) -> Confirmation | None:
-    """Run (or reuse, on a rerun) the confirmation of this winner against the baseline."""
+                       repeats: int, out: Any, primary: bool = True) -> Confirmation | None:
+    """Run (or reuse, on a rerun) the confirmation of this winner against the baseline. `primary`: the one
+    against vLLM's defaults (the report's); otherwise the one against the committed config."""
     if repeats <= 0:
         return None
     key = confirm_key(winner, baseline, repeats)
@@ -187,17 +209,18 @@ def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: FrozenTri
             try:
                 conf = confirm(ctx, winner, baseline, repeats, metric, log=out)
                 study.set_user_attr(key, conf.to_dict())
-                study.set_user_attr(StudyAttr.CONFIRM, conf.to_dict())
+                study.set_user_attr(StudyAttr.CONFIRM if primary else StudyAttr.CONFIRM_COMMITTED, conf.to_dict())
             finally:
                 claim.release()
-            (ctx.study_dir / "confirm.json").write_text(json.dumps(conf.to_dict(), indent=2))
+            name = "confirm.json" if primary else "confirm-committed.json"
+            (ctx.study_dir / name).write_text(json.dumps(conf.to_dict(), indent=2))
             return conf
         saved = wait_for(lambda: study.user_attrs.get(key), claim, poll_s=min(HEARTBEAT_S, 5), out=out)
     return Confirmation.from_dict(saved)
 
 
 def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial, baseline: FrozenTrial | None,
-         conf: Confirmation | None, hardware: Any) -> Path:
+         conf: Confirmation | None, hardware: Any, versus_committed: Confirmation | None = None) -> Path:
     settings = settings_of(trial)
     env = environment()
     provenance: dict[str, Any] = {
@@ -227,6 +250,11 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
         if invalid:
             provenance["improvement"]["client_limited"] = (
                 f"{invalid} repeat(s) {CLIENT_LIMITED_LABEL}: left out of the means; not server numbers")
+    if versus_committed is not None:
+        v = versus_committed
+        provenance["versus_committed"] = {"trial": v.baseline_trial, "metric": v.metric, "relative": v.improvement,
+                                          "sides": v.pairing, "winner": v.winner.to_dict(),
+                                          "committed": v.baseline.to_dict(), "verdict": v.verdict}
     settings = one_server(settings)
     provenance["deployment"] = deployment_provenance(settings, conf, hardware)
     settings = {**settings, "replicas": provenance["deployment"]["replicas"]}
