@@ -10,8 +10,9 @@ the same start rate (half the truth, as a study's first guess might be):
   Poisson requests per step, every request measured) with the SLO-only verdict (p99 TTFT <= 1000 ms, p99 TPOT
   <= 50 ms, <= 1% failed), run through the same bracketing search at 10% precision (the old search's rel_tol):
   a step "holds" when its percentiles hold, whatever the server sustained.
-- `window`: `harness.study.capacity.search_capacity` (new) with `step_s`-second windows after a warm-up, the
-  steady verdict (completion ratio, in-flight and server-queue trends) and the same SLO, precision 5%.
+- `study objective`: the capacity objective a study runs (`CapacityObjective.measure` on the study's load steps
+  over `harness.deploy.attach`, the client self-check included) with `step_s`-second windows after a warm-up,
+  the steady verdict (completion ratio, in-flight and server-queue trends) and the same SLO, precision 5%.
 
 Columns: the reported capacity, its error vs the closed-form truth, the steps and the seconds of load the search
 took. A single run; the numbers move a little with machine load (the verdicts use actual send times).
@@ -27,13 +28,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from capacity_fake import CapacityConfig, CapacityFake, count_measure, window_measure  # noqa: E402
+from capacity_fake import CapacityConfig, CapacityFake, count_measure, fake_load_steps  # noqa: E402
 
-from harness.load.window import WindowSpec  # noqa: E402
 from harness.records import SLO  # noqa: E402
 from harness.records import Steady  # noqa: E402
 from harness.study.capacity import search_capacity  # noqa: E402
 from harness.study.scoring import slo_holds  # noqa: E402
+from harness.study.sweepfile import parse_objective  # noqa: E402
 
 OUTPUT_TOKENS = 8
 
@@ -69,13 +70,19 @@ def main() -> None:
                 t = time.monotonic()
                 old = search_capacity(slo_only(count_measure(fake, n, OUTPUT_TOKENS, SLO_LIMITS)), start_rate=start,
                                       precision=0.1, max_steps=8)
-                rows.append((mu, f"count-{n} (today)", old.capacity, None, len(old.steps), time.monotonic() - t))
+                rows.append((mu, f"count-{n} (before windows)", old.capacity, None, len(old.steps), time.monotonic() - t))
                 print(rows[-1], flush=True)
             t = time.monotonic()
-            new = search_capacity(window_measure(fake, WindowSpec(step_s=args.step_s, warmup_s=1.0, drain_s=60.0),
-                                                 OUTPUT_TOKENS, SLO_LIMITS), start_rate=start, precision=0.05)
-            rows.append((mu, f"window {args.step_s:g} s (new)", new.capacity, new.capacity_hi, len(new.steps),
-                         time.monotonic() - t))
+            # the study's capacity objective itself, on the study's load steps (client check included)
+            objective = parse_objective({"kind": "capacity", "slo": {"ttft_ms": SLO_LIMITS.ttft_ms,
+                                                                     "tpot_ms": SLO_LIMITS.tpot_ms, "percentile": 99},
+                                         "step_s": args.step_s, "warmup_s": 1.0, "precision": 0.05,
+                                         "start_rate": start, "max_steps": 8}, "capacity_accuracy")
+            got = objective.measure(fake_load_steps(fake, OUTPUT_TOKENS, objective.slo))
+            bracket = got.capacity or {}
+            limited = " (client-limited step)" if got.client_reasons else ""
+            rows.append((mu, f"study objective, {args.step_s:g} s windows{limited}", bracket.get("capacity_lo", 0.0),
+                         bracket.get("capacity_hi"), len(bracket.get("steps", [])), time.monotonic() - t))
             print(rows[-1], flush=True)
     print()
     print("| true capacity (req/s) | method | reported (req/s) | bracket hi | error vs truth | steps | search s |")

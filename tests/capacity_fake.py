@@ -227,32 +227,40 @@ def wait_idle(fake: CapacityFake, timeout_s: float = 60.0) -> None:
     wait_servers_idle([(fake.url, None)], timeout_s=timeout_s, poll_s=0.05)
 
 
-def window_measure(fake: CapacityFake, spec: Any, output_tokens: int, slo: Any = None, *, keep_client: bool = False,
-                   scrape_period_s: float = 0.25) -> Any:
-    """measure(rate) -> (RunRecord, Steady) running windowed steps on the fake, for `search_capacity`.
+def fake_load_steps(fake: CapacityFake, output_tokens: int, slo: Any = None) -> Any:
+    """The study's own load steps (`harness.study.objectives.LoadSteps` on `harness.deploy.attach`) on the fake:
+    a capacity search here runs exactly the code a trial runs, warm-up rule and verdict included."""
+    from harness.deploy import attach
+    from harness.load.workload import parse_workload
+    from harness.study.objectives import LoadSteps
 
-    The warm-up and tail follow the last step's mean E2E. `keep_client=False` leaves the client check out of the
-    record: on a loaded 2-core test machine the client's sends can lag their schedule by tens of ms, which the
-    check rightly calls "not a server number" in production; here the verdict uses the actual send times, so the
-    steps still measure the fake, and the search must not read them as client-limited.
+    workload = parse_workload({"name": "fake", "api": "completions", "ignore_eos": True, "input_len": 4,
+                               "output_len": output_tokens, "warmup_requests": 0}, source="capacity_fake")
+    return LoadSteps(deployment=attach(fake.url, None, fake.config.model), workload=workload,
+                     requests_for=lambda k, n: requests_for(n, output_tokens), slo=slo, plan=None,
+                     save=lambda record, k: None)
+
+
+def window_measure(fake: CapacityFake, spec: Any, output_tokens: int, slo: Any = None, *,
+                   keep_client: bool = False) -> Any:
+    """measure(rate) -> (RunRecord, Steady) for `search_capacity`: one `LoadSteps.run_window` step per call.
+
+    `keep_client=False` judges the step without the client check: on a loaded 2-core test machine the client's
+    sends can lag their schedule by tens of ms, which the check rightly calls "not a server number" in
+    production; the verdict uses the actual send times, so the steps still measure the fake.
     """
-    from harness.measure.step import run_window_step
-    from harness.records import RunRecord
+    from harness.measure.steady import SteadyCriteria
     from harness.study.capacity import step_verdict
 
-    last_e2e: list[float] = []
+    steps = fake_load_steps(fake, output_tokens, None)  # the SLO is folded in below, once, as a trial does
 
     def measure(rate: float) -> Any:
-        wait_idle(fake)
-        plan = spec.plan(rate, last_e2e[-1] if last_e2e else None)
-        step = run_window_step([(fake.url, None)], requests_for(plan.requests_needed(), output_tokens), plan,
-                               model=fake.config.model, api="completions", slo=slo, scrape_period_s=scrape_period_s)
-        if step.metrics.e2e_ms is not None:
-            last_e2e.append(step.metrics.e2e_ms.mean / 1000.0)
-        record = RunRecord(run_id=f"rate{rate:.2f}", created="", model=fake.config.model, settings={}, workload={},
-                           arrival=plan.arrival().to_dict(), slo=slo, argv=[], metrics=step.metrics,
-                           client=step.load.client if keep_client else None, server=step.server)
-        record.steady = step_verdict(record, step.steady, slo)
+        record = steps.run_window(rate, spec, SteadyCriteria())
+        record.slo = slo
+        if not keep_client:
+            record.client = None
+        if record.steady is not None:
+            record.steady = step_verdict(record, record.steady, slo)
         return record, record.steady
 
     return measure

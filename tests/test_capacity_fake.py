@@ -50,10 +50,10 @@ def test_virtual_fifo_queue_and_gauges() -> None:
 def test_fake_streams_like_vllm_and_exports_its_queue(fake: CapacityFake) -> None:
     from capacity_fake import requests_for
     from harness.load.arrival import Arrival
-    from harness.load.client import run_load_sync
+    from harness.load.client import CONTINUOUS_USAGE, run_load_sync
 
     load = run_load_sync([(fake.url, None)], requests_for(6, OUTPUT_TOKENS), Arrival(mode="concurrency", max_concurrency=1),
-                         model="fake-model", api="completions", warmup=1, timeout_s=30)
+                         model="fake-model", api="completions", warmup=1, timeout_s=30, extra_body=CONTINUOUS_USAGE)
     done = load.measured()
     assert all(r.ok and r.output_tokens == OUTPUT_TOKENS and r.chunk_tokens == [4, 4] for r in done)
     service = CONFIG.service_s(4, OUTPUT_TOKENS)
