@@ -169,16 +169,22 @@ class ArgSpec:
 
     # ------------------------------------------------------------------------------------------ argv
 
+    @property
+    def default_utilization(self) -> float | None:
+        """This vLLM's default gpu_memory_utilization (None where its parser gives none)."""
+        info = self.args.get("gpu_memory_utilization")
+        default = info.default if info is not None else None
+        return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
     def server_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
         """One server's settings of a configuration (`harness.settings.server_settings`), with this vLLM's default
         gpu_memory_utilization where the configuration leaves it out."""
-        info = self.args.get("gpu_memory_utilization")
-        default = info.default if info is not None else None
-        if (settings.get("servers_per_gpu") or 1) > 1 and settings.get("gpu_memory_utilization") is None and (
-                isinstance(default, bool) or not isinstance(default, (int, float))):
+        default = self.default_utilization
+        if (settings.get("servers_per_gpu") or 1) > 1 and settings.get("gpu_memory_utilization") is None and \
+                default is None:
             raise UserError(f"vLLM {self.vllm_version}'s parser gives no default to split between the servers; set "
                             f"gpu_memory_utilization", key="servers_per_gpu")
-        return server_settings(settings, float(default) if isinstance(default, (int, float)) else 0.0)
+        return server_settings(settings, default or 0.0)
 
     def to_argv(self, settings: dict[str, Any]) -> list[str]:
         """Settings (user key names) -> argv list for the server; never a shell string.
