@@ -147,7 +147,7 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
     where = "the CPU node" if hw.is_cpu else f"each {hw.name}"
     if r.servers_per_gpu > 1:
         where = f"each of the {r.servers_per_gpu} servers sharing " + ("the CPU node" if hw.is_cpu else
-                                                                      f"a {hw.name}")
+                                                                      f"one {hw.name}")
     if hw.is_cpu:
         out += _cpu_memory(hw, r, mem, cap)
     else:
