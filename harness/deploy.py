@@ -202,10 +202,10 @@ def deploy_together(jobs: list[DeployJob], *, start_timeout_s: float = 900.0) ->
         gpu_ids.append(list(dict.fromkeys(g for p in placement for g in (p.gpus or []))))
     try:
         taken: set[int] = set()  # GPUs of the servers started so far
-        for group in groups:
-            for server in group.servers:
+        for k, group in enumerate(groups):
+            for i, server in enumerate(group.servers):
                 if taken & set(server.gpus):
-                    wait_all_ready(groups)
+                    wait_all_ready(groups[:k + (i > 0)])  # the groups started so far (their started servers)
                 server.start()
                 taken |= set(server.gpus)
         wait_all_ready(groups)
