@@ -246,6 +246,9 @@ FAKE_VLLM = textwrap.dedent(
         fh.write(f"start {{os.getpid()}} {{time.time()}} {{os.environ.get('CUDA_VISIBLE_DEVICES')}} "
                  f"{{json.dumps(sys.argv[1:])}}\\n")
     time.sleep(float(os.environ.get("FAKE_DELAY", "0.3")))
+    if os.environ.get("FAKE_FAIL_SECOND") and open(log).read().count("start ") == 2:
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.", flush=True)
+        sys.exit(1)
     config = CapacityConfig(**json.loads(os.environ["FAKE_CAPACITY"]), api_key=opts["api-key"], model=opts["model"],
                             gpu_memory_utilization=float(opts.get("gpu-memory-utilization", 0.92)))
     app = make_app(config)
@@ -353,3 +356,37 @@ def test_two_servers_on_one_gpu_measure_twice_one_servers_capacity_and_rank_abov
     assert [e[0] for e in pair] == ["start", "ready", "start", "ready"], pair
     assert pair[0][1] == pair[1][1] and float(pair[2][2]) >= float(pair[1][2])
     assert all(e[3] == "0" for e in pair if e[0] == "start")
+
+
+def test_a_failed_second_server_on_the_gpu_tears_both_down(fake_vllm: tuple[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    from harness.deploy import deploy
+    from harness.launch import server as server_mod
+    from harness.launch.placement import Slot
+    from harness.launch.server import ServerStartError
+    from harness.launch.vllm_args import load_argspec
+
+    python, starts = fake_vllm
+    monkeypatch.setenv("FAKE_CAPACITY", "{}")
+    monkeypatch.setenv("FAKE_FAIL_SECOND", "1")
+    argspec = load_argspec()
+    real_server = server_mod.Server
+    made: list[Any] = []
+
+    def server_with_fake(spec: Any, parsed: Any = None) -> Any:
+        spec.python = python
+        made.append(real_server(spec, argspec))
+        return made[-1]
+
+    monkeypatch.setattr(server_mod, "Server", server_with_fake)
+    monkeypatch.setattr(server_mod, "load_argspec", lambda python=None: argspec)
+    with pytest.raises(ServerStartError, match="oom") as err:
+        with deploy("fake-model", {"servers_per_gpu": 2}, slot=Slot(gpu_ids=(0,)), log_dir=tmp_path / "logs",
+                    start_timeout_s=60):
+            pytest.fail("a deployment whose second server failed must not be handed out")
+    assert err.value.index == 1  # the second server of the group
+    assert [line.split()[0] for line in starts.read_text().splitlines()] == ["start", "ready", "start"]
+    assert len(made) == 2 and all(s.returncode is not None for s in made)
+    assert not [p for p in (s.pid for s in made) if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
