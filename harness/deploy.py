@@ -1,7 +1,7 @@
 """Deploy one vLLM configuration and measure it: the one measurement path of `bench`, trials and confirmation.
 
-`deploy()` starts the server(s) of one configuration (replicas on disjoint GPU or core sets, see
-`harness.launch.placement`); `Deployment.run()` drives one measured load against them and returns a `RunRecord` with
+`deploy()` starts the server(s) of one configuration (replicas on disjoint GPU or core sets, `servers_per_gpu`
+servers on each GPU, see `harness.launch.placement`); `Deployment.run()` drives one measured load against them and returns a `RunRecord` with
 metrics, client self-check, memory and vLLM's own counters. A bench number and a sweep number are therefore the
 same measurement. `attach()` makes a Deployment of servers the harness did not start (`bench --url`): the same
 `run()`, without the figures that need the process (its group is an `ExternalGroup`: targets, no processes).
@@ -71,7 +71,7 @@ class Deployment:
 
     @property
     def topology(self) -> Topology:
-        """Replicas x TP x PP of the deployed settings."""
+        """Replicas x TP x PP (and servers per GPU) of the deployed settings."""
         return Topology.of(self.settings)
 
     def dead_server_failure(self) -> Failure | None:
@@ -184,10 +184,11 @@ def deploy_together(jobs: list[DeployJob], *, start_timeout_s: float = 900.0) ->
     node shared between models): their start-ups (minutes each on GPUs, for torch.compile and CUDA graphs) overlap
     instead of adding up. All are torn down on exit or on any start failure.
 
-    Deployments that share a GPU (several servers on one GPU, each with its share of gpu_memory_utilization)
-    start one after another instead: vLLM sizes its KV cache from the device's free memory before and after its
-    own profiling run, so memory another server allocates meanwhile would be counted as this server's (a smaller
-    KV cache, or a failed start). The next one starts once those before it on its GPUs are ready.
+    Servers that share a GPU (deployments on one GPU, or the `servers_per_gpu` servers of one configuration, each
+    with its share of gpu_memory_utilization) start one after another instead: vLLM sizes its KV cache from the
+    device's free memory before and after its own profiling run, so memory another server allocates meanwhile
+    would be counted as this server's (a smaller KV cache, or a failed start). A server starts once every server
+    started before it is ready, when one of those holds one of its GPUs.
     """
     groups: list[ServerGroup] = []
     gpu_ids: list[list[int]] = []
@@ -198,12 +199,15 @@ def deploy_together(jobs: list[DeployJob], *, start_timeout_s: float = 900.0) ->
                                               cpu_cores=p.cpu_cores, log_path=job.log_dir / f"server{i}.log",
                                               start_timeout_s=start_timeout_s, served_model_name=job.served_model_name)
                                    for i, p in enumerate(placement)]))
-        gpu_ids.append([g for p in placement for g in (p.gpus or [])])
+        gpu_ids.append(list(dict.fromkeys(g for p in placement for g in (p.gpus or []))))
     try:
+        taken: set[int] = set()  # GPUs of the servers started so far
         for k, group in enumerate(groups):
-            if any(set(gpu_ids[k]) & set(ids) for ids in gpu_ids[:k]):
-                wait_all_ready(groups[:k])
-            group.start()
+            for i, server in enumerate(group.servers):
+                if taken & set(server.gpus):
+                    wait_all_ready(groups[:k + (i > 0)])  # the groups started so far (their started servers)
+                server.start()
+                taken |= set(server.gpus)
         wait_all_ready(groups)
         yield [Deployment(model=job.model, settings=dict(job.settings), group=group, gpu_ids=ids,
                           startup_s=group.startup_s, served_model_name=job.served_model_name,

@@ -18,7 +18,7 @@ import yaml
 from harness.errors import UserError
 from harness.paths import portable
 from harness.yamlfile import read_yaml
-from harness.settings import HARNESS_KEYS
+from harness.settings import HARNESS_KEYS, Topology, server_settings
 
 # The order of the user's VLLMConfig / guide; other keys follow alphabetically.
 USER_KEY_ORDER = ("model_name", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "block_size",
@@ -62,14 +62,21 @@ def serve_command(model: str, argv_tail: list[str]) -> str:
 
 
 def write_config(path: Path, config: EmittedConfig, *, gpu_sets: list[list[int]] | None = None,
-                 argv_tail: list[str] | None = None) -> Path:
-    """Write the user's format: `vllm:` (one instance), `vllm_instances:` for replicas, `provenance:`."""
-    block = ordered_vllm_block(config.model, config.settings)
+                 argv_tail: list[str] | None = None, default_utilization: float | None = None) -> Path:
+    """Write the user's format: `vllm:` (one server), `vllm_instances:` for replicas and servers sharing a GPU
+    (servers_per_gpu N: N instances per GPU set, each with its share of gpu_memory_utilization), `provenance:`.
+
+    `default_utilization` (vLLM's default gpu_memory_utilization) is needed when the configuration runs several
+    servers per GPU and leaves gpu_memory_utilization out: the instances must say the share each one takes."""
+    topo = Topology.of(config.settings)
+    if topo.servers_per_gpu > 1 and config.settings.get("gpu_memory_utilization") is None and \
+            default_utilization is None:
+        raise ValueError("servers_per_gpu > 1 without gpu_memory_utilization needs vLLM's default to split")
+    block = ordered_vllm_block(config.model, server_settings(config.settings, default_utilization or 0.0))
     doc: dict[str, Any] = {"vllm": block}
-    replicas = int(config.settings.get("replicas", 1) or 1)
-    if replicas > 1:
-        sets = gpu_sets or [[] for _ in range(replicas)]
-        doc["vllm_instances"] = [{**block, "gpu_devices": list(s)} for s in sets]
+    if topo.servers > 1:
+        sets = gpu_sets or [[] for _ in range(topo.replicas)]
+        doc["vllm_instances"] = [{**block, "gpu_devices": list(s)} for s in sets for _ in range(topo.servers_per_gpu)]
     if argv_tail is not None:
         doc["serve_command"] = serve_command(config.model, argv_tail)
     if config.provenance:
@@ -94,6 +101,21 @@ def read_config(path: str | Path) -> EmittedConfig:
     if not model:
         raise UserError("the 'vllm:' block needs 'model_name'", source=str(path), key="vllm.model_name")
     settings = dict(block)
-    if len(instances) > 1:
-        settings["replicas"] = len(instances)
+    sets = [tuple(i.get("gpu_devices") or ()) or ("unpinned", k) for k, i in enumerate(instances)]  # one each
+    per_set = {s: sets.count(s) for s in sets}
+    if len(set(per_set.values())) > 1:
+        raise UserError(f"instances share GPUs unevenly ({sorted(per_set.items())}): every GPU set needs the same "
+                        f"number of servers", source=str(path), key="vllm_instances")
+    replicas, servers_per_gpu = len(per_set), (max(per_set.values()) if per_set else 1)
+    if replicas > 1:
+        settings["replicas"] = replicas
+    if servers_per_gpu > 1:
+        # the instances carry one server's share; the configuration's is in provenance (else their sum)
+        settings["servers_per_gpu"] = servers_per_gpu
+        deployment = (doc.get("provenance") or {}).get("deployment") or {}
+        total = deployment.get("gpu_memory_utilization")
+        if total is None and block.get("gpu_memory_utilization") is not None:
+            total = round(float(block["gpu_memory_utilization"]) * servers_per_gpu, 4)
+        if total is not None:
+            settings["gpu_memory_utilization"] = total
     return EmittedConfig(model=str(model), settings=settings, provenance=doc.get("provenance") or {})

@@ -179,19 +179,23 @@ def test_servers_sharing_a_gpu_start_one_after_another(monkeypatch, tmp_path):
 
     events: list[str] = []
 
+    class FakeServer:
+        def __init__(self, name, spec):
+            self.name, self.gpus = name, list(spec.gpus or [])
+
+        def start(self):
+            events.append(f"start {self.name}")
+
     class Group:
         n = 0
 
         def __init__(self, specs):
             self.name = f"g{Group.n}"
             Group.n += 1
-            self.servers = specs
+            self.servers = [FakeServer(f"{self.name}.{i}", spec) for i, spec in enumerate(specs)]
             self.startup_s = 1.0
             self.argv = []
             self.targets = []
-
-        def start(self):
-            events.append(f"start {self.name}")
 
         def stop(self):
             events.append(f"stop {self.name}")
@@ -205,4 +209,12 @@ def test_servers_sharing_a_gpu_start_one_after_another(monkeypatch, tmp_path):
     with deploy_mod.deploy_together(jobs) as deps:
         assert len(deps) == 3
     # b shares GPU 0 with a: it starts once a is ready; c (GPU 1) does not wait for b
-    assert events[:5] == ["start g0", "ready g0", "start g1", "start g2", "ready g0,g1,g2"]
+    assert events[:5] == ["start g0.0", "ready g0", "start g1.0", "start g2.0", "ready g0,g1,g2"]
+    # servers_per_gpu 2 of one configuration on GPU 0, another configuration on GPU 1: the second server on GPU 0
+    # waits for the first; the one on GPU 1 starts without waiting
+    events.clear()
+    jobs = [deploy_mod.DeployJob("m", {"servers_per_gpu": 2}, Slot(gpu_ids=(0,)), tmp_path / "d"),
+            deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(1,)), tmp_path / "e")]
+    with deploy_mod.deploy_together(jobs) as deps:
+        assert [d.gpu_ids for d in deps] == [[0], [1]]
+    assert events[:5] == ["start g3.0", "ready g3", "start g3.1", "start g4.0", "ready g3,g4"]

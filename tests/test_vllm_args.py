@@ -139,11 +139,52 @@ def test_several_list_items_cannot_begin_with_dash(vllm_argspec: ArgSpec) -> Non
 
 
 def test_split_settings() -> None:
-    assert set(HARNESS_KEYS) == {"model_name", "replicas"}
-    vllm, harness = split_settings({"model_name": "m", "replicas": 2, "max_num_seqs": 8})
-    assert vllm == {"model": "m", "max_num_seqs": 8} and harness == {"replicas": 2}
+    assert set(HARNESS_KEYS) == {"model_name", "replicas", "servers_per_gpu"}
+    vllm, harness = split_settings({"model_name": "m", "replicas": 2, "servers_per_gpu": 2, "max_num_seqs": 8})
+    assert vllm == {"model": "m", "max_num_seqs": 8} and harness == {"replicas": 2, "servers_per_gpu": 2}
     with pytest.raises(UserError, match="positive integer"):
         split_settings({"replicas": 0})
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(UserError, match="servers_per_gpu: must be a positive integer"):
+            split_settings({"servers_per_gpu": bad})
+
+
+def test_servers_per_gpu_is_never_in_argv_and_each_server_gets_its_share(vllm_argspec: ArgSpec) -> None:
+    """The launcher owns servers_per_gpu: no flag of it reaches vLLM, and every server's argv carries its share
+    of the configuration's gpu_memory_utilization (vLLM's default split when the configuration leaves it out)."""
+    from harness.launch.server import Server, ServerSpec
+
+    def argv(settings: dict) -> list[str]:
+        return Server(ServerSpec(model="m", settings=settings, port=8000), vllm_argspec).build_argv()
+
+    two = argv({"servers_per_gpu": 2, "gpu_memory_utilization": 0.9, "max_num_seqs": 64})
+    assert not [a for a in two if "servers" in a and "per" in a]
+    assert "--gpu-memory-utilization=0.45" in two and "--max-num-seqs=64" in two
+    default = vllm_argspec.args["gpu_memory_utilization"].default
+    three = argv({"servers_per_gpu": 3})
+    share = [a for a in three if a.startswith("--gpu-memory-utilization=")]
+    assert share == [f"--gpu-memory-utilization={int(default / 3 * 1e4) / 1e4:g}"]
+    assert "--gpu-memory-utilization=0.9" in argv({"servers_per_gpu": 1, "gpu_memory_utilization": 0.9})
+    assert vllm_argspec.to_argv({"servers_per_gpu": 2}) == []  # the split is server_settings', not to_argv's
+    with pytest.raises(UserError, match=r"sweep.yaml: servers_per_gpu: must be a positive integer"):
+        vllm_argspec.check({"servers_per_gpu": 0}, source="sweep.yaml")
+
+
+def test_server_utilization_is_split_evenly_and_never_over_the_configuration() -> None:
+    from harness.settings import Topology, server_settings
+
+    assert Topology(servers_per_gpu=2).server_utilization(0.9) == 0.45
+    assert Topology(servers_per_gpu=2).server_utilization(0.58) == 0.29
+    assert Topology(servers_per_gpu=3).server_utilization(0.92) == 0.3066
+    assert Topology(servers_per_gpu=1).server_utilization(0.92) == 0.92
+    for n in range(1, 9):
+        for util in (0.3, 0.45, 0.58, 0.9, 0.92, 0.95):
+            share = Topology(servers_per_gpu=n).server_utilization(util)
+            assert n * share <= util + 1e-12 and util - n * share < n * 1e-4
+    topo = Topology.of({"servers_per_gpu": 2, "replicas": 3})
+    assert topo.servers == 6 and topo.gpus == 3  # servers sharing a GPU count it once
+    assert server_settings({"servers_per_gpu": 2}, 0.92) == {"servers_per_gpu": 2, "gpu_memory_utilization": 0.46}
+    assert server_settings({"max_num_seqs": 8}, 0.92) == {"max_num_seqs": 8}
 
 
 @pytest.mark.slow

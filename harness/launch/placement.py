@@ -8,7 +8,8 @@ handed out only when NVML shows no process on it any more (the previous server's
 each slot is a set of cores that vLLM's CPU backend binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND) and the
 server's processes are pinned to; the load client, which runs in the harness, keeps a core of its own
 (`client_cores`), so a busy server cannot delay the client's sends and its timestamps (on 2 cores: the server on
-core 1, the client on core 0). `replica_placement` splits one slot among the replicas of a configuration.
+core 1, the client on core 0). `replica_placement` splits one slot among the servers of a configuration: replicas
+on disjoint GPU sets, `servers_per_gpu` servers on each of them (a CPU slot's cores split between all servers).
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def gpu_sets(total_gpus: int, tp: int, replicas: int, pp: int = 1) -> list[list[
 
 
 def cpu_core_sets(cores: list[int], replicas: int) -> list[tuple[int, ...]]:
-    """Disjoint core sets, one per CPU replica: [(0..7), (8..15)]."""
+    """Disjoint core sets, one per CPU server: [(0..7), (8..15)]."""
     if replicas < 1 or len(cores) < replicas:
-        raise UserError(f"{replicas} replica(s) need at least {replicas} CPU cores, {len(cores)} available",
-                        key="replicas")  # fmt: skip
+        raise UserError(f"{replicas} server(s) (replicas x servers_per_gpu) need at least {replicas} CPU cores, "
+                        f"{len(cores)} available", key="replicas")  # fmt: skip
     per = len(cores) // replicas
     return [tuple(cores[r * per : (r + 1) * per]) for r in range(replicas)]
 
@@ -95,19 +96,25 @@ def cpu_bind_sets(cores: list[int], replicas: int) -> list[str]:
 
 
 def replica_placement(settings: dict[str, Any], slot: Slot | None) -> list[Replica]:
-    """Per replica: its GPUs (a TP x PP group) or its CPU cores, from the trial's slot."""
+    """Per server: its GPUs (a TP x PP group; with servers_per_gpu N, N servers in a row on the same GPU) or its
+    CPU cores (the slot's cores split between all servers), from the trial's slot."""
     topo = Topology.of(settings)
+    if topo.servers_per_gpu > 1 and topo.per_replica > 1:
+        raise UserError(f"servers_per_gpu {topo.servers_per_gpu} needs single-GPU servers, not tensor_parallel_size "
+                        f"{topo.tp} x pipeline_parallel_size {topo.pp} x data_parallel_size {topo.dp}",
+                        key="servers_per_gpu")
     cache = {"VLLM_CACHE_ROOT": slot.vllm_cache_root} if slot is not None and slot.vllm_cache_root else {}
     gpu_ids = list(slot.gpu_ids) if slot is not None else []
     if gpu_ids:
         return [Replica(gpus=[gpu_ids[i] for i in s], env=dict(cache))
-                for s in gpu_sets(len(gpu_ids), topo.tp, topo.replicas, topo.pp)]
+                for s in gpu_sets(len(gpu_ids), topo.tp, topo.replicas, topo.pp)
+                for _ in range(topo.servers_per_gpu)]
     cores = list(slot.cpu_cores) if slot is not None else []
-    if topo.replicas > 1 and not cores:
+    if topo.servers > 1 and not cores:
         cores = sorted(os.sched_getaffinity(0))
     if cores:
         return [Replica(env={"VLLM_CPU_OMP_THREADS_BIND": core_ranges(c), **cache}, cpu_cores=c)
-                for c in cpu_core_sets(cores, topo.replicas)]
+                for c in cpu_core_sets(cores, topo.servers)]
     return [Replica(env=dict(cache))]
 
 

@@ -315,8 +315,8 @@ class Server(_Running):
         if model_name is not None and str(model_name) != str(spec.model):
             raise UserError(f"model_name '{model_name}' differs from the server's model '{spec.model}'",
                             source=spec.source, key="model_name")  # fmt: skip
-        settings.pop("replicas", None)
         self.argspec.check(settings, source=spec.source)
+        settings = self.argspec.server_settings(settings)  # servers_per_gpu: this server's share of the GPU
         for arg in spec.extra_args:
             if arg.startswith("-") and self.argspec.dest_for_flag(arg) is None:
                 raise UserError(f"extra argument '{arg}' is not accepted by vLLM {self.argspec.vllm_version}")
@@ -523,7 +523,8 @@ class Server(_Running):
 
 
 class ServerGroup(_Running):
-    """N servers (replicas) started side by side, each on its own port and GPU set, stopped together."""
+    """N servers (replicas, and servers sharing a GPU) started side by side, each on its own port, stopped together
+    (`harness.deploy.deploy_together` starts servers that share a GPU one after another)."""
 
     def __init__(self, specs: list[ServerSpec], argspec: ArgSpec | None = None) -> None:
         if not specs:
@@ -568,9 +569,9 @@ class ServerGroup(_Running):
 
 
 def wait_all_ready(groups: list[ServerGroup]) -> None:
-    """Until every server of every (started) group is ready, so that their start-ups overlap; the first failure
+    """Until every started server of the groups is ready, so that their start-ups overlap; the first failure
     stops every group and raises ServerStartError with that server's index in its group."""
-    pending = [(g, i) for g in groups for i in range(len(g.servers))]
+    pending = [(g, i) for g in groups for i in range(len(g.servers)) if g.servers[i].proc is not None]
     while pending:
         for g, i in list(pending):
             try:
@@ -582,7 +583,7 @@ def wait_all_ready(groups: list[ServerGroup]) -> None:
         if pending:
             time.sleep(POLL_S)
     for g in groups:
-        g.startup_s = max((s.startup_s or 0.0) for s in g.servers)
+        g.startup_s = max((s.startup_s or 0.0) for s in g.servers)  # a server not started yet: 0 until then
 
 
 def stop_groups(groups: list[ServerGroup]) -> None:

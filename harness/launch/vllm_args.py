@@ -25,7 +25,8 @@ from typing import Any
 
 from harness.cachedir import cache_dir
 from harness.errors import UserError
-from harness.settings import HARNESS_KEYS, LAUNCHER_OWNED_DESTS, REMOVED_KEYS, split_settings
+from harness.settings import (HARNESS_KEYS, LAUNCHER_OWNED_DESTS, REMOVED_KEYS, harness_value_problem, server_settings,
+                              split_settings)
 
 # How an argument turns a setting value into argv:
 #   bool         BooleanOptionalAction: True -> --flag, False -> --no-flag
@@ -88,6 +89,9 @@ class ArgSpec:
         """
         for key, value in settings.items():
             if key in HARNESS_KEYS:
+                problem = harness_value_problem(key, value) if value is not None else None
+                if problem:
+                    raise UserError(problem, source=source, key=key)
                 continue
             if key in LAUNCHER_OWNED_DESTS:
                 hint = "use 'model_name'" if key == "model" else "the harness sets it for every server"
@@ -165,11 +169,29 @@ class ArgSpec:
 
     # ------------------------------------------------------------------------------------------ argv
 
+    @property
+    def default_utilization(self) -> float | None:
+        """This vLLM's default gpu_memory_utilization (None where its parser gives none)."""
+        info = self.args.get("gpu_memory_utilization")
+        default = info.default if info is not None else None
+        return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
+    def server_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """One server's settings of a configuration (`harness.settings.server_settings`), with this vLLM's default
+        gpu_memory_utilization where the configuration leaves it out."""
+        default = self.default_utilization
+        if (settings.get("servers_per_gpu") or 1) > 1 and settings.get("gpu_memory_utilization") is None and \
+                default is None:
+            raise UserError(f"vLLM {self.vllm_version}'s parser gives no default to split between the servers; set "
+                            f"gpu_memory_utilization", key="servers_per_gpu")
+        return server_settings(settings, default or 0.0)
+
     def to_argv(self, settings: dict[str, Any]) -> list[str]:
         """Settings (user key names) -> argv list for the server; never a shell string.
 
-        `model_name` becomes `--model`, `replicas` is the harness's and is left out, None means "vLLM's default"
-        and is left out. Call `check` first: unknown keys raise here too, without the file name.
+        `model_name` becomes `--model`, `replicas` and `servers_per_gpu` are the harness's and are left out (one
+        server's share of gpu_memory_utilization is `server_settings`' job), None means "vLLM's default" and is
+        left out. Call `check` first: unknown keys raise here too, without the file name.
         """
         vllm_settings, _ = split_settings(settings)
         argv: list[str] = []

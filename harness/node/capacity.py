@@ -50,7 +50,9 @@ def max_model_len_for(facts: ModelFacts, shape: Shape) -> int:
 
 
 def estimate_settings(facts: ModelFacts, shape: Shape, tp: int, fixed: dict[str, Any]) -> dict[str, Any]:
-    settings = {k: v for k, v in fixed.items() if k != "replicas"}
+    # one server per GPU set: the arithmetic models a GPU's bandwidth and compute, not the one-server API process
+    # that servers sharing a GPU relieve (a measured study's row keeps its servers_per_gpu)
+    settings = {k: v for k, v in fixed.items() if k not in ("replicas", "servers_per_gpu")}
     settings["tensor_parallel_size"] = tp
     settings.setdefault("gpu_memory_utilization", ESTIMATE_GPU_MEMORY_UTILIZATION)
     if settings.get("max_model_len") == MODEL_MAX:  # the space's word for the model's longest context

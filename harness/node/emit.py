@@ -1,5 +1,6 @@
-"""Write the node plan in the user's format: `vllm_instances:` (one server each, pinned to `gpu_devices`), the
-`vllm serve` command of each instance, and the provenance of every number.
+"""Write the node plan in the user's format: `vllm_instances:` (one server each, pinned to `gpu_devices`; servers
+sharing a GPU, `servers_per_gpu`, are one instance each with the same `gpu_devices`), the `vllm serve` command of
+each instance, and the provenance of every number.
 
 The instances hold only settings and `gpu_devices`, as in the user's guide, so their tooling and
 `python -m harness.plan` read them as they are; the commands sit beside them in `serve_commands:`.
@@ -18,21 +19,32 @@ from harness.emit import ordered_vllm_block
 from harness.node.allocate import Assignment
 from harness.node.build import NodePlan
 from harness.records import to_dict
-from harness.settings import split_settings
+from harness.settings import Topology, server_settings, split_settings
 
 BASE_PORT = 8000  # instance i listens on BASE_PORT + i
 
 
-def instances(plan: NodePlan) -> list[tuple[Assignment, dict[str, Any], tuple[int, ...]]]:
-    """(assignment, user-format settings, GPU set) per server, in model order."""
+def instances(plan: NodePlan, default_utilization: float | None = None
+              ) -> list[tuple[Assignment, dict[str, Any], tuple[int, ...]]]:
+    """(assignment, user-format settings of one server, GPU set) per server, in model order: a candidate measured
+    with servers_per_gpu N gives N servers on each of its GPU sets, each with its share of gpu_memory_utilization
+    (`default_utilization`, vLLM's default, splits a configuration that leaves it out; default: the installed
+    vLLM's)."""
     out = []
     for a in plan.allocation.assignments:
         if a.candidate is None:
             continue
         entry = plan.inputs.entry(a.demand.name)
-        block = ordered_vllm_block(entry.model_name or entry.model, dict(a.candidate.ref.settings))
+        settings = dict(a.candidate.ref.settings)
+        topo = Topology.of(settings)
+        if topo.servers_per_gpu > 1 and settings.get("gpu_memory_utilization") is None and default_utilization is None:
+            from harness.launch.vllm_args import load_argspec
+
+            default_utilization = load_argspec().default_utilization
+        block = ordered_vllm_block(entry.model_name or entry.model,
+                                   server_settings(settings, default_utilization or 0.0))
         for gpus in a.servers:
-            out.append((a, block, gpus))
+            out += [(a, block, gpus)] * topo.servers_per_gpu
     return out
 
 
@@ -79,7 +91,7 @@ def node_document(plan: NodePlan, *, argspec: Any = None, sweep_label: str | Non
         if not confirmation.recommended:
             doc["not_recommended_because"] = confirmation.reasons()
     doc.update({"vllm_instances": [], "serve_commands": []})
-    for i, (a, block, gpus) in enumerate(instances(plan)):
+    for i, (a, block, gpus) in enumerate(instances(plan, getattr(argspec, "default_utilization", None))):
         doc["vllm_instances"].append({**block, "gpu_devices": list(gpus)})
         argv = serve_argv(block["model_name"], block, BASE_PORT + i, argspec)
         doc["serve_commands"].append({
@@ -100,6 +112,9 @@ def node_document(plan: NodePlan, *, argspec: Any = None, sweep_label: str | Non
         }
         if row is not None:
             item["basis"] = row.detail
+            shared = Topology.of(row.settings).servers_per_gpu
+            if shared > 1:  # the capacity is of the GPU set's servers together, as the study measured them
+                item["servers_per_gpu"] = shared
         item["capacity_table"] = [
             {"gpus_per_server": r.gpus, "candidate": r.label, "capacity_rps": round(r.capacity_rps, 4),
              "source": r.source, **({"why_none": r.reason} if r.reason else {})} for r in plan.tables[t.name]]

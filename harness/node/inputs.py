@@ -42,9 +42,10 @@ class Measured:
     study: str
     trial: int
     gpus: int  # per server: tensor x pipeline parallel
-    capacity_rps: float  # per server: the trial's capacity divided by its replicas
+    capacity_rps: float  # per server: the trial's capacity divided by its replicas (with servers_per_gpu N, of the N
+    #                      servers sharing the GPU set together: what the trial measured on that GPU set)
     replicas_measured: int
-    settings: dict[str, Any]  # the trial's settings without `replicas`
+    settings: dict[str, Any]  # the trial's settings without `replicas` (`servers_per_gpu` kept: instances repeat it)
 
 
 def storage_for(results_dir: str | Path, storage: str | None) -> str | None:

@@ -19,7 +19,7 @@ class Plan:
 
     feasible: bool
     findings: list[Finding]
-    kv_cache_tokens: int | None = None  # vLLM's "KV cache size: N tokens" (per replica)
+    kv_cache_tokens: int | None = None  # vLLM's "KV cache size: N tokens" (per server)
     kv_cache_blocks: int | None = None
     kv_bytes_per_token: int | None = None  # per GPU (per TP shard)
     weights_gib_per_gpu: float | None = None
@@ -27,6 +27,8 @@ class Plan:
     max_concurrency_at_max_len: float | None = None
     decode_roofline_tok_s: float | None = None  # all replicas together, upper bound
     gpus_needed: int = 0  # replicas x TP x PP (0 on the CPU host)
+    servers_per_gpu: int = 1  # servers on each GPU; the memory figures are each server's
+    server_gpu_memory_utilization: float | None = None  # the share of the GPU each server runs with
     reserve_gib_per_gpu: float | None = None  # activations + non-torch + CUDA graphs
     max_fitting_len: int | None = None  # longest max_model_len the KV budget could hold
     resolved: dict[str, Any] = field(default_factory=dict)  # settings with vLLM's defaults filled in
@@ -116,6 +118,8 @@ def plan_candidate(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], *,
         findings=_ordered(findings),
         gpus_needed=0 if hw.is_cpu else r.topology.gpus,
         resolved=r.to_dict(),
+        servers_per_gpu=r.servers_per_gpu,
+        server_gpu_memory_utilization=r.server_utilization,
         hardware=f"{hw.count}x {hw.name}" if not hw.is_cpu else "CPU",
         model=facts.name,
     )

@@ -23,7 +23,7 @@ from harness.plan.modelfacts import (
 )
 
 SEVERITIES = ("error", "warning", "info")
-HARNESS_ONLY_KEYS = ("model_name", "replicas")
+HARNESS_ONLY_KEYS = ("model_name", "replicas", "servers_per_gpu")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,13 @@ def check_parallel(facts: ModelFacts, hw: Hardware, r: Resolved) -> list[Finding
                            f"tensor_parallel_size {r.tp} and the model's {kv} KV heads: neither divides the other, "
                            f"so vLLM cannot split or replicate the KV heads evenly",
                            f"use a TP that divides {kv} or a multiple of it"))
+    if r.servers_per_gpu > 1 and r.tp * r.pp > 1:
+        out.append(Finding("error", "servers_per_gpu",
+                           f"servers_per_gpu {r.servers_per_gpu} runs several single-GPU servers on each GPU, but "
+                           f"tensor_parallel_size {r.tp} x pipeline_parallel_size {r.pp} spreads one server over "
+                           f"{r.tp * r.pp} GPUs",
+                           "use servers_per_gpu 1 with TP x PP > 1, or tensor_parallel_size 1 and "
+                           "pipeline_parallel_size 1"))
     if hw.is_cpu:
         if r.topology.gpus > 1:
             out.append(Finding("info", "tensor_parallel_size",
@@ -126,9 +133,21 @@ def check_context(facts: ModelFacts, r: Resolved, longest_request: int | None = 
 # ---------------------------------------------------------------------------------------------- memory
 
 
+def _util(r: Resolved) -> str:
+    """'gpu_memory_utilization 0.9', or with servers sharing a GPU the share each one runs with."""
+    if r.servers_per_gpu == 1:
+        return f"gpu_memory_utilization {r.gpu_memory_utilization:g}"
+    return (f"gpu_memory_utilization {r.gpu_memory_utilization:g} / servers_per_gpu {r.servers_per_gpu} = "
+            f"{r.server_utilization:g} per server")
+
+
 def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[Finding]:
+    """Memory of one server (`estimate.memory`: with servers_per_gpu N, each server's share of its GPU)."""
     out: list[Finding] = []
     where = "the CPU node" if hw.is_cpu else f"each {hw.name}"
+    if r.servers_per_gpu > 1:
+        where = f"each of the {r.servers_per_gpu} servers sharing " + ("the CPU node" if hw.is_cpu else
+                                                                      f"one {hw.name}")
     if hw.is_cpu:
         out += _cpu_memory(hw, r, mem, cap)
     else:
@@ -140,13 +159,17 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
                 fix.append(f"tensor_parallel_size {more_tp}")
             if r.quantization is None and facts.quant is None and hw.arch in ("ada", "hopper"):
                 fix.append("quantization fp8 (halves the weights)")
+            if r.servers_per_gpu > 1:
+                fix = [f"servers_per_gpu {r.servers_per_gpu - 1}" if r.servers_per_gpu > 2 else "servers_per_gpu 1"]
             if r.gpu_memory_utilization < 0.95:
                 fix.append("a higher gpu_memory_utilization")
-            oom = mem.weights + mem.outside_budget > mem.total
+            oom = r.servers_per_gpu * (mem.weights + mem.outside_budget) > mem.total
+            key = ("servers_per_gpu" if r.servers_per_gpu > 1 else
+                   "tensor_parallel_size" if r.tp < hw.count else "gpu_memory_utilization")
             out.append(Finding(
-                "error", "tensor_parallel_size" if r.tp < hw.count else "gpu_memory_utilization",
-                f"weights need {_gib(mem.weights)} per GPU and vLLM's runtime reserve ~{_gib(mem.reserve)}, "
-                f"more than gpu_memory_utilization {r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = "
+                "error", key,
+                f"weights need {_gib(mem.weights)} per {'server' if r.servers_per_gpu > 1 else 'GPU'} and vLLM's "
+                f"runtime reserve ~{_gib(mem.reserve)}, more than {_util(r)} x {hw.memory_gib:.2f} GiB = "
                 f"{_gib(budget)} on {where}: "
                 + ("loading fails with CUDA out of memory" if oom else
                    "nothing is left for the KV cache and vLLM refuses to start"),
@@ -162,15 +185,16 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
                 f"{max(0.0, (mem.total - mem.outside_budget - mem.weights - mem.reserve) / GIB):.1f}Gi"))
         if hw.free_memory_gib and r.kv_cache_memory_bytes is None:
             free = min(hw.free_memory_gib[: max(1, r.tp * r.replicas)])
-            if free * GIB < mem.requested:
+            if free * GIB < r.servers_per_gpu * mem.requested:
                 out.append(Finding(
                     "error", "gpu_memory_utilization",
                     f"only {free:.2f} GiB is free on a GPU now (other processes hold memory), less than "
                     f"gpu_memory_utilization {r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = "
-                    f"{_gib(mem.requested)}: vLLM refuses to start",
+                    f"{_gib(r.servers_per_gpu * mem.requested)}: vLLM refuses to start",
                     f"lower gpu_memory_utilization to <= {free / hw.memory_gib - 0.02:.2f} or free the GPU"))
-        if mem.mode == "gpu" and mem.requested + mem.outside_budget > mem.total:
-            headroom = mem.total - mem.requested
+        n = r.servers_per_gpu  # every server on the GPU takes its budget and its context/graphs outside it
+        if mem.mode == "gpu" and n * (mem.requested + mem.outside_budget) > mem.total:
+            headroom = mem.total - n * mem.requested
             out.append(Finding(
                 "warning", "gpu_memory_utilization",
                 f"gpu_memory_utilization {r.gpu_memory_utilization:g} leaves {_gib(headroom)} of the "
@@ -178,16 +202,21 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
                 f"GiB, taken before the budget)"
                 + (" and the CUDA graphs (captured after the KV cache, outside the budget in this vLLM)"
                    if mem.outside_budget > CUDA_CTX_GIB * GIB + 1 else "")
-                + f" need ~{_gib(mem.outside_budget)}: start-up may fail on free memory or CUDA out of memory",
+                + f" need ~{_gib(n * mem.outside_budget)}"
+                + (f" for the {n} servers" if n > 1 else "")
+                + ": start-up may fail on free memory or CUDA out of memory",
                 f"keep gpu_memory_utilization <= {max(0.5, (mem.total - mem.outside_budget) / mem.total - 0.005):.2f}"))
     if mem.kv_budget <= 0 or not cap.fits_one_request:
         need = cap.blocks_per_request * cap.bytes_per_block
         fix = (f"set max_model_len <= {cap.max_fitting_len}" if cap.max_fitting_len > 0
                else "free memory for the KV cache (more TP, quantization, or higher gpu_memory_utilization)")
+        if r.servers_per_gpu > 1:
+            fix += f", or fewer servers_per_gpu than {r.servers_per_gpu}"
         if not hw.is_cpu and r.gpu_memory_utilization < 0.95:
             fix += f", or raise gpu_memory_utilization above {r.gpu_memory_utilization:g}"
         out.append(Finding(
-            "error", "max_model_len",
+            "error", "servers_per_gpu" if r.servers_per_gpu > 1 else "max_model_len",
+            (f"{_util(r)}: " if r.servers_per_gpu > 1 else "") +
             f"the KV cache left on {where} ({_gib(max(mem.kv_budget, 0))}, {cap.num_blocks} blocks of "
             f"{r.block_size}) cannot hold one {r.max_model_len}-token request ({_gib(need)} + one reserved block): "
             f"vLLM refuses to start", fix))
@@ -203,18 +232,19 @@ def check_memory(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, cap:
 def _cpu_memory(hw: Hardware, r: Resolved, mem: Memory, cap: Capacity) -> list[Finding]:
     out: list[Finding] = []
     avail = hw.available_memory_gib
+    requested = r.servers_per_gpu * mem.requested  # every server on the node claims its share
     if mem.mode == "cpu-auto":
-        if avail is not None and mem.requested > avail * GIB:
+        if avail is not None and requested > avail * GIB:
             out.append(Finding(
                 "error", "gpu_memory_utilization",
                 f"on the CPU build, gpu_memory_utilization is the share of the memory node vLLM claims: "
-                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)}, but only "
+                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(requested)}, but only "
                 f"{avail:.2f} GiB is available: vLLM refuses to start",
                 _cpu_fix(hw)))
-        elif avail is not None and mem.requested > (avail - CPU_LAUNCH_MARGIN_GIB) * GIB:
+        elif avail is not None and requested > (avail - CPU_LAUNCH_MARGIN_GIB) * GIB:
             out.append(Finding(
                 "warning", "gpu_memory_utilization",
-                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(mem.requested)} leaves less than "
+                f"{r.gpu_memory_utilization:g} x {hw.memory_gib:.2f} GiB = {_gib(requested)} leaves less than "
                 f"{CPU_LAUNCH_MARGIN_GIB:g} GiB of the {avail:.2f} GiB available for vLLM's own processes, which start "
                 f"before its memory check: the start-up may be refused", _cpu_fix(hw, CPU_LAUNCH_MARGIN_GIB)))
     elif avail is not None and mem.kv_budget > avail * GIB:

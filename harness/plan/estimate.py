@@ -113,10 +113,16 @@ class Resolved:
     enforce_eager: bool
     kv_cache_memory_bytes: int | None
     explicit: frozenset[str] = field(default_factory=frozenset)
+    servers_per_gpu: int = 1  # gpu_memory_utilization above is the configuration's; each server plans its share
 
     @property
     def topology(self) -> Topology:
-        return Topology(replicas=self.replicas, tp=self.tp, pp=self.pp)
+        return Topology(replicas=self.replicas, tp=self.tp, pp=self.pp, servers_per_gpu=self.servers_per_gpu)
+
+    @property
+    def server_utilization(self) -> float:
+        """The gpu_memory_utilization each server runs with (the configuration's, split by servers_per_gpu)."""
+        return self.topology.server_utilization(self.gpu_memory_utilization)
 
     @property
     def world_size(self) -> int:
@@ -124,6 +130,7 @@ class Resolved:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "explicit"}
+        d["server_gpu_memory_utilization"] = self.server_utilization
         return d
 
 
@@ -157,6 +164,7 @@ def resolve(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], defaults:
     tp = _int(settings, "tensor_parallel_size", 1)
     pp = _int(settings, "pipeline_parallel_size", 1)
     replicas = _int(settings, "replicas", 1)
+    servers_per_gpu = _int(settings, "servers_per_gpu", 1)
     raw_len = settings.get("max_model_len")
     max_len = _int(settings, "max_model_len", facts.max_context, minimum=1)
     auto_len = raw_len is not None and max_len == -1
@@ -226,7 +234,7 @@ def resolve(facts: ModelFacts, hw: Hardware, settings: dict[str, Any], defaults:
                     enable_chunked_prefill=bool(chunked), enable_prefix_caching=bool(prefix), dtype=dtype,
                     kv_cache_dtype=kv_dtype, cache_dtype_bytes=cache_bytes, quantization=quant,
                     enforce_eager=bool(as_bool(settings.get("enforce_eager"))), kv_cache_memory_bytes=kv_mem_bytes,
-                    explicit=explicit)
+                    explicit=explicit, servers_per_gpu=servers_per_gpu)
 
 
 def _parse_bytes(v: Any) -> int:
@@ -253,7 +261,9 @@ def _parse_bytes(v: Any) -> int:
 
 @dataclass
 class Memory:
-    """One GPU's (or the CPU node's) memory, in bytes, split the way vLLM's profiler splits it."""
+    """One server's memory on its GPU (or the CPU node), in bytes, split the way vLLM's profiler splits it. With
+    servers_per_gpu N, each of the N servers on a GPU has this (weights and reserve once per server, its share of
+    the utilization); `total` is still the whole device's."""
 
     total: int
     requested: int  # ceil(total x util) on GPU; on CPU the same request, or the explicit KV size
@@ -298,7 +308,7 @@ def memory(facts: ModelFacts, hw: Hardware, r: Resolved, defaults: VllmDefaults)
         # warming_up_model); with enforce_eager the RSS that vLLM subtracts holds no activations.
         activation = 0.0 if r.enforce_eager else activation_peak_bytes(facts, r)
         total = hw.memory_bytes
-        requested = math.ceil(total * r.gpu_memory_utilization)
+        requested = math.ceil(total * r.server_utilization)
         if r.kv_cache_memory_bytes is not None:
             return Memory(total, r.kv_cache_memory_bytes, weights, 0, activation, 0, r.kv_cache_memory_bytes,
                           "explicit")
@@ -309,7 +319,7 @@ def memory(facts: ModelFacts, hw: Hardware, r: Resolved, defaults: VllmDefaults)
         rss = nontorch + weights + activation
         return Memory(total, requested, weights, nontorch, activation, 0.0, requested - rss, "cpu-auto")
     total = hw.memory_bytes
-    requested = math.ceil(total * r.gpu_memory_utilization)
+    requested = math.ceil(total * r.server_utilization)
     base = BASE_EAGER_GIB if r.enforce_eager else BASE_GIB
     nontorch = base * GIB + (TP_EXTRA_GIB * GIB if r.tp > 1 else 0)
     activation = activation_peak_bytes(facts, r)
@@ -403,6 +413,8 @@ def decode_roofline(facts: ModelFacts, hw: Hardware, r: Resolved, mem: Memory, c
         message = batch * facts.hidden_size * DTYPE_BYTES[r.dtype]
         per_step = 2 * facts.num_layers * message * 2 * (r.tp - 1) / r.tp
         comm = per_step / (hw.link_gbps * 1e9 / 2)
+    # servers sharing a GPU share its bandwidth: N of them each reading their weights and KV give the same bound as
+    # one, so the total stays per GPU set x replicas
     per_replica = batch / (step + comm)
     return Roofline(batch, ctx, step + comm, per_replica, per_replica * r.replicas, comm)
 

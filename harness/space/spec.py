@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import optuna
 
 from harness.errors import UserError
+from harness.settings import COUNT_KEYS, check_harness_values
 from harness.yamlfile import read_yaml
 from harness.space.conditions import Condition, parse_condition
 from harness.space.knobs import Knob, parse_knob
@@ -41,6 +42,7 @@ class SearchSpace:
         fixed = dict(fixed or {})
         if DEPLOYMENT_KEY in fixed:
             refuse_replicas(self.source, f"models[].fixed.{DEPLOYMENT_KEY}")
+        check_harness_values(fixed, self.source, "models[].fixed")
         space = dataclasses.replace(self, knobs={n: k for n, k in self.knobs.items() if n not in fixed},
                                     fixed={**self.fixed, **fixed}, model_max_len=int(max_context))
         space.fixed = space.resolve(space.fixed)
@@ -149,5 +151,13 @@ def parse_space(data: Any, source: str, default_name: str = "space") -> SearchSp
     for name, value in fixed.items():
         if name != MODEL_MAX_KEY and value == MODEL_MAX:
             raise UserError(f"'{MODEL_MAX}' is a value of {MODEL_MAX_KEY} only", source=source, key=f"fixed.{name}")
+    check_harness_values(fixed, source, "fixed")
+    for name, knob in knobs.items():
+        if name in COUNT_KEYS:
+            if knob.type not in ("int", "categorical"):
+                raise UserError(f"a count takes type int or categorical, got {knob.type}", source=source,
+                                key=f"knobs.{name}")
+            for value in knob.values():
+                check_harness_values({name: value}, source, "knobs")
     return SearchSpace(name=str(data.get("name") or default_name), source=source, knobs=knobs, fixed=dict(fixed),
                        conditions=conditions, description=str(data.get("description") or ""))

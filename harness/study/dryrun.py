@@ -81,7 +81,7 @@ class ModelPlan:
     note: str  # where the model facts came from (a model the sweep would build first, ...)
     report: SpaceReport
     baselines: list[Launch]
-    example: Launch | None
+    examples: list[Launch]  # a sampled feasible candidate (and one with servers sharing a GPU, if any)
     slots: SlotPool
     estimate: Estimate
     error: UserError | None
@@ -121,15 +121,18 @@ def plan_model(sweep: Sweep, entry: ModelEntry, hardware: Any, parallel: int) ->
     drawn = [s for s in (space.sample(rng) for _ in range(EXAMPLE_DRAWS)) if not space.violations(s)]
     plans = [(s, plan_candidate(facts, hardware, s, longest_request=longest)) for s in drawn]
     feasible = [(s, p) for s, p in plans if p.feasible]
-    example = launch("sampled example", feasible[0][0]) if feasible else None
+    examples = [launch("sampled example", feasible[0][0])] if feasible else []
+    shared = [s for s, _ in feasible if Topology.of(s).servers_per_gpu > 1]
+    if shared and Topology.of(feasible[0][0]).servers_per_gpu == 1:  # show how servers sharing a GPU start too
+        examples.append(launch("sampled example with servers sharing a GPU", shared[0]))
     estimate = estimate_model(sweep, entry, hardware, workload, report, baselines, [p for _, p in feasible], slots,
                               parallel)
-    return ModelPlan(entry, facts, note, report, baselines, example, slots, estimate, error)
+    return ModelPlan(entry, facts, note, report, baselines, examples, slots, estimate, error)
 
 
 def commands(model: str, settings: dict[str, Any], slots: SlotPool) -> list[str]:
-    """The exact command of each replica, as the sweep would start it (`Server.build_argv`) on the pool's first
-    devices; the port and the API key are placeholders (a launch takes a free port and a random key)."""
+    """The exact command of each server (replicas, and servers sharing a GPU), as the sweep would start it
+    (`Server.build_argv`) on the pool's first devices; the port and the API key are placeholders (a launch takes a free port and a random key)."""
     slot = (Slot(gpu_ids=tuple(slots.gpu_ids[:max(Topology.of(settings).gpus, 1)])) if slots.gpu_ids else
             Slot(cpu_cores=slots.cpu_sets[0] if slots.cpu_sets else (), client_cores=slots.client_cores))
     out = []
@@ -219,16 +222,16 @@ def print_model(mp: ModelPlan, hardware: Any, parallel: int, out: Any) -> None:
     if mp.error is not None:
         print(f"   error: {mp.error}", file=out)
     print(f"   baselines queued first ({len(mp.baselines)}), then sampled candidates:", file=out)
-    for b in mp.baselines + ([mp.example] if mp.example else []):
+    for b in mp.baselines + mp.examples:
         print_launch(b, hardware, out)
-    if mp.example is None and mp.error is None:
+    if not mp.examples and mp.error is None:
         print(f"   - no feasible candidate among {EXAMPLE_DRAWS} drawn for an example", file=out)
     pool = mp.slots
     where = (f"GPUs {pool.gpu_ids} of {hardware.count} x {hardware.name}" if pool.gpu_ids else
              "CPU core sets " + ", ".join(str(list(c)) or "[unbound]" for c in pool.cpu_sets)
              + (f", load client on core(s) {list(pool.client_cores)}" if pool.client_cores else ""))
-    print(f"   slots: {where}; parallel {parallel}: each trial takes replicas x TP x PP GPUs, trials run side by "
-          f"side while they fit", file=out)
+    print(f"   slots: {where}; parallel {parallel}: each trial takes replicas x TP x PP GPUs (servers_per_gpu "
+          f"servers share each), trials run side by side while they fit", file=out)
     for line in describe_estimate(mp.estimate, hardware, parallel):
         print(f"   {line}", file=out)
 
@@ -237,6 +240,9 @@ def print_launch(b: Launch, hardware: Any, out: Any) -> None:
     gpus = max(int(b.plan.gpus_needed or 0), 1)
     state = ((f"feasible, {gpus} GPU(s)" if not hardware.is_cpu else "feasible") if b.plan.feasible else
              f"pruned before launch: {b.plan.reason()}")
+    if b.plan.feasible and b.plan.servers_per_gpu > 1:
+        state += (f", {b.plan.servers_per_gpu} servers per {'GPU' if not hardware.is_cpu else 'core set'} at "
+                  f"gpu_memory_utilization {b.plan.server_gpu_memory_utilization:g} each")
     shown = ", ".join(f"{k}={v}" for k, v in b.settings.items()) or "(vLLM defaults)"
     print(f"   - {b.label}: {shown}: {state}", file=out)
     for cmd in b.commands:

@@ -2,7 +2,8 @@
 
 Capacity, goodput and output tokens/s of a trial divided by the GPUs it used (replicas x TP x PP x DP), so
 candidates of different GPU counts are ranked on equal hardware; a 2-GPU candidate beats a 1-GPU one only if it
-delivers more than twice as much. The same arithmetic pairs a confirmation's sides on equal GPUs and fills a
+delivers more than twice as much. Servers sharing a GPU (`servers_per_gpu`) count it once: two servers on one GPU
+and one server on one GPU are both 1 GPU, and their totals compare as they are. The same arithmetic pairs a confirmation's sides on equal GPUs and fills a
 node with replicas of the winner.
 """
 
@@ -50,11 +51,13 @@ class Pairing:
 def _side(t: Topology) -> str:
     server = f"TP {t.tp}" + (f" x PP {t.pp}" if t.pp > 1 else "") + (f" x DP {t.dp}" if t.dp > 1 else "")
     reps = f"{t.replicas} x " if t.replicas > 1 else ""
-    return f"{reps}{server} on {t.gpus} GPU{'s' if t.gpus != 1 else ''}"
+    shared = f" x {t.servers_per_gpu} servers per GPU" if t.servers_per_gpu > 1 else ""
+    return f"{reps}{server}{shared} on {t.gpus} GPU{'s' if t.gpus != 1 else ''}"
 
 
 def one_server(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings of one server (a `replicas` key dropped): what a study measures."""
+    """The settings of one server (a `replicas` key dropped): what a study measures. `servers_per_gpu` stays:
+    the servers sharing one GPU set are measured together, as one unit of that GPU set."""
     return {k: v for k, v in settings.items() if k != "replicas"}
 
 

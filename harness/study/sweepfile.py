@@ -14,6 +14,7 @@ from typing import Any
 from harness.emit import model_slug
 from harness.errors import UserError
 from harness.records import parse_slo
+from harness.settings import check_harness_values
 from harness.study.capacity import validate_steady_keys
 from harness.study.objectives import OBJECTIVES, WINDOW_KEYS, Objective
 from harness.study.trials import BASELINE_COMMITTED, BASELINE_DEFAULTS
@@ -133,6 +134,7 @@ def parse_baselines(data: Any, source: str, key: str) -> dict[str, dict[str, Any
                 or label in RESERVED_BASELINES:
             raise UserError(f"label {label!r} must be lower-case letters, digits, '.', '_' or '-', and not one of "
                             f"{list(RESERVED_BASELINES)} (those are queued already)", source=source, key=key)
+        check_harness_values(data[label], source, f"{key}.{label}")
     return {str(k): dict(v) for k, v in data.items()}
 
 
@@ -152,6 +154,8 @@ def parse_sweep(data: Any, source: str) -> Sweep:
             raise UserError("each model is a hub name, a path, or a mapping with 'model'", source=source,
                             key=f"models[{i}]")
         check_keys(entry, MODEL_KEYS, source, f"models[{i}]")
+        if isinstance(entry.get("fixed"), dict):
+            check_harness_values(entry["fixed"], source, f"models[{i}].fixed")
         models.append(ModelEntry(name=str(entry.get("name") or model_slug(str(entry["model"]))),
                                  model=str(entry["model"]), build=entry.get("build"),
                                  model_name=entry.get("model_name"),
