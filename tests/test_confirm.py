@@ -332,7 +332,16 @@ def test_defaults_run_as_tp1_replicas_on_the_winners_gpu_count() -> None:
     far = equal_gpu_pair({"tensor_parallel_size": 4}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 3}, 8)
     assert not far.equal and (far.winner_gpus, far.baseline_gpus) == (4, 6) and "per GPU" in far.describe()
     # a CPU host: one server a side
-    assert equal_gpu_pair({"max_num_seqs": 8}, {}, node_gpus=0).winner_gpus == 1
+    cpu = equal_gpu_pair({"max_num_seqs": 8}, {}, node_gpus=0)
+    assert cpu.winner_gpus == 1 and cpu.describe() == "winner vs baseline, one server each on the CPU host (equal hardware)"
+
+
+def test_a_trial_on_the_cpu_host_is_not_described_as_on_a_gpu() -> None:
+    from harness.study.trials import describe
+    trial = optuna.trial.create_trial(value=12.9, user_attrs={"outcome": "ok", "gpus": 1,
+                                                              "capacity": {"capacity_lo": 12.9, "capacity_hi": 17.8}})
+    assert describe(trial, on_cpu=True) == "ok: 12.9 [CPU host, capacity 12.9-17.8 req/s]"
+    assert describe(trial) == "ok: 12.9 [1 GPU, capacity 12.9-17.8 req/s]"
 
 
 def test_confirmation_pairs_sides_on_equal_gpus_and_measures_scaling(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,7 @@ class Pairing:
     baseline: dict[str, Any]
     winner_gpus: int
     baseline_gpus: int
+    on_cpu: bool = False  # a CPU host: one server a side, no GPU on either
 
     @property
     def equal(self) -> bool:
@@ -44,15 +45,23 @@ class Pairing:
 
     def describe(self) -> str:
         w, b = Topology.of(self.winner), Topology.of(self.baseline)
+        if self.on_cpu:
+            return "winner vs baseline, one server each on the CPU host (equal hardware)"
         sides = (f"winner {_side(w)} vs baseline {_side(b)}")
         return sides + (" (equal GPUs)" if self.equal else ", compared per GPU (no equal GPU count fits the node)")
+
+
+def devices_text(gpus: int, on_cpu: bool = False) -> str:
+    """What a value was measured on, in words: `N GPU(s)`, or the CPU host (where a server counts as one device
+    for per-device ranking, but is no GPU)."""
+    return "CPU host" if on_cpu else f"{gpus} GPU{'s' if gpus != 1 else ''}"
 
 
 def _side(t: Topology) -> str:
     server = f"TP {t.tp}" + (f" x PP {t.pp}" if t.pp > 1 else "") + (f" x DP {t.dp}" if t.dp > 1 else "")
     reps = f"{t.replicas} x " if t.replicas > 1 else ""
     shared = f" x {t.servers_per_gpu} servers per GPU" if t.servers_per_gpu > 1 else ""
-    return f"{reps}{server}{shared} on {t.gpus} GPU{'s' if t.gpus != 1 else ''}"
+    return f"{reps}{server}{shared} on {devices_text(t.gpus)}"
 
 
 def one_server(settings: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +80,8 @@ def equal_gpu_pair(winner: dict[str, Any], baseline: dict[str, Any], node_gpus: 
     if common <= max(node_gpus, 1):
         w1 = {**w1, "replicas": common // gw} if common > gw else w1
         b1 = {**b1, "replicas": common // gb} if common > gb else b1
-    return Pairing(winner=w1, baseline=b1, winner_gpus=gpus_used(w1), baseline_gpus=gpus_used(b1))
+    return Pairing(winner=w1, baseline=b1, winner_gpus=gpus_used(w1), baseline_gpus=gpus_used(b1),
+                   on_cpu=node_gpus == 0)
 
 
 def fill_replicas(settings: dict[str, Any], node_gpus: int) -> int:

@@ -209,10 +209,11 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
         print(f"study {study.study_name}: {target} trials already finished; nothing to run", file=out)
         return
     progress = Progress(total=max(remaining, len(waiting(study)), 1), out=out)
+    on_cpu = getattr(ctx.hardware, "arch", "") == "cpu"
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
         if outcome_of(trial) != Outcome.SURPLUS:  # nothing ran: neither a step of the progress nor news
-            progress.end(st, trial, f"trial #{trial.number} {describe(trial)}")
+            progress.end(st, trial, f"trial #{trial.number} {describe(trial, on_cpu)}")
 
     objective = make_objective(ctx, progress, budget)
     if parallel > 1:

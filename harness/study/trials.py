@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.records import Failure, RunRecord, StartupPhases, from_dict, to_dict
 from harness.settings import Topology
+from harness.study.pergpu import devices_text
 
 
 class Attr:
@@ -389,9 +390,9 @@ def fmt_values(values: list[float] | None) -> str:
     return " / ".join("inf" if math.isinf(v) else f"{v:.4g}" for v in values)
 
 
-def describe(trial: FrozenTrial) -> str:
-    """One progress line's account of a finished trial: its outcome, values (with the GPUs they used and, for a
-    capacity search, the bracket) and reason."""
+def describe(trial: FrozenTrial, on_cpu: bool = False) -> str:
+    """One progress line's account of a finished trial: its outcome, values (with the GPUs they used, or the CPU
+    host, and for a capacity search the bracket) and reason."""
     outcome = trial.user_attrs.get(Attr.OUTCOME, trial.state.name.lower())
     reason = trial.user_attrs.get(Attr.REASON)
     if trial.state == TrialState.COMPLETE:
@@ -402,7 +403,7 @@ def describe(trial: FrozenTrial) -> str:
             hi = cap.get("capacity_hi")
             bracket = (f", capacity {cap['capacity_lo']:.3g}-{'?' if hi is None else f'{hi:.3g}'} req/s"
                        + (" (client-limited)" if cap.get("limited_by_client") else ""))
-        return (f"{outcome}: {fmt_values(trial.values)} [{gpus} GPU{'s' if gpus != 1 else ''}{bracket}]"
+        return (f"{outcome}: {fmt_values(trial.values)} [{devices_text(gpus, on_cpu)}{bracket}]"
                 + (f" ({reason})" if reason else ""))
     return f"{outcome}" + (f": {reason}" if reason else "")
 
