@@ -197,7 +197,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     b = Spread(runs["baseline"], valid["baseline"]) if not same else Spread(list(w.runs), list(w.flags))
     missing = unmeasured["winner"] + ([] if same else unmeasured["baseline"])
     verdict, rec = _verdict(winner, baseline, w, b, metric, same, missing, pairing.describe(),
-                            " per GPU" if ctx.objective.per_gpu else "")
+                            " per GPU" if ctx.objective.per_gpu and node_gpus(ctx) > 0 else "")
     scaling = measure_scaling(ctx, winner, log)
     return Confirmation(metric=metric, winner_trial=winner.number,
                         baseline_trial=None if baseline is None else baseline.number, winner=w,
