@@ -156,15 +156,14 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     versus = (study_confirmation(study, ctx, rec_trial, mine, sweep.confirm_repeats, out, primary=False)
               if mine is not None else None)
     msg = (conf.verdict if conf else f"trial #{winner.number} is the best feasible trial (not confirmed)")
-    if versus is not None and versus.recommended_trial == mine.number:  # type: ignore[union-attr]
-        # the user's own config stays: a recommendation replaces it only when it beats it in the same run
-        table = write_table(study, ctx.study_dir)
-        msg += (f"; against the committed config (trial #{mine.number}): {versus.verdict}, so {config_path} "  # type: ignore[union-attr]
-                f"is left as it is")
-        print(f"== {name}: {msg}\n   table:  {table}", file=out, flush=True)
-        return ModelOutcome(entry.model, name, config_path, table, conf, msg)
     if versus is not None:
         msg += f"; against the committed config (trial #{versus.baseline_trial}): {versus.verdict}"
+        if versus.recommended_trial == versus.baseline_trial:
+            # the user's own config stays: a recommendation replaces it only when it beats it in the same run
+            table = write_table(study, ctx.study_dir)
+            msg += f", so {config_path} is left as it is"
+            print(f"== {name}: {msg}\n   table:  {table}", file=out, flush=True)
+            return ModelOutcome(entry.model, name, config_path, table, conf, msg)
     path = emit(config_path, study, ctx, rec_trial, baseline, conf, hardware, versus_committed=versus)
     table = write_table(study, ctx.study_dir)
     print(f"== {name}: {msg}\n   config: {path}\n   table:  {table}", file=out, flush=True)
