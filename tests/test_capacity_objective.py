@@ -160,3 +160,15 @@ def test_fixed_load_is_offered_per_gpu() -> None:
     got = GoodputObjective(slo=SLO_, rate=5.0, num_requests=50).measure(Steps())  # type: ignore[arg-type]
     assert loads[0]["rate"] == 10.0 and loads[0]["num_requests"] == 100
     assert got.values == [pytest.approx(5.0)]  # goodput 10 req/s on 2 GPUs
+
+
+def test_a_sampled_trial_shown_below_the_incumbent_stops_and_a_baseline_closes_its_bracket() -> None:
+    obj = CapacityObjective(slo=SLO_, start_rate=8.0, max_steps=8, growth=1.25)
+    sampled, baseline = ModelSteps(10.0, gpus=1), ModelSteps(10.0, gpus=1)
+    got = obj.measure(sampled, incumbent=[20.0], must_beat=True)  # type: ignore[arg-type]
+    assert sampled.rates[0] == 20.0 and len(sampled.rates) == 2  # at the incumbent, then just below its throughput
+    assert got.capacity is not None and got.capacity["stopped"].startswith("below the incumbent's 20 req/s")
+    assert 9.5 <= got.values[0] <= 10.0 and not got.capacity["converged"]
+    full = obj.measure(baseline, incumbent=[20.0])  # type: ignore[arg-type]
+    assert full.capacity is not None and full.capacity["converged"] and len(baseline.rates) > 2
+    assert obj.to_dict() == CapacityObjective(slo=SLO_, start_rate=8.0, max_steps=8).to_dict()  # growth: not identity

@@ -247,6 +247,28 @@ def test_far_failure_jumps_to_the_measured_throughput() -> None:
     assert len(b.steps) <= 3
 
 
+def test_a_candidate_shown_below_the_incumbent_stops_there() -> None:
+    """Warm start at the incumbent's 30 req/s: the step there fails, the next (below the measured throughput)
+    holds, and the search ends: the bracket says worse than the incumbent; closing it would rank nothing."""
+    server = ModelServer(20.0)
+    b = search_capacity(server, start_rate=30.0, max_steps=8, stop_below=30.0)
+    assert len(b.steps) == 2 and b.stopped.startswith("below the incumbent's 30 req/s")
+    assert b.capacity_hi == 30.0 and 19.0 <= b.capacity_lo <= 20.0 and not b.converged
+    full = search_capacity(ModelServer(20.0), start_rate=30.0, max_steps=8)  # a baseline: the bracket closes
+    assert full.converged and len(full.steps) > 2
+    better = search_capacity(ModelServer(40.0), start_rate=30.0, max_steps=12, stop_below=30.0)
+    assert better.converged and 38.0 <= better.capacity_lo <= 40.0  # above the incumbent: nothing stops it early
+
+
+def test_growth_sets_the_step_above_a_held_one() -> None:
+    server = ModelServer(25.0)
+    search_capacity(server, start_rate=20.0, max_steps=2, growth=1.25)
+    assert server.rates[1] == pytest.approx(25.0)  # 20 x 1.25, not 40
+    for bad in (1.0, 0.5, float("nan"), True, "2"):
+        with pytest.raises(UserError, match="growth"):
+            search_capacity(server, start_rate=20.0, growth=bad)  # type: ignore[arg-type]
+
+
 def test_slo_only_failure_halves() -> None:
     server = ModelServer(25.0, slo_rate=9.0)
     b = search_capacity(server, start_rate=20.0, max_steps=12)

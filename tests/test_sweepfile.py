@@ -27,6 +27,7 @@ def test_demo_sweep_parses() -> None:
     ({"objective": {"kind": "goodput", "slo": {"ttft_ms": 100}}}, "needs a fixed load"),
     ({"objective": {"kind": "goodput", "rate": -1, "slo": {"ttft_ms": 100}}}, "must be a positive number, got -1"),
     ({"objective": {"slo": {"ttft_ms": 100, "percentile": 97}}}, "percentile must be one of [50, 90, 95, 99]"),
+    ({"objective": {"slo": {"ttft_ms": 100}, "growth": 1}}, "objective.growth: got 1; must be a factor > 1"),
     ({"trials": 0}, "must be a positive integer"),
     ({"sampler": "cmaes"}, "sampler 'cmaes' is not one of"),
     ({"parallel": 0}, "parallel must be 'auto' or an integer >= 1"),

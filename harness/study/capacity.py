@@ -15,9 +15,14 @@ Pure logic over `measure(rate) -> (record, steady)`: one call is one time-window
   below it (x (1 - precision / 2)) instead of halving step by step; once a rate holds, the search probes just
   above that throughput (x (1 + precision)), then just above capacity_lo when the two agree, before it bisects
   (geometric midpoint), to close the bracket in few steps. A failure of the SLO percentiles alone halves.
+- `growth` near the ceiling: a search that starts at the incumbent (warm start) and holds there is already near
+  the edge; x2 overloads the server so far that the step's window measures a backlog, not a throughput, and its
+  queue takes a minute to drain. A sweep that knows its ceiling asks for a smaller `growth` (1.25).
 - A step whose client check failed measured the client, not the server: it bounds the search from above like a
   failure and the result is flagged `limited_by_client`.
-- Stops when capacity_hi <= capacity_lo x (1 + precision), after `max_steps`, or below `min_rate`.
+- Stops when capacity_hi <= capacity_lo x (1 + precision), after `max_steps`, or below `min_rate`; with
+  `stop_below` (a sampled trial's incumbent), also once a step held and a step at or below `stop_below` did not:
+  the candidate is shown worse than the incumbent, and closing its bracket would cost GPU time that ranks nothing.
 """
 
 from __future__ import annotations
@@ -118,10 +123,14 @@ def search_capacity(
     max_steps: int = 8,
     min_rate: float = 0.05,
     growth: float = 2.0,
+    stop_below: float | None = None,
 ) -> CapacityBracket:
     """Bracket the highest steady rate, starting at `start_rate` (warm start: the last known capacity, or a plan's
-    estimate); `measure` returns each step's record and its final verdict (SLO included, see `step_verdict`)."""
+    estimate); `measure` returns each step's record and its final verdict (SLO included, see `step_verdict`).
+    `stop_below`: end the search once it has shown the capacity below this rate (a held step and a failed one at
+    or below it)."""
     check_precision(precision)
+    check_growth(growth)
     if not start_rate > 0:
         raise ValueError(f"start_rate must be > 0, got {start_rate!r}")
     steps: list[SearchStep] = []
@@ -135,6 +144,9 @@ def search_capacity(
         lo, hi = _bracket(steps, precision)
         if hi is not None and lo > 0 and hi <= lo * (1 + precision):
             stopped = f"bracket within {precision:.0%}"
+            break
+        if stop_below is not None and lo > 0 and hi is not None and hi <= stop_below:
+            stopped = f"below the incumbent's {stop_below:.3g} req/s (did not hold at {hi:.3g})"
             break
         nxt = _next_rate(steps, lo, hi, precision, growth)
         if nxt is None or nxt < min_rate:
@@ -185,7 +197,7 @@ def _next_rate(steps: list[SearchStep], lo: float, hi: float | None, precision: 
         if est is not None and not last.steady.kept_up and not last.client_limited:
             # it failed for throughput: go straight to just below what it sustained
             return min(est * (1 - precision / 2), hi * (1 - precision))
-        return hi / growth  # the SLO percentiles (or the client) failed: the throughput says nothing; halve
+        return hi / 2.0  # the SLO percentiles (or the client) failed: the throughput says nothing; halve
     candidates = []
     if est is not None:
         # the server's throughput says where the edge is: just above it, then just above lo when they agree
@@ -207,6 +219,13 @@ def check_precision(precision: Any, source: str | None = None) -> None:
             and precision > 0):
         raise UserError(f"got {precision!r}; must be a relative precision > 0 (0.05 = 5%)", source=source,
                         key="precision")
+
+
+def check_growth(growth: Any, source: str | None = None) -> None:
+    if not (isinstance(growth, (int, float)) and not isinstance(growth, bool) and math.isfinite(growth)
+            and growth > 1):
+        raise UserError(f"got {growth!r}; must be a factor > 1 (the next rate after a step that held: 1.25 = +25%)",
+                        source=source, key="growth")
 
 
 def validate_steady_keys(values: Mapping[str, Any], source: str | None = None) -> None:

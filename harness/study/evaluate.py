@@ -66,10 +66,11 @@ def plan_settings(ctx: StudyContext, settings: dict[str, Any]) -> tuple[Evaluati
 
 
 def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, incumbent: list[float] | None = None,
-             repeat_of: list[float] | None = None) -> Evaluation:
+             must_beat: bool = False, repeat_of: list[float] | None = None) -> Evaluation:
     """Plan, and if feasible start the server(s) and score them under the study's objective.
 
-    `incumbent`: the best feasible trial's values so far (a capacity search starts there). `repeat_of`: the
+    `incumbent`: the best feasible trial's values so far (a capacity search starts there); `must_beat`: a sampled
+    trial, whose measurement may stop once it is shown worse than the incumbent. `repeat_of`: the
     winner's values; measure a confirmation repeat instead of a trial (`Objective.measure_repeat`).
     """
     ev, n_devices = plan_settings(ctx, settings)
@@ -81,7 +82,7 @@ def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, incumbe
         try:
             with deploy(ctx.model, settings, slot=slot, log_dir=ctx.study_dir / "logs" / label,
                         start_timeout_s=ctx.start_timeout_s) as dep:
-                measure_live(ctx, dep, ev, label, incumbent=incumbent, repeat_of=repeat_of)
+                measure_live(ctx, dep, ev, label, incumbent=incumbent, must_beat=must_beat, repeat_of=repeat_of)
         except ServerStartError as exc:
             ev.failure = exc.failure
         finally:
@@ -90,7 +91,8 @@ def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, incumbe
 
 
 def measure_live(ctx: StudyContext, dep: Deployment, ev: Evaluation, label: str, *,
-                 incumbent: list[float] | None = None, repeat_of: list[float] | None = None) -> Evaluation:
+                 incumbent: list[float] | None = None, must_beat: bool = False,
+                 repeat_of: list[float] | None = None) -> Evaluation:
     """Score a running deployment under the study's objective; each load step is saved as a RunRecord."""
     run_dir = ctx.study_dir / "runs"
 
@@ -100,7 +102,7 @@ def measure_live(ctx: StudyContext, dep: Deployment, ev: Evaluation, label: str,
     steps = LoadSteps(deployment=dep, workload=ctx.workload, requests_for=ctx.requests_for, slo=ctx.objective.slo,
                       plan=ev.plan, save=save, label=label, out=ctx.out, tty=ctx.out_tty)
     obj = ctx.objective
-    got = obj.measure_repeat(steps, repeat_of) if repeat_of is not None else obj.measure(steps, incumbent)
+    got = obj.measure_repeat(steps, repeat_of) if repeat_of is not None else obj.measure(steps, incumbent, must_beat)
     ev.values, ev.constraints, ev.record = got.values, got.constraints, got.record
     ev.curve, ev.metrics, ev.capacity = got.curve, got.metrics, got.capacity
     ev.client_reasons, ev.values_invalid = got.client_reasons, got.values_invalid

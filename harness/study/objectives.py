@@ -9,9 +9,10 @@ it has keys of its own, a few lines in the sweep-file parser).
 The contract, for a subclass:
 
 - `kind`, `directions` (one per value), `metric` (the `Evaluation.summary()` key of the first value), `unit`;
-- `measure(steps, incumbent=None) -> Measurement`: the trial's values and constraints (Optuna's convention:
-  <= 0 holds), from load steps on the live deployment `steps.deployment` (each `steps.run(...)` is one measured,
-  saved load step);
+- `measure(steps, incumbent=None, must_beat=False) -> Measurement`: the trial's values and constraints (Optuna's
+  convention: <= 0 holds), from load steps on the live deployment `steps.deployment` (each `steps.run(...)` is one
+  measured, saved load step); `must_beat` (a sampled trial, not a baseline): the objective may stop measuring once
+  the candidate is shown worse than the incumbent;
 - `worst_values()`: what a candidate that failed reports (never a good value);
 - `confirm_metric(winner_values)` and `measure_repeat(steps, winner_values)`: what a confirmation repeat of the
   winner and the baseline measures, a higher first value being better.
@@ -161,6 +162,7 @@ class Objective:
     start_rate: float = 1.0  # capacity search: first rate tried (req/s)
     min_rate: float = 0.05  # capacity search: below this the config has no capacity
     max_steps: int = 6  # capacity search: load steps per trial
+    growth: float = 2.0  # capacity search: the next rate after a step that held, until one fails (x this)
     latency_metric: str = "p99_tpot_ms"  # pareto: the latency objective
     # windowed steps (capacity): None only for a study stored before steps were time windows
     step_s: float | None = DEFAULT_STEP_S  # measured window of each step, seconds
@@ -184,8 +186,10 @@ class Objective:
 
     def to_dict(self) -> dict[str, Any]:
         """The study's identity: every key that changes what a trial measures (the window keys only for kinds
-        that measure windows, so the identity of an older fixed-load study keeps its shape)."""
+        that measure windows, so the identity of an older fixed-load study keeps its shape; not `SEARCH_KEYS`)."""
         d = {"kind": self.kind, **to_dict(self)}
+        for key in SEARCH_KEYS:
+            d.pop(key, None)
         if not self.windowed:
             for key in WINDOW_KEYS:
                 d.pop(key, None)
@@ -243,8 +247,10 @@ class Objective:
 
     # ---------------------------------------------------------------------------------------------- measuring
 
-    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
-        """Score the live deployment; `incumbent`: the best feasible trial's values so far, if any."""
+    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None, must_beat: bool = False
+                ) -> Measurement:
+        """Score the live deployment; `incumbent`: the best feasible trial's values so far, if any; `must_beat`:
+        the measurement may end once the candidate is shown worse than the incumbent (sampled trials)."""
         raise NotImplementedError
 
     def worst_values(self) -> list[float]:
@@ -313,10 +319,12 @@ class CapacityObjective(Objective):
         # the search starts at start_rate and doubles: its first step is the longest
         return self.start_rate
 
-    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
+    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None, must_beat: bool = False
+                ) -> Measurement:
         # start where the incumbent is (its value per GPU x this deployment's GPUs): one step tells whether this
-        # candidate is better
-        start = self.absolute(incumbent, steps.gpus)[0] if incumbent and incumbent[0] > 0 else self.start_rate
+        # candidate is better; a sampled candidate shown below it stops there (its bracket stays open)
+        known = incumbent is not None and bool(incumbent) and incumbent[0] > 0
+        start = self.absolute(incumbent, steps.gpus)[0] if known and incumbent else self.start_rate
         spec, criteria = self.window_spec(), self.criteria()
 
         def step(rate: float) -> tuple[RunRecord, Any]:
@@ -330,7 +338,8 @@ class CapacityObjective(Objective):
         bracket_steps: list[RunRecord] = []
         try:
             bracket = search_capacity(step, start_rate=start, precision=self.precision, max_steps=self.max_steps,
-                                      min_rate=self.min_rate)
+                                      min_rate=self.min_rate, growth=self.growth,
+                                      stop_below=start if must_beat and known else None)
         except ServerDied as died:
             return Measurement(values=self.worst_values(), constraints=[1.0], record=died.record)
         capacity = bracket.capacity_lo
@@ -388,7 +397,8 @@ class FixedLoadObjective(Objective):
 
     needs_fixed_load: ClassVar[bool] = True
 
-    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None) -> Measurement:
+    def measure(self, steps: LoadSteps, incumbent: list[float] | None = None, must_beat: bool = False
+                ) -> Measurement:
         # per GPU: the load is per GPU, so each GPU of every candidate sees the same offered load
         scale = steps.gpus if self.per_gpu else 1
         load: dict[str, Any] = ({"concurrency": self.concurrency * scale} if self.concurrency else
@@ -483,6 +493,9 @@ class ParetoObjective(ThroughputObjective):
 
 
 WINDOW_KEYS = ("step_s", "warmup_s", "drain_s", "steady_fraction", "precision")
+# How a search moves between rates: a trial's cost, not what it measures (a bracket to `precision`), so a study
+# resumes across a change of them; not part of its identity.
+SEARCH_KEYS = ("growth",)
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.kind: cls for cls in (CapacityObjective, GoodputObjective, ThroughputObjective, ParetoObjective)}

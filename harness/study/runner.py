@@ -176,7 +176,9 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None 
         best = best_feasible(trial.study.get_trials(deepcopy=False))
         if INTERRUPTED.is_set():
             raise TrialInterrupted("the sweep is stopping")
-        ev = evaluate(ctx, settings, label, incumbent=list(best.values) if best is not None else None)
+        # a baseline's bracket is closed (the report compares them); a sampled trial stops once shown worse
+        ev = evaluate(ctx, settings, label, incumbent=list(best.values) if best is not None else None,
+                      must_beat=not baseline)
         if INTERRUPTED.is_set():
             raise TrialInterrupted("interrupted while measuring; a rerun measures this trial again")
         record_trial(trial, ev)

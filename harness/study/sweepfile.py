@@ -15,7 +15,7 @@ from harness.emit import model_slug
 from harness.errors import UserError
 from harness.records import parse_slo
 from harness.settings import check_harness_values
-from harness.study.capacity import validate_steady_keys
+from harness.study.capacity import check_growth, validate_steady_keys
 from harness.study.objectives import OBJECTIVES, WINDOW_KEYS, Objective
 from harness.study.trials import BASELINE_COMMITTED, BASELINE_DEFAULTS
 from harness.yamlfile import check_keys, positive, read_yaml
@@ -25,7 +25,7 @@ SWEEP_KEYS = ("models", "space", "workload", "objective", "trials", "confirm", "
               "traffic")  # traffic: the node plan's expected load per model (harness.node.traffic)
 MODEL_KEYS = ("name", "model", "model_name", "build", "fixed", "trials", "workload", "baselines")
 OBJECTIVE_KEYS = ("kind", "slo", "concurrency", "rate", "arrival", "burstiness", "num_requests", "duration_s",
-                  "start_rate", "max_steps", "latency_metric", "min_rate", *WINDOW_KEYS)
+                  "start_rate", "max_steps", "growth", "latency_metric", "min_rate", *WINDOW_KEYS)
 
 
 @dataclass
@@ -114,9 +114,18 @@ def parse_objective(data: Any, source: str) -> Objective:
         start_rate=positive(data.get("start_rate", defaults.start_rate), source, "objective.start_rate"),
         min_rate=positive(data.get("min_rate", defaults.min_rate), source, "objective.min_rate"),
         max_steps=positive(data.get("max_steps", defaults.max_steps), source, "objective.max_steps", integer=True),
+        growth=_growth(data.get("growth", defaults.growth), source),
         latency_metric=str(data.get("latency_metric", defaults.latency_metric)))
     obj.check(source)
     return obj
+
+
+def _growth(value: Any, source: str) -> float:
+    try:
+        check_growth(value)
+    except UserError as exc:
+        raise UserError(str(exc).split(": ", 1)[-1], source=source, key="objective.growth") from None
+    return float(value)
 
 
 RESERVED_BASELINES = (BASELINE_DEFAULTS, BASELINE_COMMITTED)  # queued by every study
