@@ -41,6 +41,18 @@ def test_same_inputs_resume_although_storage_turns_tuples_into_lists(tmp_path: P
     assert again._study_id == first._study_id
 
 
+def test_the_space_files_path_is_not_identity(tmp_path: Path, space_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same space read by an absolute and a relative path resumes; so does a study stored with the path."""
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    hw = {"name": "CPU", "count": 1, "memory_gib": None, "arch": "cpu"}
+    first = _open(storage, _identity(space_file, hw))
+    monkeypatch.chdir(space_file.parent)
+    assert _open(storage, _identity(Path(space_file.name), hw))._study_id == first._study_id
+    stored = first.user_attrs["identity"]
+    first.set_user_attr("identity", {**stored, "space": {**stored["space"], "source": str(space_file)}})  # older
+    assert _open(storage, _identity(Path(space_file.name), hw))._study_id == first._study_id
+
+
 def test_changed_input_is_refused_naming_only_what_changed(tmp_path: Path, space_file: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
     gpu = {"name": "H100", "count": 4, "memory_gib": 79.18, "arch": "hopper"}

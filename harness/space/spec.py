@@ -88,7 +88,9 @@ class SearchSpace:
         return {n: k.values() for n, k in self.knobs.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "fixed": self.fixed,
+        """What the space is (a study's identity): not where its file was read from, which differs between a
+        relative and an absolute path to the same file, or between two hosts."""
+        return {"name": self.name, "fixed": self.fixed,
                 "knobs": {n: {k: v for k, v in vars(kn).items() if v not in (None, (), False) and k != "name"}
                           for n, kn in self.knobs.items()},
                 "conditions": [c.text for c in self.conditions]}

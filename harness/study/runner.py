@@ -96,7 +96,7 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, directions: list
         raise UserError(f"study {name!r} exists with other directions ({', '.join(have)}); nothing was changed",
                         key="objective")
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as storage will hand it back
-    existing = study.user_attrs.get(StudyAttr.IDENTITY)
+    existing = _without_space_source(study.user_attrs.get(StudyAttr.IDENTITY))
     if existing is None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
@@ -107,6 +107,13 @@ def open_study(name: str, storage: optuna.storages.BaseStorage, directions: list
         raise UserError(f"study {name!r} was created with a different {', '.join(diff)} ({shown}); use a new "
                         f"results dir / storage or restore the original files (nothing was changed)", key=diff[0])
     return study
+
+
+def _without_space_source(identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored identity without the space file's path, which studies stored before it was left out have."""
+    if identity is None or not isinstance(identity.get("space"), dict) or "source" not in identity["space"]:
+        return identity
+    return {**identity, "space": {k: v for k, v in identity["space"].items() if k != "source"}}
 
 
 def _brief(value: Any, limit: int = 120) -> str:
