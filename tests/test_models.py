@@ -82,6 +82,26 @@ def test_arch_cli_with_config_path(tmp_path: Path) -> None:
     assert tok("hello there")["input_ids"][0] != 999  # GPT-2 style: no BOS added
 
 
+def test_ensure_model_builds_in_a_child_process_and_names_a_failed_build(tmp_path, monkeypatch):
+    """The sweep's process never generates weights itself (on a GPU that would leave a CUDA context holding memory
+    next to every server it starts)."""
+    import harness.models.build as build
+    from harness.errors import UserError
+    from harness.models import ensure_model
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("built in the sweep's process")
+
+    monkeypatch.setattr(build, "build_tiny", in_process)
+    monkeypatch.setattr(build, "build_from_config", in_process)
+    path = ensure_model(str(tmp_path / "tiny"), "tiny")
+    assert (tmp_path / "tiny" / "config.json").is_file() and path == str((tmp_path / "tiny").resolve())
+    with pytest.raises(UserError, match=r"models\[\]\.build: building 'no-such-arch' failed \(exit 2\): error: "
+                                        r"unknown architecture 'no-such-arch'") as info:
+        ensure_model(str(tmp_path / "bad"), "no-such-arch")
+    assert "\n" not in str(info.value)
+
+
 def test_ensure_model_passes_hub_names_and_refuses_a_missing_directory(tmp_path):
     from harness.errors import UserError
     from harness.models import ensure_model

@@ -16,6 +16,8 @@ from typing import Any
 import optuna
 import pytest
 
+from harness.errors import UserError
+
 from conftest import write_sweep
 from harness.launch.placement import (Replica, Slot, SlotPool, client_cores, core_ranges, cpu_slots, pinned_thread,
                                       replica_placement, visible_gpus)
@@ -96,6 +98,21 @@ def test_a_trial_waits_while_a_previous_servers_memory_is_still_held() -> None:
             assert b.gpu_ids == (0,)
             assert time.monotonic() - t0 >= 0.55
     assert 0 in nvml.calls
+
+
+def test_a_gpu_held_by_someone_else_is_reported_and_then_given_up(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A process outside the sweep (here: never releasing) must not hang the sweep without a word."""
+    monkeypatch.setattr("harness.launch.placement.HELD_NOTE_S", 0.1)
+    pool = SlotPool(gpu_ids=[0], gpu_idle=lambda g: False, poll_s=0.02, held_timeout_s=0.4)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="GPU 0 still held memory after 0.4 s.*CUDA_VISIBLE_DEVICES"):
+        with pool.acquire(1):
+            pass
+    assert time.monotonic() - t0 >= 0.4
+    assert capsys.readouterr().err.count("waiting for GPU 0: a process still holds memory") == 1
+    with SlotPool(gpu_ids=[0], gpu_idle=lambda g: True).acquire(1) as slot:  # the pool is not left broken
+        assert slot.gpu_ids == (0,)
 
 
 def test_memory_check_can_be_switched_off() -> None:

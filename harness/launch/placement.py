@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ def nvml_gpu_idle(gpu: int) -> bool:
             return True
 
 
+HELD_NOTE_S = 15.0  # a GPU still holding memory this long after it was free for us is worth a line
+
+
 @dataclass
 class SlotPool:
     """Hands out disjoint device sets to concurrent trials; `parallel=1` gives every trial all devices in turn."""
@@ -170,6 +174,7 @@ class SlotPool:
     memory_free_check: bool = True  # NVML: wait until a GPU's memory is released before reusing it
     gpu_idle: Callable[[int], bool] = nvml_gpu_idle  # the check itself (tests pass a fake NVML)
     poll_s: float = 1.0  # how often a waiting trial re-checks a GPU whose memory is still held
+    held_timeout_s: float = 300.0  # a GPU still held this long is not one a server of ours left: give up, saying so
     vllm_cache_root: str | None = None  # every slot's VLLM_CACHE_ROOT (harness.cachedir.vllm_cache_root)
 
     def __post_init__(self) -> None:
@@ -207,11 +212,13 @@ class SlotPool:
         with self._cond:
             ticket = next(self._tickets)
             self._queue.append(ticket)
+            held: dict[str, float] = {}  # since / said: how long this request has waited on held memory
             try:
                 while True:
                     slot = self._try_take(n_gpus) if self._queue[0] == ticket else None
                     if slot is not None:
                         break
+                    self._check_held(n_gpus, ticket, held)
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(f"no free slot for {n_gpus} GPUs within {timeout_s} s")
@@ -245,6 +252,29 @@ class SlotPool:
             return Slot(cpu_cores=self._free_cpu.pop(0), client_cores=self.client_cores,
                         vllm_cache_root=self.vllm_cache_root)
         return None
+
+    def _check_held(self, n_gpus: int, ticket: int, wait: dict[str, float]) -> None:
+        """While enough GPUs are ours but some still hold memory: after `HELD_NOTE_S` say so (a torn-down server
+        releases its memory within seconds), and after `held_timeout_s` raise: a process outside the sweep holds
+        them, and waiting on it would hang the sweep without a word."""
+        if not self.gpu_ids or self._queue[0] != ticket or len(self._free_gpus) < max(n_gpus, 1):
+            wait.clear()
+            return
+        held = [g for g in sorted(self._free_gpus) if not self._memory_released(g)]
+        if not held:
+            wait.clear()
+            return
+        now = time.monotonic()
+        waited = now - wait.setdefault("since", now)
+        gpus = ", ".join(map(str, held))
+        if waited >= HELD_NOTE_S and "said" not in wait:
+            wait["said"] = now
+            print(f"waiting for GPU {gpus}: a process still holds memory there (nvidia-smi shows which); giving up "
+                  f"after {self.held_timeout_s:g} s", file=sys.stderr, flush=True)
+        if waited >= self.held_timeout_s:
+            raise UserError(f"GPU {gpus} still held memory after {self.held_timeout_s:g} s, by a process this sweep "
+                            f"did not start; stop it, or list free GPUs in CUDA_VISIBLE_DEVICES",
+                            key="CUDA_VISIBLE_DEVICES")
 
     def _memory_released(self, gpu: int) -> bool:
         """A GPU whose memory a previous server (or anyone) still holds is not handed out."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -83,15 +84,25 @@ def ensure_model(model: str, build: str | None = None, *, key: str = "models[].m
     path = Path(model)
     if build and not (path / "config.json").exists():
         print(f"building model '{build}' into {path} ...", file=sys.stderr, flush=True)
-        if build == "tiny":
-            build_tiny(path)
-        else:
-            build_from_config(build, path)
+        build_in_child(build, path)
     if path.exists():
         return str(path.resolve())
     if model.startswith((".", "/")) or build:
         raise UserError("no such model directory", source=model, key=key)
     return model
+
+
+def build_in_child(build: str, path: Path) -> None:
+    """Build in a child process (`python -m harness.models`): weights are generated on the GPU, and the CUDA context
+    that leaves behind must not live in the sweep's process, where it would hold GPU memory next to every server
+    the sweep starts (and keep the GPU from ever looking free to the slot pool)."""
+    argv = [sys.executable, "-m", "harness.models", *(["tiny"] if build == "tiny" else ["arch", build]), str(path)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"building {build!r} failed (exit {proc.returncode}): {tail[0]}", source=str(path),
+                        key="models[].build")
+    print(proc.stdout.strip(), file=sys.stderr, flush=True)
 
 
 def resolve_config(name_or_path: str) -> dict[str, Any]:
