@@ -121,10 +121,6 @@ def _brief(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def finished(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-
-
 def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]]) -> None:
     """Baselines are trials 0 and 1: measured exactly like candidates, so every win is over something real."""
     # an interrupted (FAIL) baseline is measured again; one already measured under another label is not measured
@@ -152,10 +148,10 @@ class Progress:
         shown = ", ".join(f"{k}={v}" for k, v in settings.items())
         print(f"[{self.done + 1}/{self.total}] trial #{number} ({label}): {shown}", file=self.out, flush=True)
 
-    def end(self, study: optuna.Study, trial: FrozenTrial, note: str) -> None:
-        self.done += 1
+    def end(self, study: optuna.Study, trial: FrozenTrial, note: str, counted: bool = True) -> None:
+        self.done += counted
         elapsed = time.monotonic() - self.started
-        eta = elapsed / self.done * max(self.total - self.done, 0)
+        eta = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
         best = best_feasible(study.get_trials(deepcopy=False))
         best_txt = (f"best so far: #{best.number} {fmt_values(best.values)}" if best is not None
                     else "no feasible trial yet")
@@ -163,8 +159,10 @@ class Progress:
               file=self.out, flush=True)
 
 
-def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None = None
-                   ) -> Callable[[optuna.Trial], Any]:
+def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None = None,
+                   fatal: list[UserError] | None = None) -> Callable[[optuna.Trial], Any]:
+    """`fatal` collects a UserError raised while measuring (the host or the input, not the candidate: every next
+    trial would fail alike), and the study stops; `run_trials` raises it once the running trials have ended."""
     def objective(trial: optuna.Trial) -> Any:
         if budget is not None and budget.surplus(trial.study, trial.number):
             record_surplus(trial)
@@ -184,8 +182,14 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None 
         if INTERRUPTED.is_set():
             raise TrialInterrupted("the sweep is stopping")
         # a baseline's bracket is closed (the report compares them); a sampled trial stops once shown worse
-        ev = evaluate(ctx, settings, label, incumbent=list(best.values) if best is not None else None,
-                      must_beat=not baseline)
+        try:
+            ev = evaluate(ctx, settings, label, incumbent=list(best.values) if best is not None else None,
+                          must_beat=not baseline)
+        except UserError as exc:
+            if fatal is not None:
+                fatal.append(exc)
+            trial.study.stop()
+            raise
         if INTERRUPTED.is_set():
             raise TrialInterrupted("interrupted while measuring; a rerun measures this trial again")
         record_trial(trial, ev)
@@ -198,7 +202,8 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None 
 
 def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: int, out: Any = sys.stderr,
                timeout_s: float | None = None) -> None:
-    """Run until `target` trials have finished (complete or pruned), counted over every worker and every rerun.
+    """Run until `target` trials have finished, counted over every worker and every rerun; a candidate the planner
+    rejects (pruned: no server started) does not count, up to `workers.PRUNED_ALLOWANCE` x target of them.
 
     Several processes (other machines, through a shared storage) may work on the same study: the budget is global
     (`workers.Budget`: finished, running and queued trials of every worker count). Trials of a dead worker are
@@ -213,7 +218,7 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
         print(f"trial(s) {', '.join(f'#{n}' for n in retried)} of a run on this host that was killed: "
               f"queued again", file=out, flush=True)
     budget = Budget(target)
-    remaining = target - len(finished(study))
+    remaining = target - budget.done(study)
     if remaining <= 0 and not waiting(study) and not running(study):
         print(f"study {study.study_name}: {target} trials already finished; nothing to run", file=out)
         return
@@ -222,18 +227,24 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
 
     def callback(st: optuna.Study, trial: FrozenTrial) -> None:
         if outcome_of(trial) != Outcome.SURPLUS:  # nothing ran: neither a step of the progress nor news
-            progress.end(st, trial, f"trial #{trial.number} {describe(trial, on_cpu)}")
+            # a candidate the planner rejected is news, but not a step: it does not count toward the budget
+            progress.end(st, trial, f"trial #{trial.number} {describe(trial, on_cpu)}",
+                         counted=trial.state != TrialState.PRUNED)
 
-    objective = make_objective(ctx, progress, budget)
+    fatal: list[UserError] = []
+    objective = make_objective(ctx, progress, budget, fatal)
     if parallel > 1:
         _serialize_claims(study)
     if remaining > 0 and budget.taken(study) < target:
-        study.optimize(objective, n_trials=remaining, n_jobs=parallel, callbacks=[callback, budget.callback],
+        study.optimize(objective, n_trials=budget.max_asks(study), n_jobs=parallel,
+                       callbacks=[callback, budget.callback],
                        catch=(Exception,), gc_after_trial=False, timeout=timeout_s)
+    if fatal:
+        raise fatal[0]
 
     # Re-queued trials of workers that died: wait for the others, run the retries, so every trial is accounted for.
     drain(study, objective, [callback], poll_s=min(HEARTBEAT_S, 5), out=out, deadline=deadline)
-    logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, len(finished(study)))
+    logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, budget.done(study))
 
 
 def _serialize_claims(study: optuna.Study) -> None:

@@ -35,14 +35,14 @@ from harness.study import naming
 from harness.study.confirm import Confirmation, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.pergpu import fill_replicas, gpus_used, one_server
-from harness.study.runner import enqueue_baselines, finished, make_sampler, open_study, run_trials
+from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
 from harness.study.timing import time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, client_of, confirm_key, is_feasible, settings_of)
-from harness.study.workers import Claim, wait_for, worker_seed
+from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
 @dataclass
@@ -136,7 +136,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
                timeout_s=None if deadline is None else max(deadline - time.monotonic(), 1.0))
     table = write_table(study, ctx.study_dir)
     print_time_spent(study, hardware, out)
-    done = len(finished(study))
+    done = Budget(trials).done(study)
     if deadline is not None and time.monotonic() >= deadline and done < trials:
         return _out_of_time(entry, name, table, f"after {done}/{trials} finished trials", out)
     winner = best_feasible(study.get_trials(deepcopy=False))

@@ -51,20 +51,46 @@ def worker_seed(seed: int) -> int:
 # ---------------------------------------------------------------------------------------------- budget
 
 
+# A candidate the planner rejects costs no GPU time, so it does not count toward the budget: `trials: 16` means 16
+# launched trials. Rejections beyond this many per trial of the budget count again, so a space whose candidates are
+# nearly all infeasible still ends.
+PRUNED_ALLOWANCE = 10
+
+
 class Budget:
-    """`target` trials finished (complete or pruned) over every worker; running and queued trials count as taken."""
+    """`target` launched trials over every worker (complete, running or queued; planner rejections do not count,
+    up to `PRUNED_ALLOWANCE` x target of them)."""
 
     def __init__(self, target: int) -> None:
         self.target = target
 
-    def taken(self, study: optuna.Study, exclude: int | None = None) -> int:
-        n = 0
-        for t in study.get_trials(deepcopy=False):
+    def count(self, trials: list[FrozenTrial], exclude: int | None = None, *, done_only: bool = False) -> int:
+        """Trials that use up the budget: finished ones, and with `done_only` False also running and queued."""
+        launched = pruned = 0
+        for t in trials:
             if t.number == exclude:
                 continue
-            if t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING):
-                n += 1
-        return n
+            if t.state == TrialState.PRUNED:
+                pruned += 1
+            elif t.state == TrialState.COMPLETE or (not done_only and t.state in (TrialState.RUNNING,
+                                                                                   TrialState.WAITING)):
+                launched += 1
+        return launched + max(0, pruned - PRUNED_ALLOWANCE * self.target)
+
+    def taken(self, study: optuna.Study, exclude: int | None = None) -> int:
+        return self.count(study.get_trials(deepcopy=False), exclude)
+
+    def done(self, study: optuna.Study) -> int:
+        """Finished trials that count (what `trial k/N` and a rerun's remaining trials are measured against)."""
+        return self.count(study.get_trials(deepcopy=False), done_only=True)
+
+    def max_asks(self, study: optuna.Study) -> int:
+        """An upper bound on the trials this worker may still ask for: what is left of the budget and of the
+        planner's allowance (so neither a stream of rejections nor of crashes runs forever)."""
+        trials = study.get_trials(deepcopy=False)
+        pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+        return max(self.target - self.count(trials, done_only=True), 0) + max(
+            PRUNED_ALLOWANCE * self.target - pruned, 0)
 
     def callback(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """After each trial: stop this worker's loop when the finished, running and queued trials fill the budget."""
@@ -79,9 +105,7 @@ class Budget:
         if me is None or "failed_trial" in me.system_attrs or "fixed_params" in me.system_attrs \
                 or baseline_of(me):
             return False
-        taken = sum(1 for t in trials if t.number != number
-                    and (t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING)))
-        return taken >= self.target
+        return self.count(trials, exclude=number) >= self.target
 
 
 class Surplus(Exception):

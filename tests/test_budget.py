@@ -1,0 +1,95 @@
+"""A sweep's `trials` budget counts launched trials: candidates the planner rejects cost no GPU time and do not use
+it up (within an allowance, so a space of nearly only infeasible candidates still ends), and an error of the host or
+the input stops the study instead of failing every next trial alike."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from harness.errors import UserError
+from harness.launch.placement import SlotPool
+from harness.space.spec import parse_space
+from harness.study import evaluate as evaluate_mod
+from harness.study import objectives as objectives_mod
+from harness.study.evaluate import StudyContext
+from harness.study.objectives import CapacityObjective
+from harness.study.runner import run_trials
+from harness.study.workers import PRUNED_ALLOWANCE, Budget
+
+SPACE = parse_space({"name": "t", "fixed": {}, "knobs": {
+    "tensor_parallel_size": {"type": "categorical", "choices": [1, 2]},
+    "max_num_seqs": {"type": "int", "low": 1, "high": 1000}}}, "test")
+
+
+def _study(tmp_path: Path, ok: Any, monkeypatch: pytest.MonkeyPatch, deploy_error: Exception | None = None,
+           ) -> tuple[optuna.Study, StudyContext, io.StringIO]:
+    """A study on a fake 1-GPU node whose planner accepts a candidate when `ok(settings)`; each launched trial
+    'measures' capacity 1 at once (or its deployment raises `deploy_error`)."""
+
+    def fake_plan(ctx: Any, settings: dict[str, Any]) -> Any:
+        feasible = ok(settings)
+        return SimpleNamespace(feasible=feasible, gpus_needed=1, to_dict=lambda: {"feasible": feasible},
+                               reason=lambda: "" if feasible else "rejected by the fake planner")
+
+    class FakeDeploy:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.topology = SimpleNamespace(gpus=1)
+
+        def __enter__(self) -> "FakeDeploy":
+            if deploy_error is not None:
+                raise deploy_error
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            pass
+
+    def fake_search(measure: Any, **_: Any) -> Any:
+        return SimpleNamespace(capacity_lo=1.0, curve=lambda: [], best=None,
+                               steps=[SimpleNamespace(record=None, client_limited=False)],
+                               summary=lambda: {"capacity_lo": 1.0})
+
+    monkeypatch.setattr(evaluate_mod, "_plan", fake_plan)
+    monkeypatch.setattr(evaluate_mod, "deploy", FakeDeploy)
+    monkeypatch.setattr(objectives_mod, "search_capacity", fake_search)
+    ctx = StudyContext(model="m", model_name="m", slug="m", facts=None, hardware=None, space=SPACE, workload=None,
+                       objective=CapacityObjective(), requests_for=lambda step, n: [], study_dir=tmp_path,
+                       start_timeout_s=10, slots=SlotPool(gpu_ids=[0], gpu_idle=lambda g: True))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    return study, ctx, io.StringIO()
+
+
+def _states(study: optuna.Study) -> list[TrialState]:
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_planner_rejections_do_not_use_up_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study, ctx, log = _study(tmp_path, lambda s: s["tensor_parallel_size"] == 1, monkeypatch)
+    run_trials(study, ctx, target=5, parallel=1, out=log)
+    states = _states(study)
+    assert states.count(TrialState.COMPLETE) == 5 and states.count(TrialState.PRUNED) > 0, states
+    assert "[5/5]" in log.getvalue() and "[6/5]" not in log.getvalue()
+    assert Budget(5).done(study) == 5
+    run_trials(study, ctx, target=5, parallel=1, out=log)  # a rerun: nothing left
+    assert _states(study) == states and "5 trials already finished" in log.getvalue()
+
+
+def test_a_space_of_only_rejected_candidates_still_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study, ctx, log = _study(tmp_path, lambda s: False, monkeypatch)
+    run_trials(study, ctx, target=2, parallel=1, out=log)
+    assert _states(study) == [TrialState.PRUNED] * (2 + PRUNED_ALLOWANCE * 2)
+
+
+def test_an_error_of_the_host_stops_the_study_after_one_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    held = UserError("GPU 0 still held memory after 300 s", key="CUDA_VISIBLE_DEVICES")
+    study, ctx, log = _study(tmp_path, lambda s: True, monkeypatch, deploy_error=held)
+    with pytest.raises(UserError, match="GPU 0 still held memory"):
+        run_trials(study, ctx, target=4, parallel=1, out=log)
+    assert _states(study) == [TrialState.FAIL]  # retried on the next run, as an interrupted trial is
