@@ -167,7 +167,8 @@ def test_gpu_profile_is_the_asked_for_run(ev):
     cap = p.unit("mistral-user-capacity").capacity
     assert (cap.start_rate, cap.slo.ttft_ms, cap.slo.tpot_ms, cap.precision, cap.max_steps) == (16.0, 1000.0, 50.0,
                                                                                                 0.05, 5)
-    assert p.unit("dialogpt-2servers").capacity.start_rate == 32.0
+    assert (p.unit("dialogpt-1server").capacity.start_rate, p.unit("dialogpt-2servers").capacity.start_rate) == (64.0,
+                                                                                                             128.0)
     # every resumable item fits a 9-minute command with its server start
     for u in p.units[1:]:
         assert p.first_item_s(u) < 9 * 60 - 60
