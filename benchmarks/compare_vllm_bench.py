@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,101 +49,17 @@ from typing import Any
 import numpy as np
 
 from harness.load.arrival import Arrival
-from harness.load.client import CONTINUOUS_USAGE, Target, run_load_sync
+from harness.load.client import CONTINUOUS_USAGE, Target
 from harness.load.prompts import RequestSpec, build_requests
 from harness.load.workload import parse_workload
 from harness.measure.stats import summarize
-from harness.records import RequestResult, RunMetrics
+from harness.measure.vllm_bench import (METRICS, ReplayArrival, metrics_row, run_ours, run_vllm_bench, vllm_schedule,
+                                        write_dataset)
+from harness.records import RequestResult
 
 VLLM_BODY = {"stream_options": {"include_usage": True}, "repetition_penalty": 1.0}
 USAGE_BODY = {**VLLM_BODY, **CONTINUOUS_USAGE}  # the same body asking for per-chunk usage: what that costs
-METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 CLIENTS = {"ours": "vllm-tune", "vllm": "vllm bench serve", "ours-usage": "vllm-tune, continuous usage"}
-
-VLLM_CODE = """
-import json, sys
-from vllm.benchmarks.serve import add_cli_args, main
-try:
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-except ImportError:
-    from vllm.utils import FlexibleArgumentParser
-p = FlexibleArgumentParser()
-add_cli_args(p)
-main(p.parse_args(json.loads(sys.argv[1])))
-"""
-
-
-class ReplayArrival(Arrival):
-    """An open loop at given send offsets (seconds from the first request), e.g. another tool's schedule."""
-
-    def __init__(self, offsets: np.ndarray, rate: float) -> None:
-        super().__init__(mode="poisson", rate=rate, num_requests=len(offsets))
-        self.offsets = np.asarray(offsets, dtype=float)
-
-    def schedule(self, n: int) -> np.ndarray:
-        return self.offsets[:n] - self.offsets[0]
-
-
-def vllm_schedule(n: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
-    """The send offsets `vllm bench serve --request-rate rate --burstiness b --seed seed` uses (its get_request)."""
-    state = np.random.get_state()
-    try:
-        np.random.seed(seed)
-        gaps = [np.random.gamma(shape=burstiness, scale=1.0 / (rate * burstiness)) for _ in range(n)]
-    finally:
-        np.random.set_state(state)
-    delays = np.cumsum(gaps)
-    return delays * ((n / rate) / delays[-1])
-
-
-# ---------------------------------------------------------------------------------------------- the clients
-
-
-def run_ours(target: Target, model: str, requests: list[RequestSpec], arrival: Arrival,
-             extra_body: dict[str, Any] | None) -> tuple[list[RequestResult], float]:
-    load = run_load_sync([target], [requests[0]] + requests, arrival, model=model, api="completions", warmup=1,
-                         timeout_s=600, extra_body=extra_body)
-    return load.measured(), load.duration_s
-
-
-def run_vllm(target: Target, model: str, tokenizer: str, dataset: Path, args: argparse.Namespace,
-             out: Path) -> tuple[list[RequestResult], float, dict[str, Any]]:
-    argv = ["--backend", "openai", "--base-url", target.base_url.rstrip("/").removesuffix("/v1"),
-            "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
-            "--dataset-name", "custom", "--dataset-path", str(dataset), "--custom-output-len=-1",
-            "--skip-chat-template", "--disable-shuffle", "--num-prompts", str(args.requests), "--ignore-eos",
-            "--request-rate", str(args.rate) if args.rate else "inf", "--burstiness", str(args.burstiness),
-            "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles",
-            "50,99", "--save-result", "--save-detailed", "--result-dir", str(out.parent),
-            "--result-filename", out.name, "--disable-tqdm"]
-    if args.concurrency:
-        argv += ["--max-concurrency", str(args.concurrency)]
-    env = dict(os.environ)
-    if target.api_key:
-        env["OPENAI_API_KEY"] = target.api_key
-    proc = subprocess.run([sys.executable, "-c", VLLM_CODE, json.dumps(argv)], env=env, capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"vllm bench serve failed:\n{proc.stderr[-3000:]}")
-    data = json.loads(out.read_text())
-    t0 = min(data["start_times"])
-    results = []
-    for i in range(len(data["ttfts"])):
-        ok = not data["errors"][i]
-        results.append(RequestResult(
-            ok=ok, send_s=data["start_times"][i] - t0, prompt_tokens=int(data["input_lens"][i] or 0),
-            output_tokens=int(data["output_lens"][i] or 0), ttft_s=data["ttfts"][i], e2e_s=_e2e(data, i),
-            itl_s=list(data["itls"][i]), chunk_tokens=[1] * (len(data["itls"][i]) + 1) if ok else [],
-            error=data["errors"][i] or None))
-    return results, float(data["duration"]), data
-
-
-def _e2e(data: dict[str, Any], i: int) -> float:
-    """vLLM 0.32 saves each request's latency; 0.26's detailed result has none, and vLLM itself then takes
-    TTFT + the sum of the inter-token gaps (the last chunk's arrival), which is what we use there too."""
-    if "latencies" in data:
-        return data["latencies"][i]
-    return (data["ttfts"][i] or 0.0) + sum(data["itls"][i] or [])
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -181,16 +96,6 @@ class _Started:
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def _row(metrics: RunMetrics) -> dict[str, float]:
-    row = {"req_per_s": metrics.request_throughput, "out_tok_per_s": metrics.output_throughput,
-           "completed": metrics.completed, "failed": metrics.failed}
-    for name in METRICS:
-        st = getattr(metrics, name)
-        for stat in ("mean", "p50", "p99"):
-            row[f"{name[:-3]}_{stat}"] = getattr(st, stat) if st is not None else float("nan")
-    return row
 
 
 def _wire(results: list[RequestResult], requests: list[RequestSpec]) -> dict[str, Any]:
@@ -295,9 +200,7 @@ def main() -> int:
                                "input_len": _lengths(args.input_len),
                                "output_len": _lengths(args.output_len)}, source="compare")
     requests = build_requests(workload, tokenizer, args.requests, seed=args.seed)
-    dataset = out / "requests.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": q.prompt, "output_tokens": q.max_tokens}) + "\n"
-                               for q in requests))
+    dataset = write_dataset(requests, out / "requests.jsonl")
     offsets = vllm_schedule(args.requests, args.rate, args.burstiness, args.seed) if args.rate else None
     if offsets is not None:
         arrival: Arrival = ReplayArrival(offsets, args.rate)
@@ -323,14 +226,17 @@ def main() -> int:
                     t0 = time.perf_counter()
                     vllm_summary = None
                     if c == "vllm":
-                        results, duration, vllm_summary = run_vllm(target, model, tokenizer_path, dataset, args,
-                                                                   Path(tmp) / f"vllm-{k}.json")
+                        run = run_vllm_bench(target, model, tokenizer_path, dataset, args.requests,
+                                             Path(tmp) / f"vllm-{k}.json", rate=args.rate,
+                                             burstiness=args.burstiness, seed=args.seed,
+                                             concurrency=args.concurrency)
+                        results, duration, vllm_summary = run.results, run.duration_s, run.own
                     else:
                         results, duration = run_ours(target, model, requests, arrival,
                                                      VLLM_BODY if c == "ours" else USAGE_BODY)
                     cpu1 = server.cpu_s() if server is not None else None
                     m = summarize(results, duration)
-                    rec: dict[str, Any] = {"metrics": _row(m), "duration_s": duration,
+                    rec: dict[str, Any] = {"metrics": metrics_row(m), "duration_s": duration,
                                            "wall_s": time.perf_counter() - t0, "wire": _wire(results, requests),
                                            "schedule": _schedule_gap(results, offsets)}
                     if cpu0 is not None and cpu1 is not None and m.total_output_tokens:

@@ -108,7 +108,8 @@ from typing import Any  # noqa: E402
 import yaml  # noqa: E402
 
 
-def write_sweep(root: Path, model: Path, *, trials: int, confirm: int = 0, space_name: str = "e2e",
+def write_sweep(root: Path, model: Path, *, trials: int, confirm: int = 0, cross_check: bool = False,
+                space_name: str = "e2e",
                 fixed: dict[str, Any] | None = None, choices: list[int] | None = None, max_steps: int = 2,
                 seed: int = 3, dirs: bool = True, start_timeout_s: int = 400, step_s: float = 4) -> Path:
     """The tiny CPU sweep the end-to-end tests share: one max_num_seqs knob, a loose SLO, `trials` trials.
@@ -129,7 +130,7 @@ def write_sweep(root: Path, model: Path, *, trials: int, confirm: int = 0, space
         "objective": {"kind": "capacity", "slo": {"ttft_ms": 8000, "tpot_ms": 1000, "percentile": 90},
                       "step_s": step_s, "warmup_s": 1, "start_rate": 2.0, "max_steps": max_steps},
         "trials": trials,
-        "confirm": {"repeats": confirm},
+        "confirm": {"repeats": confirm, "cross_check": cross_check},
         "sampler": "random",
         "seed": seed,
         "start_timeout_s": start_timeout_s,
@@ -156,7 +157,7 @@ def sweep_run(tiny_model, tmp_path_factory):  # type: ignore[no-untyped-def]
     (root / "configs").mkdir()
     (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(
         {"vllm": {"model_name": str(tiny_model), "max_num_seqs": 8, "tokenizer": str(not_a_tokenizer)}}))
-    sweep = write_sweep(root, tiny_model, trials=3, confirm=2)
+    sweep = write_sweep(root, tiny_model, trials=3, confirm=2, cross_check=True)
     t0 = time.monotonic()
     proc = run_sweep(sweep, root)
     elapsed = time.monotonic() - t0

@@ -269,7 +269,7 @@ def test_a_recommendation_replaces_the_committed_config_only_when_it_beats_it(
     asked: list[tuple[int, int | None, bool]] = []
 
     def study_confirmation(study: Any, ctx: Any, winner: Any, baseline: Any, repeats: int, out: Any,
-                           primary: bool = True) -> confirm_mod.Confirmation:
+                           primary: bool = True, cross_check: bool = False) -> confirm_mod.Confirmation:
         asked.append((winner.number, baseline.number, primary))
         win = primary or beats_mine
         w, b = confirm_mod.Spread([5.0] * 3, [True] * 3), confirm_mod.Spread([(3.0 if win else 5.5)] * 3, [True] * 3)
@@ -373,3 +373,63 @@ def test_confirmation_pairs_sides_on_equal_gpus_and_measures_scaling(monkeypatch
     assert calls[-1] == ({"tensor_parallel_size": 2, "replicas": 2}, "confirm-scaling", [5.0])
     saved = confirm_mod.Confirmation.from_dict(conf.to_dict())
     assert saved.scaling == conf.scaling and saved.baseline_gpus == 2 and "equal GPUs" in saved.pairing
+
+
+def test_the_cross_check_measures_each_live_side_once_after_its_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With cross_check, each side's live server gets one run of our client and of `vllm bench serve` after its
+    repeats, at the rate its repeats offered (the winner's capacity per GPU x the side's GPUs), and the gain per GPU
+    is reported as each tool measured it."""
+    import contextlib
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from harness.launch.placement import SlotPool
+
+    events: list[str] = []
+    values = {"w": [5.0, 5.1], "b": [4.0, 4.1]}
+
+    def plan_settings(ctx: Any, settings: dict[str, Any]) -> tuple[Evaluation, int]:
+        return Evaluation(settings=settings), 1
+
+    def dep(who: str) -> Any:
+        return SimpleNamespace(who=who, topology=SimpleNamespace(gpus=1), served_name="m",
+                               group=SimpleNamespace(targets=[(f"http://127.0.0.1/{who}", "k")]))
+
+    @contextlib.contextmanager
+    def deploy_together(jobs: list[Any], *, start_timeout_s: float) -> Any:
+        yield [dep(job.settings["who"]) for job in jobs]
+
+    def measure_live(ctx: Any, d: Any, ev: Evaluation, label: str, *, repeat_of: list[float] | None = None
+                     ) -> Evaluation:
+        events.append(f"repeat {d.who}")
+        ev.values = [values[d.who].pop(0)]
+        return ev
+
+    def cross_check(target: Any, model: str, tokenizer: str, requests: list[Any], rate: float, workdir: Path,
+                    **_: Any) -> dict[str, Any]:
+        who = target.base_url.rsplit("/", 1)[1]
+        events.append(f"cross-check {who} at {rate:g} with {len(requests)}")
+        good = {"w": (5.0, 4.9), "b": (4.0, 4.1)}[who]
+        row = {"goodput": 0.0, "ttft_p99": 1.0, "tpot_mean": 1.0}
+        return {"ours": {**row, "goodput": good[0]}, "vllm": {**row, "goodput": good[1]}}
+
+    monkeypatch.setattr(confirm_mod, "plan_settings", plan_settings)
+    monkeypatch.setattr(confirm_mod, "measure_live", measure_live)
+    monkeypatch.setattr(confirm_mod, "finalize", lambda ctx, ev, label: ev)
+    monkeypatch.setattr(confirm_mod, "deploy_together", deploy_together)
+    monkeypatch.setattr(confirm_mod, "measure_scaling", lambda ctx, winner, log=None: None)
+    monkeypatch.setattr(confirm_mod, "run_cross_check", cross_check)
+    ctx = SimpleNamespace(objective=CapacityObjective(step_s=30.0), slots=SlotPool(gpu_ids=[0, 1],
+                          memory_free_check=False), model="m", start_timeout_s=60.0, study_dir=Path("/nonexistent"),
+                          completion_requests=lambda n, k: list(range(n)))
+    conf = confirm(ctx, frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2,  # type: ignore[arg-type]
+                   "goodput", cross_check=True)
+    assert events == ["repeat w", "repeat b", "repeat w", "repeat b", "cross-check w at 5 with 150",
+                      "cross-check b at 5 with 150"]
+    cc = conf.cross_check
+    assert cc is not None and cc["winner"]["gpus"] == 1 and cc["baseline"]["ours"]["goodput"] == 4.0
+    assert cc["goodput_gain_per_gpu"] == {"ours": pytest.approx(0.25), "vllm": pytest.approx(4.9 / 4.1 - 1)}
+    assert confirm_mod.Confirmation.from_dict(conf.to_dict()).cross_check == cc
+    without = confirm(ctx, frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 0,  # type: ignore[arg-type]
+                      "goodput")
+    assert without.cross_check is None

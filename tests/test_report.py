@@ -770,3 +770,18 @@ def test_trials_table_marks_a_client_limited_trial(tmp_path: Path) -> None:
     assert list(df["client"]) == ["valid", "client-limited (invalid): dispatch lag mean 40.0 ms > 14.3 ms"]
     assert list(df["outcome"]) == ["ok", "client_limited"]
     assert df["reason"][1].startswith("client-limited (invalid)")
+
+
+def test_the_cross_check_rows_name_both_tools_and_each_tools_gain() -> None:
+    from harness.report.document import _cross_check_rows
+
+    row = {"goodput": 5.0, "ttft_p99": 120.0, "tpot_mean": 8.5}
+    cc = {"winner": {"ours": row, "vllm": {**row, "goodput": 4.9}, "rate": 20.0, "requests": 600, "gpus": 1},
+          "baseline": {"skipped": "2 servers: vllm bench serve drives one URL"},
+          "goodput_gain_per_gpu": {"ours": 0.25, "vllm": None}}
+    rows = _cross_check_rows(cc)
+    assert rows[0][0] == "vllm bench serve cross-check, winner (600 requests at 20 req/s, 1 GPU(s))"
+    assert rows[0][1].startswith("goodput 5 ours / 4.9 vLLM's req/s; p99 TTFT 120 / 120 ms")
+    assert rows[1] == ["vllm bench serve cross-check, baseline", "2 servers: vllm bench serve drives one URL"]
+    assert rows[2] == ["goodput gain per GPU, by each tool", "+25.0% ours / - vLLM's"]
+    assert _cross_check_rows(None) == []

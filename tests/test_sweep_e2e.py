@@ -90,6 +90,14 @@ def test_sweep_produces_study_table_and_config(sweep_run) -> None:  # type: igno
     assert doc["provenance"]["improvement"]["winner_gpus"] == doc["provenance"]["improvement"]["baseline_gpus"] == 1
     assert doc["provenance"]["deployment"]["replicas"] == 1 and "vllm_instances" not in doc
     assert doc["serve_command"].startswith("vllm serve ")
+    # the confirmation's cross-check: each side's live server once more through our client and vllm bench serve
+    cc = doc["provenance"]["vllm_bench_cross_check"]
+    for side in ("winner", "baseline"):
+        got = cc[side]
+        assert got["ours"]["completed"] == got["vllm"]["completed"] == got["requests"] >= 20, got
+        assert got["vllm"]["ttft_mean"] > 0 and got["vllm_own"]["request_throughput"] > 0
+    assert set(cc["goodput_gain_per_gpu"]) == {"ours", "vllm"}
+    assert "[confirm cross-check] winner:" in proc.stderr and "(vllm bench serve)" in proc.stderr
 
 
 def test_launch_failure_is_recorded_and_sweep_goes_on(sweep_run) -> None:  # type: ignore[no-untyped-def]

@@ -335,6 +335,7 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
                          + ("not measured (" + str(scaling.get("failure")) + ")" if eff is None else
                             f"{scaling.get('value_per_gpu'):.4g} per GPU vs {scaling.get('one_server_per_gpu'):.4g} "
                             f"for one server: scaling efficiency {eff:.0%}")])
+        rows += _cross_check_rows(imp.get("cross_check"))
     mine = r.confirm_committed
     if mine:
         rows.append([f"against the committed config (trial #{mine.get('baseline_trial')})",
@@ -477,3 +478,27 @@ def write_report(r: StudyResults, out_dir: str | Path | None = None, *, latency:
 
 
 register_view("report", write_report)
+
+
+def _cross_check_rows(cc: dict[str, Any] | None) -> list[list[Any]]:
+    """The confirmation's `vllm bench serve` cross-check: each side by both tools, and the gain each measured."""
+    if not cc:
+        return []
+    rows = []
+    for side in ("winner", "baseline"):
+        got = cc.get(side) or {}
+        if "ours" not in got:
+            rows.append([f"vllm bench serve cross-check, {side}", got.get("skipped") or got.get("failed") or "-"])
+            continue
+        o, v = got["ours"], got["vllm"]
+        rows.append([f"vllm bench serve cross-check, {side} ({got.get('requests')} requests at "
+                     f"{got.get('rate', 0):.3g} req/s, {got.get('gpus')} GPU(s))",
+                     f"goodput {o['goodput']:.4g} ours / {v['goodput']:.4g} vLLM's req/s; p99 TTFT "
+                     f"{o['ttft_p99']:.0f} / {v['ttft_p99']:.0f} ms; mean TPOT {o['tpot_mean']:.2f} / "
+                     f"{v['tpot_mean']:.2f} ms"])
+    gain = cc.get("goodput_gain_per_gpu")
+    if gain:
+        names = {"ours": "ours", "vllm": "vLLM's"}
+        rows.append(["goodput gain per GPU, by each tool",
+                     " / ".join(("-" if g is None else f"{g:+.1%}") + f" {names[t]}" for t, g in gain.items())])
+    return rows

@@ -462,7 +462,7 @@ class StudyResults:
                     "label": label, "unit": unit, **self._sides(conf.get("improvement"), w.get("mean"), b.get("mean"),
                                                                  wg, bg, bool(conf.get("per_gpu")),
                                                                  conf.get("pairing") or ""),
-                    "scaling": conf.get("scaling"),
+                    "scaling": conf.get("scaling"), "cross_check": conf.get("cross_check"),
                     "winner_trial": conf.get("winner_trial"), "baseline_trial": conf.get("baseline_trial"),
                     "winner_mean": w.get("mean"), "winner_std": w.get("std"), "winner_n": w.get("n"),
                     "winner_min": w.get("min"), "winner_max": w.get("max"),

@@ -12,6 +12,12 @@ scales: the scaling efficiency is that run's per-GPU value over the one server's
 The decision rule is a rank test, not a threshold: the winner is recommended only when every one of its repeats
 beats every baseline repeat (with 3 + 3 runs that is a one-sided Mann-Whitney test at p = 0.05) and its mean is
 higher. Otherwise the baseline is kept and the output says so.
+
+With `cross_check`, each side's live server is measured once more after its repeats, by our client and by
+`vllm bench serve` at the same rate on vLLM's schedule (`harness.measure.vllm_bench.cross_check`): the gain shown
+by vLLM's own tool next to ours. Each tool sends its own prompt set of the workload's lengths as completions
+prompts (what vLLM's client replays), the same sets on both sides, so a prefix cache never serves one tool's
+run from the other's; the cross-check is of the tools and the gain, not a capacity.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from optuna.trial import FrozenTrial
 
 from harness.deploy import DeployJob, deploy_together
 from harness.launch.server import ServerStartError
+from harness.load.client import Target
+from harness.measure.vllm_bench import cross_check as run_cross_check
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 from harness.study.pergpu import equal_gpu_pair, fill_replicas, gpus_used
 from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
@@ -34,6 +42,8 @@ SLOT_WAIT_S = 30.0  # for devices whose memory the last trial's servers are stil
 MODE_LIVE = "live servers, repeats interleaved"
 MODE_IN_TURN = "live servers, one configuration at a time"
 MODE_FRESH = "fresh server per repeat"
+CROSS_CHECK_SEED = 990  # the cross-check's prompts: none of a trial's steps (seeds 0..max_steps) sends them
+CROSS_CHECK_MIN_REQUESTS = 20
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Confirmation:
     pairing: str = ""  # the sides in words
     per_gpu: bool = False  # the runs are per GPU
     scaling: dict[str, Any] | None = None  # the winner with the node's replica count, measured once
+    cross_check: dict[str, Any] | None = None  # per side: our client and `vllm bench serve` on the same requests
 
     @property
     def improvement(self) -> float | None:
@@ -71,7 +82,7 @@ class Confirmation:
                 "baseline_metrics": self.baseline_metrics, "mode": self.mode, "winner_gpus": self.winner_gpus,
                 "baseline_gpus": self.baseline_gpus, "winner_settings": self.winner_settings,
                 "baseline_settings": self.baseline_settings, "pairing": self.pairing, "per_gpu": self.per_gpu,
-                "scaling": self.scaling}
+                "scaling": self.scaling, "cross_check": self.cross_check}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Confirmation:
@@ -86,7 +97,8 @@ class Confirmation:
                    winner_gpus=saved.get("winner_gpus"), baseline_gpus=saved.get("baseline_gpus"),
                    winner_settings=saved.get("winner_settings") or {},
                    baseline_settings=saved.get("baseline_settings") or {}, pairing=saved.get("pairing", ""),
-                   per_gpu=bool(saved.get("per_gpu", False)), scaling=saved.get("scaling"))
+                   per_gpu=bool(saved.get("per_gpu", False)), scaling=saved.get("scaling"),
+                   cross_check=saved.get("cross_check"))
 
 
 def _client_limited(ev: Evaluation) -> list[str]:
@@ -133,7 +145,7 @@ def node_gpus(ctx: StudyContext) -> int:
 
 
 def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int,
-            metric: str, log: Any = None) -> Confirmation:
+            metric: str, log: Any = None, cross_check: bool = False) -> Confirmation:
     """Re-measure winner and baseline, `repeats` times each, on equal GPUs where the node allows it.
 
     When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
@@ -159,9 +171,13 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     unmeasured: dict[str, list[str]] = {"winner": [], "baseline": []}
     metrics: dict[str, list[dict[str, Any]]] = {"winner": [], "baseline": []}
     modes: list[str] = []
+    checks: dict[str, dict[str, Any]] = {}
     with contextlib.closing(_phases(ctx, pairs, sides, repeats)) as phases:
         for mode, live, order in phases:
             modes += [] if mode in modes else [mode]
+            if cross_check and not live:
+                for who, _ in pairs:
+                    checks.setdefault(who, {"skipped": "no live server to measure again (fresh server per repeat)"})
             for i, (who, trial) in order:
                 if log is not None:
                     print(f"[confirm {i + 1}/{repeats}] {who} (trial #{trial.number}, {mode})", file=log, flush=True)
@@ -193,6 +209,10 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                     print(f"    -> {metric} = {value:.4g}"
                           + (f" ({CLIENT_LIMITED}: {reasons[0]}; left out of the means)" if reasons else ""),
                           file=log, flush=True)
+            if cross_check and live:  # after the side's repeats, on the same live server
+                for who, dep in live.items():
+                    if who not in checks:
+                        checks[who] = _cross_check(ctx, who, dep, winner_values, log)
     w = Spread(runs["winner"], valid["winner"])
     b = Spread(runs["baseline"], valid["baseline"]) if not same else Spread(list(w.runs), list(w.flags))
     missing = unmeasured["winner"] + ([] if same else unmeasured["baseline"])
@@ -206,7 +226,52 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         mode=" + ".join(modes), winner_gpus=pairing.winner_gpus,
                         baseline_gpus=pairing.winner_gpus if same else pairing.baseline_gpus,
                         winner_settings=pairing.winner, baseline_settings=pairing.winner if same else pairing.baseline,
-                        pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling)
+                        pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling,
+                        cross_check=_cross_check_summary(checks, same) if cross_check else None)
+
+
+def _cross_check(ctx: StudyContext, who: str, dep: Any, winner_values: list[float], log: Any) -> dict[str, Any]:
+    """Our client, then `vllm bench serve`, once each on this side's live server at the rate its repeats offered,
+    or why not."""
+    rate = ctx.objective.cross_check_rate(winner_values, dep.topology.gpus)
+    if rate is None or rate <= 0:
+        return {"skipped": f"the {ctx.objective.kind} objective offers no open-loop rate to replay"}
+    if len(dep.group.targets) != 1:
+        return {"skipped": f"{len(dep.group.targets)} servers: vllm bench serve drives one URL"}
+    if ctx.completion_requests is None:
+        return {"skipped": "no tokenizer for the cross-check's prompts"}
+    n = max(CROSS_CHECK_MIN_REQUESTS, round(rate * (ctx.objective.step_s or 60.0)))
+    if log is not None:
+        print(f"[confirm cross-check] {who}: {n} requests at {rate:.3g} req/s through our client, then vllm bench "
+              f"serve", file=log, flush=True)
+    try:
+        # one prompt set per tool, the same sets on both sides: the server's prefix cache (on in vLLM's defaults)
+        # never serves the second tool's run from the first's, and vLLM's tool sees identical requests on both sides
+        got = run_cross_check(Target(*dep.group.targets[0]), dep.served_name, ctx.model, ctx.completion_requests(n, 0),
+                              rate, ctx.study_dir / "cross-check" / who, slo=ctx.objective.slo,
+                              vllm_requests=ctx.completion_requests(n, 1))
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:  # a failed cross-check leaves the verdict alone
+        return {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+    if log is not None:
+        o, v = got["ours"], got["vllm"]
+        print(f"    -> goodput {o['goodput']:.4g} (ours) vs {v['goodput']:.4g} (vllm bench serve) req/s; p99 TTFT "
+              f"{o['ttft_p99']:.0f} vs {v['ttft_p99']:.0f} ms; mean TPOT {o['tpot_mean']:.2f} vs "
+              f"{v['tpot_mean']:.2f} ms", file=log, flush=True)
+    return {**got, "gpus": dep.topology.gpus}
+
+
+def _cross_check_summary(checks: dict[str, dict[str, Any]], same: bool) -> dict[str, Any]:
+    """Both sides' cross-checks and the winner's gain over the baseline as each tool measured it (per GPU)."""
+    out: dict[str, Any] = {"winner": checks.get("winner"), "baseline": checks.get("winner") if same
+                           else checks.get("baseline")}
+    w, b = out["winner"] or {}, out["baseline"] or {}
+    if "ours" in w and "ours" in b:
+        gain = {}
+        for tool in ("ours", "vllm"):
+            wv, bv = w[tool]["goodput"] / max(w["gpus"], 1), b[tool]["goodput"] / max(b["gpus"], 1)
+            gain[tool] = wv / bv - 1.0 if bv > 0 else None
+        out["goodput_gain_per_gpu"] = gain
+    return out
 
 
 def measure_scaling(ctx: StudyContext, winner: FrozenTrial, log: Any = None) -> dict[str, Any] | None:

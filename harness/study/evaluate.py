@@ -40,6 +40,9 @@ class StudyContext:
     slots: SlotPool
     out: Any = None  # where load steps report their progress (None: quiet)
     out_tty: bool | None = None  # False: never rewrite a line in place (trials run side by side); None: ask `out`
+    # (n, k) -> set k of n RequestSpecs of the workload's lengths as completions prompts (what `vllm bench serve`
+    # replays), for the confirmation's cross-check; None: no cross-check possible
+    completion_requests: Callable[[int, int], list[Any]] | None = None
 
 
 def _plan(ctx: StudyContext, settings: dict[str, Any]) -> Any:

@@ -271,6 +271,12 @@ class Objective:
         """Whether a confirmation stored under `metric` is on this objective's scale (comparable to trial values)."""
         return metric == self.confirm_metric([])
 
+    def cross_check_rate(self, winner_values: list[float], gpus: int) -> float | None:
+        """The open-loop rate a confirmation repeat offered a side of `gpus` GPUs (what the `vllm bench serve`
+        cross-check replays); None when the repeats are a closed loop."""
+        rate = self.offered_rate()
+        return None if rate is None else rate * (max(gpus, 1) if self.per_gpu else 1)
+
     # ---------------------------------------------------------------------------------------------- reporting
 
     def value_label(self) -> str:
@@ -372,6 +378,9 @@ class CapacityObjective(Objective):
 
     def confirms_on_own_scale(self, metric: str) -> bool:
         return metric in (self.metric, self.kind)
+
+    def cross_check_rate(self, winner_values: list[float], gpus: int) -> float | None:
+        return self.absolute(winner_values, gpus)[0] if winner_values and winner_values[0] > 0 else None
 
     def value_label(self) -> str:
         pct = self.slo.percentile

@@ -50,6 +50,7 @@ class Sweep:
     objective: Objective
     trials: int = 12
     confirm_repeats: int = 3
+    confirm_cross_check: bool = False  # confirm.cross_check: both sides once more through `vllm bench serve`
     hardware: dict[str, Any] = field(default_factory=dict)  # {gpu: L40S, num_gpus: 4} to plan for another node
     storage: str | None = None
     results_dir: str = "results"
@@ -181,10 +182,13 @@ def parse_sweep(data: Any, source: str) -> Sweep:
     confirm = data.get("confirm") or {}
     if not isinstance(confirm, dict):
         raise UserError("must be a mapping like {repeats: 3}", source=source, key="confirm")
-    check_keys(confirm, ("repeats",), source, "confirm")
+    check_keys(confirm, ("repeats", "cross_check"), source, "confirm")
     repeats = confirm.get("repeats", 3)
     if not isinstance(repeats, int) or repeats < 0:
         raise UserError(f"repeats must be an integer >= 0, got {repeats!r}", source=source, key="confirm.repeats")
+    cross_check = confirm.get("cross_check", False)
+    if not isinstance(cross_check, bool):
+        raise UserError(f"got {cross_check!r}; must be true or false", source=source, key="confirm.cross_check")
     hardware = data.get("hardware") or {}
     if not isinstance(hardware, dict):
         raise UserError("must be a mapping like {gpu: L40S, num_gpus: 4}", source=source, key="hardware")
@@ -200,7 +204,7 @@ def parse_sweep(data: Any, source: str) -> Sweep:
     return Sweep(source=source, models=models, space=data["space"], workload=data["workload"],
                  objective=parse_objective(data.get("objective"), source),
                  trials=positive(data.get("trials", 12), source, "trials", integer=True),
-                 confirm_repeats=repeats, hardware=hardware, storage=data.get("storage"),
+                 confirm_repeats=repeats, confirm_cross_check=cross_check, hardware=hardware, storage=data.get("storage"),
                  results_dir=str(data.get("results_dir", "results")),
                  configs_dir=str(data.get("configs_dir", "configs")),
                  start_timeout_s=positive(data.get("start_timeout_s", 600.0), source, "start_timeout_s"),

@@ -5,6 +5,7 @@ This is the body of `python -m harness.sweep`, one call per model in the sweep f
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -32,7 +33,7 @@ from harness.plan.lint import require_feasible
 from harness.settings import Topology
 from harness.space import load_space
 from harness.study import naming
-from harness.study.confirm import Confirmation, confirm
+from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.pergpu import fill_replicas, gpus_used, one_server
 from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials
@@ -99,13 +100,18 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     def requests_for(step: int, n: int) -> list[Any]:
         # windowed steps need rate x time requests (a count that follows from the step's rate)
         return build_requests(workload, tokenizer, n, seed=sweep.seed * 1000 + step)
+
+    def completion_requests(n: int, k: int) -> list[Any]:
+        # the workload's lengths as raw prompts (set k): `vllm bench serve` replays them on /v1/completions
+        return build_requests(dataclasses.replace(workload, api="completions"), tokenizer, n,
+                              seed=sweep.seed * 1000 + CROSS_CHECK_SEED + k)
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
     slots = SlotPool.for_host(n_gpus, parallel, vllm_cache_root=str(vllm_cache_root(results_dir)))
     ctx = StudyContext(model=model, model_name=entry.model_name or entry.model, slug=entry.name, facts=facts, hardware=hardware, space=space, workload=workload,
                        objective=obj, requests_for=requests_for, study_dir=sdir, start_timeout_s=sweep.start_timeout_s,
-                       slots=slots, out=sys.stderr)
+                       slots=slots, out=sys.stderr, completion_requests=completion_requests)
     return ctx, name
 
 
@@ -150,7 +156,8 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     if (deadline is not None and time.monotonic() >= deadline and sweep.confirm_repeats > 0
             and key not in study.user_attrs):  # a confirmation is minutes of servers: not started past the budget
         return _out_of_time(entry, name, table, f"after all {trials} trials, before the confirmation", out)
-    conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out)
+    conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out,
+                              cross_check=sweep.confirm_cross_check)
     rec_trial = study.trials[conf.recommended_trial] if conf else winner
     mine = committed_rival(study, rec_trial) if conf is not None else None
     versus = (study_confirmation(study, ctx, rec_trial, mine, sweep.confirm_repeats, out, primary=False)
@@ -194,9 +201,11 @@ def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any)
 
 
 def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None,
-                       repeats: int, out: Any, primary: bool = True) -> Confirmation | None:
+                       repeats: int, out: Any, primary: bool = True, cross_check: bool = False
+                       ) -> Confirmation | None:
     """Run (or reuse, on a rerun) the confirmation of this winner against the baseline. `primary`: the one
-    against vLLM's defaults (the report's); otherwise the one against the committed config."""
+    against vLLM's defaults (the report's); otherwise the one against the committed config. `cross_check`: both
+    sides measured once more with `vllm bench serve` next to our client."""
     if repeats <= 0:
         return None
     key = confirm_key(winner, baseline, repeats)
@@ -206,7 +215,7 @@ def study_confirmation(study: optuna.Study, ctx: StudyContext, winner: FrozenTri
         claim = Claim(study, study._storage, f"{key}:owner", heartbeat_s=HEARTBEAT_S, grace_s=GRACE_S)
         if claim.acquire():
             try:
-                conf = confirm(ctx, winner, baseline, repeats, metric, log=out)
+                conf = confirm(ctx, winner, baseline, repeats, metric, log=out, cross_check=cross_check)
                 study.set_user_attr(key, conf.to_dict())
                 study.set_user_attr(StudyAttr.CONFIRM if primary else StudyAttr.CONFIRM_COMMITTED, conf.to_dict())
             finally:
@@ -238,6 +247,8 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
         "baseline_client_check": (client_of(baseline) or None) if baseline is not None else None,
         "baseline_settings": baseline.user_attrs.get(Attr.SETTINGS) if baseline is not None else None,
     }
+    if conf is not None and conf.cross_check:
+        provenance["vllm_bench_cross_check"] = conf.cross_check
     if conf is not None:
         # each side's mean, sd and n are over its valid repeats; `invalid` lists the client-limited ones apart
         provenance["improvement"] = {"metric": conf.metric, "relative": conf.improvement,
