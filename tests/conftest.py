@@ -171,3 +171,29 @@ def sweep_results(sweep_run):  # type: ignore[no-untyped-def]
     root, _, proc, _ = sweep_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "results"
+
+
+def fake_study(monkeypatch: Any, tmp_path: Path, space: Any, slots: Any, fake_plan: Any, fake_deploy: Any,
+               hold_s: float = 0.0) -> Any:
+    """A StudyContext whose trials plan with `fake_plan(ctx, settings)`, deploy with `fake_deploy` and 'measure'
+    capacity 1 after `hold_s` seconds of load: `run_trials` without any server."""
+    import time as _time
+    from types import SimpleNamespace
+
+    from harness.study import evaluate as evaluate_mod
+    from harness.study import objectives as objectives_mod
+    from harness.study.evaluate import StudyContext
+    from harness.study.objectives import CapacityObjective
+
+    def fake_search(measure: Any, **_: Any) -> Any:
+        _time.sleep(hold_s)
+        return SimpleNamespace(capacity_lo=1.0, curve=lambda: [], best=None,
+                               steps=[SimpleNamespace(record=None, client_limited=False)],
+                               summary=lambda: {"capacity_lo": 1.0})
+
+    monkeypatch.setattr(evaluate_mod, "_plan", fake_plan)
+    monkeypatch.setattr(evaluate_mod, "deploy", fake_deploy)
+    monkeypatch.setattr(objectives_mod, "search_capacity", fake_search)
+    return StudyContext(model="m", model_name="m", slug="m", facts=None, hardware=None, space=space, workload=None,
+                        objective=CapacityObjective(), requests_for=lambda step, n: [], study_dir=tmp_path,
+                        start_timeout_s=10, slots=slots)

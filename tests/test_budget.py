@@ -13,13 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from conftest import fake_study
 from harness.errors import UserError
 from harness.launch.placement import SlotPool
 from harness.space.spec import parse_space
-from harness.study import evaluate as evaluate_mod
-from harness.study import objectives as objectives_mod
 from harness.study.evaluate import StudyContext
-from harness.study.objectives import CapacityObjective
 from harness.study.runner import run_trials
 from harness.study.workers import PRUNED_ALLOWANCE, Budget
 
@@ -50,17 +48,8 @@ def _study(tmp_path: Path, ok: Any, monkeypatch: pytest.MonkeyPatch, deploy_erro
         def __exit__(self, *exc: Any) -> None:
             pass
 
-    def fake_search(measure: Any, **_: Any) -> Any:
-        return SimpleNamespace(capacity_lo=1.0, curve=lambda: [], best=None,
-                               steps=[SimpleNamespace(record=None, client_limited=False)],
-                               summary=lambda: {"capacity_lo": 1.0})
-
-    monkeypatch.setattr(evaluate_mod, "_plan", fake_plan)
-    monkeypatch.setattr(evaluate_mod, "deploy", FakeDeploy)
-    monkeypatch.setattr(objectives_mod, "search_capacity", fake_search)
-    ctx = StudyContext(model="m", model_name="m", slug="m", facts=None, hardware=None, space=SPACE, workload=None,
-                       objective=CapacityObjective(), requests_for=lambda step, n: [], study_dir=tmp_path,
-                       start_timeout_s=10, slots=SlotPool(gpu_ids=[0], gpu_idle=lambda g: True))
+    ctx = fake_study(monkeypatch, tmp_path, SPACE, SlotPool(gpu_ids=[0], gpu_idle=lambda g: True), fake_plan,
+                     FakeDeploy)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=3))
     return study, ctx, io.StringIO()

@@ -18,12 +18,9 @@ import pytest
 
 from harness.errors import UserError
 
-from conftest import write_sweep
+from conftest import fake_study, write_sweep
 from harness.launch.placement import (Replica, Slot, SlotPool, client_cores, core_ranges, cpu_slots, pinned_thread,
                                       replica_placement, visible_gpus)
-from harness.study import evaluate as evaluate_mod
-from harness.study import objectives as objectives_mod
-from harness.study.objectives import CapacityObjective
 
 
 class FakeNVML:
@@ -242,7 +239,6 @@ def test_server_processes_are_pinned_to_their_cores(tmp_path: Path) -> None:
 def test_runner_packs_trials_onto_disjoint_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run_trials with parallel 4 on a fake 4-GPU node: Optuna's threads -> evaluate -> SlotPool -> deploy."""
     from harness.space.spec import parse_space
-    from harness.study.evaluate import StudyContext
     from harness.study.runner import run_trials
     from harness.study.storage import make_storage
 
@@ -270,17 +266,8 @@ def test_runner_packs_trials_onto_disjoint_gpus(tmp_path: Path, monkeypatch: pyt
             with lock:
                 held.append((self.slot.gpu_ids, self.t0, time.monotonic()))
 
-    def fake_search(measure: Any, **_: Any) -> Any:
-        time.sleep(0.4)  # "the load" while the GPUs are held
-        return SimpleNamespace(capacity_lo=1.0, curve=lambda: [], best=None, steps=[SimpleNamespace(record=None, client_limited=False)],
-                               summary=lambda: {"capacity_lo": 1.0})
-
-    monkeypatch.setattr(evaluate_mod, "_plan", fake_plan)
-    monkeypatch.setattr(evaluate_mod, "deploy", FakeDeploy)
-    monkeypatch.setattr(objectives_mod, "search_capacity", fake_search)
-    ctx = StudyContext(model="m", model_name="m", slug="m", facts=None, hardware=None, space=space, workload=None,
-                       objective=CapacityObjective(), requests_for=lambda step, n: [], study_dir=tmp_path,
-                       start_timeout_s=10, slots=SlotPool(gpu_ids=[0, 1, 2, 3], gpu_idle=FakeNVML()))
+    ctx = fake_study(monkeypatch, tmp_path, space, SlotPool(gpu_ids=[0, 1, 2, 3], gpu_idle=FakeNVML()), fake_plan,
+                     FakeDeploy, hold_s=0.4)  # "the load" while the GPUs are held
     study = optuna.create_study(study_name="pack", storage=make_storage(f"sqlite:///{tmp_path / 's.db'}"),
                                 direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
     run_trials(study, ctx, target=8, parallel=4, out=open(tmp_path / "log", "w"))
