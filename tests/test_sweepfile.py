@@ -102,6 +102,17 @@ def test_emit_round_trip(tmp_path: Path) -> None:
     assert back.provenance == {"trial": 3}
 
 
+def test_a_config_with_quantized_weights_says_so(tmp_path: Path) -> None:
+    settings = {"gpu_memory_utilization": 0.9, "quantization": "fp8"}
+    path = write_config(tmp_path / "q.yaml", EmittedConfig("m", settings, provenance={"trial": 1}, header="by test"))
+    text = path.read_text()
+    assert text.startswith("# by test\n# weights quantized (fp8): this configuration changes the model's numerics")
+    assert yaml.safe_load(text)["provenance"]["numerics"].startswith("weights quantized (fp8)")
+    assert read_config(path).settings == settings
+    plain = write_config(tmp_path / "p.yaml", EmittedConfig("m", {"quantization": None}, provenance={"trial": 1}))
+    assert "numerics" not in yaml.safe_load(plain.read_text())["provenance"]
+
+
 def test_read_user_guide_format(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("model:\n  hidden_size: 768\nvllm:\n  model_name: microsoft/DialoGPT-medium\n"

@@ -29,6 +29,7 @@ from harness.plan.modelfacts import ModelFacts, facts_from_config
 from harness.space import load_space
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.trials import BASELINE_NAMES
+from harness.study.workers import PRUNED_ALLOWANCE
 from harness.settings import Topology
 from harness.study.tune import config_path_of, study_baselines
 
@@ -52,7 +53,7 @@ class Estimate:
     """Device time of one model's study, and what it assumes."""
 
     trials: int
-    launched: float  # trials expected to start servers (baselines + feasible share of the sampled ones)
+    launched: float  # trials expected to start servers (the budget, less what the planner's allowance cuts)
     startup_s: float
     steps: int
     step_s: float
@@ -148,6 +149,9 @@ def commands(model: str, settings: dict[str, Any], slots: SlotPool) -> list[str]
     return out
 
 
+VLLM_BENCH_START_S = 30.0  # `vllm bench serve`'s process start (imports): ~21 s on the H200 host (wall - duration)
+
+
 def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any, report: SpaceReport,
                    baselines: list[Launch], sampled: list[Plan], slots: SlotPool, parallel: int) -> Estimate:
     """Start-ups x launched trials + their load steps, and the confirmation; see `describe_estimate` for what it
@@ -155,7 +159,10 @@ def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any
     obj = sweep.objective
     trials = entry.trials or sweep.trials
     n_base = sum(b.plan.feasible for b in baselines)
-    launched = n_base + max(trials - len(baselines), 0) * report.feasible_fraction
+    # the budget counts launched trials: a rejected baseline or candidate uses none of it, until the rejections
+    # pass the allowance (then a space of mostly infeasible candidates launches only its feasible share of them)
+    n_sampled = max(trials - n_base, 0)
+    launched = n_base + min(n_sampled, report.feasible_fraction * (n_sampled + PRUNED_ALLOWANCE * trials))
     tpot_s = (obj.slo.tpot_ms / 1000.0) if obj.slo.tpot_ms else DEFAULT_TPOT_S
     request_s = (workload.output_len.mean_value() or workload.max_output_tokens() or 256) * tpot_s
     step_s = obj.expected_step_s(request_s)
@@ -171,6 +178,8 @@ def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any
     base = baselines[0].plan if baselines else None
     sides = 2 if base is not None and base.feasible else 1  # a pruned baseline has no values: the winner alone
     confirm_s = (sides * startup + sides * repeats * step_s) if repeats else 0.0  # at worst one side at a time
+    if repeats and sweep.confirm_cross_check:  # per side: our client's run, then vllm bench serve's (and its start)
+        confirm_s += sides * (2 * step_s + VLLM_BENCH_START_S)
     winner_gpus = max(gpus)
     base_gpus = max(int(base.gpus_needed or 0), 1) if sides == 2 and base is not None else 0
     confirm_gpus = 0 if not repeats else (1 if hardware.is_cpu else
@@ -189,8 +198,8 @@ def describe_estimate(e: Estimate, hardware: Any, parallel: int) -> list[str]:
     return ([
         f"estimate: {e.device_s / 3600:.1f} {unit}, wall ~{e.wall_s / 3600:.1f} h with {e.concurrent} trial(s) at "
         f"once (parallel {parallel})",
-        f"  = {e.launched:.1f} launched trials (queued baselines + {e.trials} trials x the feasible share; pruned "
-        f"ones cost nothing) x ({e.startup_s:.0f} s start-up + {e.steps} step(s) x {e.step_s:.0f} s) x "
+        f"  = {e.launched:.1f} launched trials (the budget of {e.trials}: candidates the planner rejects cost nothing "
+        f"and do not count) x ({e.startup_s:.0f} s start-up + {e.steps} step(s) x {e.step_s:.0f} s) x "
         f"{e.gpus_per_trial:.1f} GPU(s) per trial"
         + (f", + confirmation {e.confirm_s:.0f} s on {e.confirm_gpus} GPU(s)" if e.confirm_s else ""),
     ] if not hardware.is_cpu else [
@@ -203,8 +212,8 @@ def describe_estimate(e: Estimate, hardware: Any, parallel: int) -> list[str]:
         "plan.estimate.STARTUP_BASE_S, plus the weights at 2 GiB/s); every step as long as the objective's first "
         "(Objective.expected_step_s: its requests at the first rate, or duration_s; a closed loop paced by the "
         "SLO's TPOT, else 50 ms, x the workload's mean output), so an upper bound for a capacity search that "
-        "doubles the rate; the baselines plus the feasible share of the sampled trials launched (pruned ones "
-        "cost nothing); GPUs per trial averaged over sampled feasible candidates",
+        "doubles the rate; the budget's trials all launched (rejections do not count, up to "
+        f"{PRUNED_ALLOWANCE}x the budget of them); GPUs per trial averaged over sampled feasible candidates",
     ]
 
 
