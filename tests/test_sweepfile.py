@@ -172,3 +172,18 @@ def test_the_demo_writes_only_git_ignored_untracked_paths() -> None:
                              capture_output=True, text=True, check=True).stdout.split()
     assert tracked == []
     assert (root / "docs/evidence/cpu-demo" / f"{entry.name}.yaml").is_file()  # the committed run of the demo
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_sweep_parses(path: Path) -> None:
+    sweep = load_sweep(path)
+    assert sweep.models and sweep.trials > 0
+
+
+def test_the_quantization_run_is_its_own_labelled_study() -> None:
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    fp8, plain = load_sweep(root / "h200x1-mistral-fp8.yaml"), load_sweep(root / "h200x1-mistral.yaml")
+    assert fp8.models[0].fixed == {"quantization": "fp8"} and "quantization" not in plain.models[0].fixed
+    assert fp8.results_dir != plain.results_dir and fp8.configs_dir != plain.configs_dir
+    assert fp8.objective.to_dict() == plain.objective.to_dict() and fp8.workload == plain.workload
