@@ -13,6 +13,11 @@ class UserError(Exception):
         self.key = key
 
 
+class HostError(UserError):
+    """The host, not the candidate, cannot run trials (a GPU another process holds): every next trial would fail
+    alike, so a study stops at the first one instead of failing them all."""
+
+
 def main_guard(func):  # type: ignore[no-untyped-def]
     """Decorate a CLI main(): UserError becomes 'error: ...' on stderr and exit code 2, not a traceback."""
     import functools

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import fake_study
-from harness.errors import UserError
+from harness.errors import HostError, UserError
 from harness.launch.placement import SlotPool
 from harness.space.spec import parse_space
 from harness.study.evaluate import StudyContext
@@ -77,8 +77,39 @@ def test_a_space_of_only_rejected_candidates_still_ends(tmp_path: Path, monkeypa
 
 
 def test_an_error_of_the_host_stops_the_study_after_one_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    held = UserError("GPU 0 still held memory after 300 s", key="CUDA_VISIBLE_DEVICES")
+    held = HostError("GPU 0 still held memory after 300 s", key="CUDA_VISIBLE_DEVICES")
     study, ctx, log = _study(tmp_path, lambda s: True, monkeypatch, deploy_error=held)
     with pytest.raises(UserError, match="GPU 0 still held memory"):
         run_trials(study, ctx, target=4, parallel=1, out=log)
     assert _states(study) == [TrialState.FAIL]  # retried on the next run, as an interrupted trial is
+
+
+def test_an_error_of_one_candidate_fails_that_trial_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UserError of a candidate's settings (not of the host) is that trial's failure; the study goes on."""
+    bad = UserError("servers_per_gpu > 1 with data_parallel_size > 1", key="servers_per_gpu")
+    study, ctx, log = _study(tmp_path, lambda s: True, monkeypatch, deploy_error=bad)
+    run_trials(study, ctx, target=2, parallel=1, out=log)  # every trial fails alike here, and none raises
+    assert _states(study) == [TrialState.FAIL] * (2 + PRUNED_ALLOWANCE * 2)  # bounded like rejections
+
+
+def test_a_host_error_in_a_queued_trial_is_raised_after_the_drain(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued trials (baselines, a dead worker's retries) run outside Optuna's loop: the host error still ends the
+    study with its message, and the other queued trial measures nothing."""
+    held = HostError("GPU 0 still held memory after 300 s", key="CUDA_VISIBLE_DEVICES")
+    study, ctx, log = _study(tmp_path, lambda s: True, monkeypatch, deploy_error=held)
+    for seqs in (4, 8):
+        study.enqueue_trial({"tensor_parallel_size": 1, "max_num_seqs": seqs})
+    with pytest.raises(HostError, match="GPU 0 still held memory"):
+        run_trials(study, ctx, target=2, parallel=1, out=log)
+    assert _states(study) == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_side_by_side_trials_that_end_pruned_leave_no_budget_unfilled(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With trials side by side a running trial counts as taken; one that then ends pruned must not leave the
+    study a launched trial short."""
+    study, ctx, log = _study(tmp_path, lambda s: s["tensor_parallel_size"] == 1, monkeypatch)
+    ctx.slots = SlotPool(gpu_ids=[0, 1], gpu_idle=lambda g: True)
+    run_trials(study, ctx, target=6, parallel=2, out=log)
+    assert _states(study).count(TrialState.COMPLETE) == 6

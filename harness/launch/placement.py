@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from harness.errors import UserError
+from harness.errors import HostError, UserError
 from harness.nvml import nvml_session
 from harness.settings import Topology
 
@@ -272,7 +272,7 @@ class SlotPool:
             print(f"waiting for GPU {gpus}: a process still holds memory there (nvidia-smi shows which); giving up "
                   f"after {self.held_timeout_s:g} s", file=sys.stderr, flush=True)
         if waited >= self.held_timeout_s:
-            raise UserError(f"GPU {gpus} still held memory after {self.held_timeout_s:g} s, by a process this sweep "
+            raise HostError(f"GPU {gpus} still held memory after {self.held_timeout_s:g} s, by a process this sweep "
                             f"did not start; stop it, or list free GPUs in CUDA_VISIBLE_DEVICES",
                             key="CUDA_VISIBLE_DEVICES")
 

@@ -6,6 +6,7 @@ Optuna owns the search and the storage; this module only turns an `Evaluation` i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.errors import UserError
+from harness.errors import HostError, UserError
 from harness.study.evaluate import StudyContext, evaluate
 from harness.study.objectives import Objective
 from harness.study.storage import HEARTBEAT_S, rdb
@@ -29,6 +30,7 @@ from harness.study.workers import Budget, Surplus, drain, fail_dead_local_trials
 # Set on Ctrl-C / SIGTERM: trials running in worker threads end as FAIL (to be run again), never as a measured
 # failure of the configuration they were testing.
 INTERRUPTED = threading.Event()
+OPTIMIZE_ROUNDS = 3  # optimize loops per run: a side-by-side round can end a launched trial short (see run_trials)
 
 
 class TrialInterrupted(Exception):
@@ -160,9 +162,9 @@ class Progress:
 
 
 def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None = None,
-                   fatal: list[UserError] | None = None) -> Callable[[optuna.Trial], Any]:
-    """`fatal` collects a UserError raised while measuring (the host or the input, not the candidate: every next
-    trial would fail alike), and the study stops; `run_trials` raises it once the running trials have ended."""
+                   fatal: list[HostError] | None = None) -> Callable[[optuna.Trial], Any]:
+    """`fatal` collects a HostError raised while measuring (the host, not the candidate: every next trial would
+    fail alike): the study stops, later trials measure nothing, and `run_trials` raises it."""
     def objective(trial: optuna.Trial) -> Any:
         if budget is not None and budget.surplus(trial.study, trial.number):
             record_surplus(trial)
@@ -179,16 +181,17 @@ def make_objective(ctx: StudyContext, progress: Progress, budget: Budget | None 
         label = f"trial{trial.number:03d}"
         progress.start(trial.number, baseline or "sampled", settings)
         best = best_feasible(trial.study.get_trials(deepcopy=False))
-        if INTERRUPTED.is_set():
-            raise TrialInterrupted("the sweep is stopping")
+        if INTERRUPTED.is_set() or fatal:
+            raise TrialInterrupted(f"the sweep is stopping{f': {fatal[0]}' if fatal else ''}")
         # a baseline's bracket is closed (the report compares them); a sampled trial stops once shown worse
         try:
             ev = evaluate(ctx, settings, label, incumbent=list(best.values) if best is not None else None,
                           must_beat=not baseline)
-        except UserError as exc:
+        except HostError as exc:
             if fatal is not None:
                 fatal.append(exc)
-            trial.study.stop()
+            with contextlib.suppress(RuntimeError):  # a queued trial run by `drain` has no optimize loop to stop
+                trial.study.stop()
             raise
         if INTERRUPTED.is_set():
             raise TrialInterrupted("interrupted while measuring; a rerun measures this trial again")
@@ -231,19 +234,27 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
             progress.end(st, trial, f"trial #{trial.number} {describe(trial, on_cpu)}",
                          counted=trial.state != TrialState.PRUNED)
 
-    fatal: list[UserError] = []
+    fatal: list[HostError] = []
     objective = make_objective(ctx, progress, budget, fatal)
     if parallel > 1:
         _serialize_claims(study)
-    if remaining > 0 and budget.taken(study) < target:
+    # Side by side, the budget counts a running trial as taken; one that then ends pruned (or interrupted) leaves
+    # the budget short after the loop has stopped, so the loop runs again until the budget is filled or spent.
+    for _ in range(OPTIMIZE_ROUNDS):
+        left_s = None if deadline is None else deadline - time.monotonic()
+        if (budget.taken(study) >= target or budget.max_asks(study) <= 0 or fatal or INTERRUPTED.is_set()
+                or (left_s is not None and left_s <= 0)):
+            break
         study.optimize(objective, n_trials=budget.max_asks(study), n_jobs=parallel,
                        callbacks=[callback, budget.callback],
-                       catch=(Exception,), gc_after_trial=False, timeout=timeout_s)
+                       catch=(Exception,), gc_after_trial=False, timeout=left_s)
     if fatal:
         raise fatal[0]
 
     # Re-queued trials of workers that died: wait for the others, run the retries, so every trial is accounted for.
     drain(study, objective, [callback], poll_s=min(HEARTBEAT_S, 5), out=out, deadline=deadline)
+    if fatal:
+        raise fatal[0]
     logging.getLogger(__name__).debug("study %s: %d trials finished", study.study_name, budget.done(study))
 
 

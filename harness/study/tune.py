@@ -103,7 +103,8 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
 
     def completion_requests(n: int, k: int) -> list[Any]:
         # the workload's lengths as raw prompts (set k): `vllm bench serve` replays them on /v1/completions
-        return build_requests(dataclasses.replace(workload, api="completions"), tokenizer, n,
+        # (ignore_eos: `vllm bench serve` runs with --ignore-eos, so both tools ask for the same output lengths)
+        return build_requests(dataclasses.replace(workload, api="completions", ignore_eos=True), tokenizer, n,
                               seed=sweep.seed * 1000 + CROSS_CHECK_SEED + k)
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)

@@ -86,11 +86,11 @@ class Budget:
 
     def max_asks(self, study: optuna.Study) -> int:
         """An upper bound on the trials this worker may still ask for: what is left of the budget and of the
-        planner's allowance (so neither a stream of rejections nor of crashes runs forever)."""
+        allowance, which planner rejections and trials the harness failed (FAIL) share, so neither a stream of
+        rejections nor of crashes runs forever."""
         trials = study.get_trials(deepcopy=False)
-        pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
-        return max(self.target - self.count(trials, done_only=True), 0) + max(
-            PRUNED_ALLOWANCE * self.target - pruned, 0)
+        pruned = sum(1 for t in trials if t.state in (TrialState.PRUNED, TrialState.FAIL))
+        return max(self.target - self.count(trials, done_only=True) + PRUNED_ALLOWANCE * self.target - pruned, 0)
 
     def callback(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """After each trial: stop this worker's loop when the finished, running and queued trials fill the budget."""
