@@ -2,7 +2,7 @@
 # Run (or resume) a sweep on an offline GPU host, inside a time slot, and pack the results for the trip back.
 #   scripts/offline-gpu-sweep.sh SWEEP.yaml MINUTES HARD_STOP_S OUT_DIR [STATE_DIR]
 # MINUTES: start no new trial after this; HARD_STOP_S: Ctrl-C the sweep then (servers torn down, resumable).
-# vLLM must already be importable (see docs/gpu-hosts.md). STATE_DIR holds results.tgz (and vllm-cache.tgz) from an
+# vLLM must already be importable (see docs/gpu-hosts.md). The sweep file's results_dir holds its study. STATE_DIR holds results.tgz (and vllm-cache.tgz) from an
 # earlier slot: each is restored when this host has none yet, so a sweep survives a lost host and its servers keep
 # their compiled graphs. Each slot writes OUT_DIR/:
 #   sweep.log  results.tgz (studies.db, tables, run records, confirm.json; no server logs, no compile cache)
@@ -11,8 +11,10 @@
 set -uo pipefail
 sweep=$1 minutes=$2 hard=$3 out=$4 state=${5:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p "$out" results
-if [ ! -f results/studies.db ] && [ -n "$state" ] && [ -f "$state/results.tgz" ]; then
+# the sweep's own results folder (results_dir in the sweep file): its studies.db says whether a study exists here
+rdir=$(python3 -c 'import sys; from harness.study.sweepfile import load_sweep; print(load_sweep(sys.argv[1]).results_dir)' "$sweep") || exit 2
+mkdir -p "$out" "$rdir"
+if [ ! -f "$rdir/studies.db" ] && [ -n "$state" ] && [ -f "$state/results.tgz" ]; then
   tar -xzf "$state/results.tgz" && echo "restored results from $state/results.tgz"
 fi
 caches() { find results -maxdepth 3 -type d -name vllm-cache -prune; }  # <results_dir>/vllm-cache of each sweep
@@ -23,8 +25,8 @@ fi
   python3 -c 'import importlib.metadata as m; print("vllm", m.version("vllm"), "torch", m.version("torch"))'; } > "$out/env.txt" 2>&1
 timeout -s INT -k 60 "$hard" python3 -m harness.sweep "$sweep" --max-minutes "$minutes" 2>&1 | tee "$out/sweep.log"
 rc=${PIPESTATUS[0]}
-python3 -m harness.report results/ > "$out/report.log" 2>&1 || true
-for f in results/*/logs/*/server*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 40 "$f"; }; done > "$out/logs-tail.txt" 2>/dev/null
+python3 -m harness.report "$rdir" > "$out/report.log" 2>&1 || true
+for f in "$rdir"/*/logs/*/server*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 40 "$f"; }; done > "$out/logs-tail.txt" 2>/dev/null
 tar -czf "$out/results.tgz" --exclude='*/logs/*' --exclude='vllm-cache' results configs
 if [ -n "$(caches)" ]; then
   tar -czf "$out/vllm-cache.tgz" $(caches) \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optuna
 
+from harness.paths import PROJECT_ROOT
 from harness.records import Failure
 from harness.settings import Topology
 from harness.study.table import trials_table
@@ -50,3 +51,11 @@ def test_readers_of_a_trial_without_attributes() -> None:
     assert outcome_of(frozen) == Outcome.OK and not is_feasible(frozen)  # no constraint reported: infeasible
     assert gpus_of(frozen) == Topology(replicas=3).gpus == 3
     assert label_of(frozen) == "#0 (vLLM defaults)"
+
+
+def test_the_plan_attribute_names_the_model_relative_to_the_project() -> None:
+    """A study's SQLite file is committed: the planner's record names the model as the project does."""
+    model = str(PROJECT_ROOT / "models" / "mistral-7b")
+    study = _study([Evaluation(settings={}, values=[1.0], constraints=[0.0],
+                               plan={"model": model, "kv_cache_tokens": 10})])
+    assert study.trials[0].user_attrs[Attr.PLAN] == {"model": "models/mistral-7b", "kv_cache_tokens": 10}

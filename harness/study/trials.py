@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from harness.paths import portable
 from harness.records import Failure, RunRecord, StartupPhases, from_dict, to_dict
 from harness.settings import Topology
 from harness.study.pergpu import devices_text
@@ -217,7 +218,7 @@ def record_trial(trial: optuna.Trial, ev: Evaluation) -> None:
     trial.set_user_attr(Attr.DEVICE_SECONDS, round(ev.device_seconds, 1))
     trial.set_user_attr(Attr.GPUS, Topology.of(ev.settings).gpus)
     if ev.plan is not None:
-        trial.set_user_attr(Attr.PLAN, json_safe(ev.plan))
+        trial.set_user_attr(Attr.PLAN, json_safe(portable(ev.plan)))  # committed studies: no machine path
     if ev.curve:
         trial.set_user_attr(Attr.CURVE, json_safe(ev.curve))
     if ev.record is not None and ev.record.server is not None and ev.record.server.startup is not None:
