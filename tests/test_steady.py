@@ -260,6 +260,24 @@ def test_a_candidate_shown_below_the_incumbent_stops_there() -> None:
     assert better.converged and 38.0 <= better.capacity_lo <= 40.0  # above the incumbent: nothing stops it early
 
 
+def test_a_gpu_shaped_overload_closes_the_bracket_from_the_incumbent() -> None:
+    """On the H200 (2026-12-01, trial #1 of the one-GPU study) every step 10-30% over capacity failed serving
+    ~0.88 x its offer, so a failed step's throughput was no edge: probing just above it failed again and again
+    (5 steps, bracket [15.2, 18.4) left open). Bisecting below that throughput closes the bracket."""
+    capacity = 16.8
+
+    def measure(rate: float) -> tuple[RunRecord, Steady]:
+        ok = rate <= capacity
+        achieved = rate if ok else 0.88 * rate
+        s = Steady(holds=ok, kept_up=ok, offered_rate=rate, achieved_rate=achieved, completion_ratio=achieved / rate,
+                   window_s=30.0, requests=round(rate * 30), completed=round(achieved * 30), inflight_mean=40.0)
+        return RunRecord("r", "", "m", {}, {}, {}, None, []), s
+
+    b = search_capacity(measure, start_rate=15.77, precision=0.05, max_steps=5, growth=1.25)
+    assert b.converged and len(b.steps) <= 4, b.summary()
+    assert capacity / 1.05 <= b.capacity_lo <= capacity
+
+
 def test_growth_sets_the_step_above_a_held_one() -> None:
     server = ModelServer(25.0)
     search_capacity(server, start_rate=20.0, max_steps=2, growth=1.25)

@@ -12,9 +12,12 @@ Pure logic over `measure(rate) -> (record, steady)`: one call is one time-window
   `capacity` = `capacity_lo`.
 - Rates go up x`growth` until a step fails. A step that fails for throughput (completions or a growing queue)
   measured the server's sustained throughput, which estimates its capacity: the next step goes straight to just
-  below it (x (1 - precision / 2)) instead of halving step by step; once a rate holds, the search probes just
-  above that throughput (x (1 + precision)), then just above capacity_lo when the two agree, before it bisects
-  (geometric midpoint), to close the bracket in few steps. A failure of the SLO percentiles alone halves.
+  below it (x (1 - precision / 2)) instead of halving step by step. Once a rate holds, the search bisects
+  (geometric midpoint) between capacity_lo and the lower of capacity_hi and that throughput x (1 + precision):
+  on a GPU a step 10-30% over capacity fails serving ~0.88 x its offer, so its rate is a loose bound and the
+  throughput a tighter one. When that throughput agrees with capacity_lo (within the precision) it probes just
+  above it; when the two ends are within two precisions, capacity_lo x (1 + precision), which closes the bracket
+  or lifts it. A failure of the SLO percentiles alone halves.
 - `growth` near the ceiling: a search that starts at the incumbent (warm start) and holds there is already near
   the edge; x2 overloads the server so far that the step's window measures a backlog, not a throughput, and its
   queue takes a minute to drain. A sweep that knows its ceiling asks for a smaller `growth` (1.25).
@@ -198,13 +201,18 @@ def _next_rate(steps: list[SearchStep], lo: float, hi: float | None, precision: 
             # it failed for throughput: go straight to just below what it sustained
             return min(est * (1 - precision / 2), hi * (1 - precision))
         return hi / 2.0  # the SLO percentiles (or the client) failed: the throughput says nothing; halve
+    top = hi
+    held_top = max(max(s.rate, s.offered_rate) for s in steps if s.holds)
+    if est is not None and est >= lo and est * (1 + precision) > held_top * (1 + precision / 4):
+        # a step that failed served `est` flat out: the capacity is not far above that, whatever rate failed
+        # (below lo, the failed window measured a backlog, not a throughput; a step held above it: no bound)
+        top = min(hi, est * (1 + precision))
     candidates = []
-    if est is not None:
-        # the server's throughput says where the edge is: just above it, then just above lo when they agree
-        candidates.append(est * (1 + precision))
-        if est <= lo * (1 + 2 * precision):
-            candidates.append(lo * (1 + precision))
-    candidates.append(math.sqrt(lo * hi))
+    if est is not None and lo <= est <= lo * (1 + precision):
+        candidates.append(est * (1 + precision))  # the throughput agrees with lo: just above it closes the bracket
+    if top <= lo * (1 + precision) ** 2:
+        candidates.append(lo * (1 + precision))  # the closing probe: it fails (converged) or lifts lo by a step
+    candidates += [math.sqrt(lo * top), math.sqrt(lo * hi)]
     for c in candidates:  # skip a probe the search has already made (within a quarter of the precision)
         if lo < c < hi and all(abs(c - t) > t * precision / 4 for t in tried):
             return c
