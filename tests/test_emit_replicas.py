@@ -25,6 +25,8 @@ def _study_with(settings: dict[str, Any]) -> tuple[optuna.Study, Any]:
     trial = study.ask()
     trial.set_user_attr(Attr.SETTINGS, settings)
     trial.set_user_attr(Attr.METRICS, {"capacity_rps": 40.0, "capacity_rps_per_gpu": 20.0})
+    trial.set_user_attr(Attr.CURVE, [{"rate": 40.0, "ok": True, "achieved": 40.0},
+                                     {"rate": 60.0, "ok": False, "achieved": 50.0, "p99_tpot_ms": 80.0}])
     study.tell(trial, 20.0)
     return study, study.trials[0]
 
@@ -51,6 +53,10 @@ def test_tp2_winner_fills_a_4_gpu_node_with_2_replicas(tmp_path: Path) -> None:
     imp = doc["provenance"]["improvement"]
     assert imp["winner_gpus"] == imp["baseline_gpus"] == 2 and imp["per_gpu"] is True
     assert read_config(path).settings["replicas"] == 2
+    # the ceiling: what the overloaded step served, per GPU of the trial, and the capacity's share of it
+    ceiling = doc["provenance"]["ceiling"]
+    assert ceiling["req_s_per_gpu"] == 25.0 and ceiling["held"] is False and ceiling["gpus"] == 2
+    assert ceiling["capacity_share"] == 0.8 and ceiling["trial"] == 0
 
 
 def test_replica_count_measured_by_the_confirmation_says_so() -> None:

@@ -84,7 +84,7 @@ def _capacity_search(cap: float, start: float, steps: int, slo: SLO, io: tuple[f
         m = _step_metrics(rate, cap, slo, io, n)
         curve.append({"rate": rate, "ok": ok, **{k: m[k] for k in (
             "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "p50_e2e_ms", "p99_e2e_ms",
-            "output_throughput", "goodput")}})
+            "output_throughput", "goodput")}, "achieved": m["request_throughput"]})
         if ok:
             lo = rate
         else:
@@ -635,6 +635,8 @@ def test_report_files_and_content(studies: dict[str, Any], tmp_path: Path) -> No
     assert "beats the baseline in every repeat" in md and "mean ± sd of 3 runs" in md
     assert re.search(r"Goodput at [0-9.]+ req/s offered \(req/s\)", md)
     assert "Poisson load at the best trial's capacity" in md
+    assert re.search(r"\| ceiling: the highest throughput any load step served \(SLO or not\) \| [0-9.]+ req/s per GPU "
+                     r"\(trial #\d+ on \d GPUs?, at [0-9.]+ req/s per GPU offered: (held|did not hold)", md)
     # a study of absolute values whose winner took 4 GPUs and the baseline 1: said so, with the gain per GPU
     assert "| GPUs on each side | winner on 4 GPUs vs baseline on 1 GPU |" in md
     assert "| improvement over the baseline (unequal GPUs) | +" in md and "worst to best pairing" in md

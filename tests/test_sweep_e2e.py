@@ -89,6 +89,8 @@ def test_sweep_produces_study_table_and_config(sweep_run) -> None:  # type: igno
             "improvement", "date", "deployment"} <= set(doc["provenance"])
     assert doc["provenance"]["improvement"]["winner_gpus"] == doc["provenance"]["improvement"]["baseline_gpus"] == 1
     assert doc["provenance"]["deployment"]["replicas"] == 1 and "vllm_instances" not in doc
+    ceiling = doc["provenance"]["ceiling"]  # the most any load step served: the capacity is at most that
+    assert ceiling["req_s_per_gpu"] > 0 and 0 < ceiling["capacity_share"] <= 1.0, ceiling
     assert doc["serve_command"].startswith("vllm serve ")
     # the confirmation's cross-check: each side's live server once more through our client and vllm bench serve
     cc = doc["provenance"]["vllm_bench_cross_check"]

@@ -9,7 +9,7 @@ from harness.records import Failure
 from harness.settings import Topology
 from harness.study.table import trials_table
 from harness.study.trials import (Attr, Evaluation, Outcome, best_feasible, constraints_of, gpus_of, is_feasible,
-                                  label_of, outcome_of, record_trial)
+                                  label_of, outcome_of, record_trial, study_ceiling)
 
 
 def _study(evaluations: list[Evaluation]) -> optuna.Study:
@@ -59,3 +59,18 @@ def test_the_plan_attribute_names_the_model_relative_to_the_project() -> None:
     study = _study([Evaluation(settings={}, values=[1.0], constraints=[0.0],
                                plan={"model": model, "kv_cache_tokens": 10})])
     assert study.trials[0].user_attrs[Attr.PLAN] == {"model": "models/mistral-7b", "kv_cache_tokens": 10}
+
+
+def test_the_ceiling_is_the_most_any_step_served_per_gpu_held_or_not() -> None:
+    study = _study([
+        Evaluation(settings={}, values=[15.5], constraints=[0.0],
+                   curve=[{"rate": 15.5, "ok": True, "achieved": 15.6}, {"rate": 21.1, "ok": False, "achieved": 17.1,
+                                                                          "output_throughput": 4818.0}]),
+        Evaluation(settings={"tensor_parallel_size": 2}, values=[9.0], constraints=[0.0],
+                   curve=[{"rate": 36.0, "ok": False, "achieved": 30.0}]),  # 15 per GPU: not the ceiling
+        Evaluation(settings={}, pruned_reason="does not fit"),
+    ])
+    c = study_ceiling(study.trials)
+    assert c is not None and (c.trial, c.req_s_per_gpu, c.offered_per_gpu, c.held, c.gpus) == (0, 17.1, 21.1, False, 1)
+    assert c.output_tok_s_per_gpu == 4818.0 and round(c.share(15.5) or 0, 3) == 0.906
+    assert study_ceiling(study.trials[2:]) is None  # no load curve: no ceiling

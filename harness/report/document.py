@@ -261,6 +261,21 @@ def _device_time_text(r: StudyResults) -> str:
     return f"{hours:.2f} GPU-hours (time servers held their GPUs x GPUs held; confirmation runs not included)"
 
 
+def _ceiling_text(r: StudyResults) -> str | None:
+    """The ceiling per GPU with where it was served, and the recommended capacity as a share of it."""
+    c = r.ceiling
+    if c is None:
+        return None
+    rec = r.recommended_trial
+    share = c.share(r.objective_value(rec)) if rec is not None else None
+    lat = ", ".join(f"p99 {name} {v:.0f} ms" for name, v in (("TTFT", c.p99_ttft_ms), ("TPOT", c.p99_tpot_ms))
+                    if v is not None)
+    return (f"{c.req_s_per_gpu:.3g} req/s per GPU (trial #{c.trial} on {r.gpu_words(c.gpus)}, at "
+            f"{c.offered_per_gpu:.3g} req/s per GPU offered: {'held' if c.held else 'did not hold'}"
+            + (f"; {lat}" if lat else "") + ")"
+            + (f"; the recommended configuration's capacity at the SLO is {share:.0%} of it" if share else ""))
+
+
 def _kv_ratio_text(r: StudyResults) -> str | None:
     ratios = []
     for t in r.trials:
@@ -326,7 +341,8 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
             rows.append(["how it was confirmed",
                          "both configurations served a Poisson load at the best trial's capacity"
                          + (" per GPU times each side's GPUs" if per else f" ({r.confirm_rate:g} req/s)")
-                         + ", alternately; scored by goodput" + (" per GPU" if per else "")])
+                         + (f" ({imp['mode']})" if imp.get("mode") else "")
+                         + "; scored by goodput" + (" per GPU" if per else "")])
         scaling = imp.get("scaling")
         if scaling:
             eff = scaling.get("efficiency")
@@ -344,6 +360,9 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
                  ((label_of(rec) + (" (the baseline is kept)" if base is not None and rec.number == base.number
                                     else "")) if rec is not None else "none: no feasible trial")
                  + ("" if r.confirmed or rec is None else " - best so far, not confirmed")])
+    ceiling = _ceiling_text(r)
+    if ceiling:
+        rows.append(["ceiling: the highest throughput any load step served (SLO or not)", ceiling])
     rows.append(["trials", _counts_text(r)])
     rows.append(["device time", _device_time_text(r)])
     doc.table(["summary", ""], rows)

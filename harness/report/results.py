@@ -25,8 +25,9 @@ from harness.study.objectives import Objective, objective_from_dict
 from harness.study.storage import default_storage, make_storage, redact
 from harness.study.table import trials_table
 from harness.study.timing import TimeSpent, time_spent
-from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, Spread, StudyAttr, baseline_of,
-                                  best_feasible, category_of, gpus_of, is_measured, outcome_of, reason_of, settings_of)
+from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, Ceiling, Spread, StudyAttr,
+                                  baseline_of, best_feasible, category_of, gpus_of, is_measured, outcome_of,
+                                  reason_of, settings_of, study_ceiling)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -437,6 +438,11 @@ class StudyResults:
         """What a device-second is of: "GPU", or "server" on a CPU host."""
         return "server" if self.on_cpu else "GPU"
 
+    @property
+    def ceiling(self) -> Ceiling | None:
+        """The highest throughput any load step of the study served, SLO or not (capacity studies; else None)."""
+        return study_ceiling(self._trials)
+
     def time_spent(self) -> TimeSpent:
         """Where the trials' device time went (start-up phases, load steps, failed starts, pruned at 0 s) and the
         finished trials per device-hour."""
@@ -458,7 +464,9 @@ class StudyResults:
             wt, bt = self._get(conf.get("winner_trial")), self._get(conf.get("baseline_trial"))
             wg = conf.get("winner_gpus") or self.gpus(wt)
             bg = conf.get("baseline_gpus") or (self.gpus(bt) if bt is not None else wg)
-            return {"source": f"confirmation, {w.get('n', 0)} interleaved repeats each", "metric": conf.get("metric"),
+            mode = conf.get("mode") or ""  # interleaved, or one configuration at a time (confirm.MODE_*)
+            return {"source": f"confirmation, {w.get('n', 0)} repeats each" + (f" ({mode})" if mode else ""),
+                    "mode": mode, "metric": conf.get("metric"),
                     "label": label, "unit": unit, **self._sides(conf.get("improvement"), w.get("mean"), b.get("mean"),
                                                                  wg, bg, bool(conf.get("per_gpu")),
                                                                  conf.get("pairing") or ""),

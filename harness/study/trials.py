@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import optuna
@@ -407,6 +407,43 @@ def describe(trial: FrozenTrial, on_cpu: bool = False) -> str:
         return (f"{outcome}: {fmt_values(trial.values)} [{devices_text(gpus, on_cpu)}{bracket}]"
                 + (f" ({reason})" if reason else ""))
     return f"{outcome}" + (f": {reason}" if reason else "")
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The highest throughput any load step of a study served in its window, whether the step held or not (SLO
+    met or not, steady or not), per GPU: what the GPU does flat out, which the capacity at the SLO is read against."""
+
+    req_s_per_gpu: float
+    trial: int
+    offered_per_gpu: float  # the step's offered rate
+    held: bool  # whether that step held (steady and within the SLO)
+    gpus: int
+    output_tok_s_per_gpu: float | None = None  # over that step's requests
+    p99_ttft_ms: float | None = None
+    p99_tpot_ms: float | None = None
+
+    def share(self, capacity_per_gpu: float | None) -> float | None:
+        """`capacity_per_gpu` as a fraction of the ceiling (how close a capacity at the SLO is to flat out)."""
+        return None if capacity_per_gpu is None or self.req_s_per_gpu <= 0 else capacity_per_gpu / self.req_s_per_gpu
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def study_ceiling(trials: Iterable[FrozenTrial]) -> Ceiling | None:
+    """The study's ceiling over every capacity step it recorded (None: no trial has a load curve)."""
+    best: Ceiling | None = None
+    for t in trials:
+        gpus = max(gpus_of(t), 1)
+        for row in t.user_attrs.get(Attr.CURVE) or []:
+            served = row.get("achieved")
+            if not isinstance(served, (int, float)) or served <= 0 or (best and served / gpus <= best.req_s_per_gpu):
+                continue
+            out = row.get("output_throughput")
+            best = Ceiling(served / gpus, t.number, float(row.get("rate") or 0.0) / gpus, bool(row.get("ok")), gpus,
+                           None if out is None else out / gpus, row.get("p99_ttft_ms"), row.get("p99_tpot_ms"))
+    return best
 
 
 def best_feasible(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:

@@ -42,7 +42,8 @@ from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
 from harness.study.timing import time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
-                                  baseline_trial, best_feasible, client_of, confirm_key, is_feasible, settings_of)
+                                  baseline_trial, best_feasible, client_of, confirm_key, is_feasible, per_gpu_metric,
+                                  settings_of, study_ceiling)
 from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
@@ -248,6 +249,11 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
         "baseline_client_check": (client_of(baseline) or None) if baseline is not None else None,
         "baseline_settings": baseline.user_attrs.get(Attr.SETTINGS) if baseline is not None else None,
     }
+    ceiling = study_ceiling(study.get_trials(deepcopy=False))
+    if ceiling is not None:  # capacity studies: how close the capacity at the SLO is to what the GPU does at all
+        provenance["ceiling"] = {**ceiling.to_dict(),
+                                 "capacity_share": ceiling.share(per_gpu_metric(trial, ctx.objective.metric)),
+                                 "what": "the highest throughput any load step of the study served, SLO or not"}
     if conf is not None and conf.cross_check:
         provenance["vllm_bench_cross_check"] = conf.cross_check
     if conf is not None:
