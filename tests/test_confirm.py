@@ -120,17 +120,27 @@ def test_both_configs_start_once_together_on_disjoint_gpus(monkeypatch: pytest.M
     assert measured == ["w", "b", "w", "b"] and conf.recommended_trial == 5
 
 
-def test_a_winner_on_every_gpu_and_the_baseline_are_started_once_each_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 4 + 1 GPUs do not fit a 4-GPU node together: two start-ups (not one per repeat), each config's repeats in a row
+def test_a_winner_on_every_gpu_and_the_baseline_alternate_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 + 1 GPUs do not fit a 4-GPU node together: A, B B, A A, B: 4 start-ups (not one per repeat), the repeats
+    # alternate (neither side measured mostly early) and each side is measured on two servers
     started: list[list[tuple[str, tuple[int, ...]]]] = []
     measured: list[str] = []
     _fake_live(monkeypatch, {"w": [5.0, 5.1, 5.2], "b": [4.0, 4.1, 3.9]}, {"w": 4, "b": 1}, started, measured)
     monkeypatch.setattr(confirm_mod, "evaluate", lambda *a, **k: pytest.fail("a fresh server was started"))
     conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 3, "goodput_rps")
-    assert [[(who, len(gpus)) for who, gpus in s] for s in started] == [[("w", 4)], [("b", 1)]]
-    assert measured == ["w", "w", "w", "b", "b", "b"]
-    assert conf.mode == confirm_mod.MODE_IN_TURN and conf.to_dict()["mode"] == confirm_mod.MODE_IN_TURN
+    assert [[(who, len(gpus)) for who, gpus in s] for s in started] == [[("w", 4)], [("b", 1)], [("w", 4)],
+                                                                         [("b", 1)]]
+    assert measured == ["w", "b", "b", "w", "w", "b"]
+    assert conf.mode == confirm_mod.MODE_BLOCKS and conf.to_dict()["mode"] == confirm_mod.MODE_BLOCKS
     assert conf.recommended_trial == 5 and conf.baseline.runs == [4.0, 4.1, 3.9]
+
+
+@pytest.mark.parametrize("repeats, blocks", [(1, ["a0", "b0"]), (2, ["a0", "b01", "a1"]), (3, ["a0", "b01", "a12", "b2"]),
+                                             (4, ["a0", "b01", "a12", "b23", "a3"])])
+def test_alternating_blocks(repeats: int, blocks: list[str]) -> None:
+    got = confirm_mod.alternating_blocks(["a", "b"], repeats)
+    assert [side + "".join(map(str, idx)) for side, idx in got] == blocks
+    assert confirm_mod.alternating_blocks(["a"], 2) == [("a", [0, 1])]
 
 
 def test_a_config_without_free_gpus_now_falls_back_to_a_fresh_server_per_repeat(

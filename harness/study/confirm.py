@@ -40,7 +40,7 @@ from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluat
 CLIENT_RETRIES = 2  # a repeat whose load client fell behind is measured again, at most this many times
 SLOT_WAIT_S = 30.0  # for devices whose memory the last trial's servers are still releasing; then: not free now
 MODE_LIVE = "live servers, repeats interleaved"
-MODE_IN_TURN = "live servers, one configuration at a time"
+MODE_BLOCKS = "live servers, one configuration at a time in alternating blocks"
 MODE_FRESH = "fresh server per repeat"
 CROSS_CHECK_SEED = 990  # the cross-check's prompts: none of a trial's steps (seeds 0..max_steps) sends them
 CROSS_CHECK_MIN_REQUESTS = 20
@@ -150,10 +150,11 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
 
     When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
     the repeats alternate between the two live servers (a winner that is the baseline: one live server). When they
-    cannot (a winner on every GPU of the node), each is started once in turn and its repeats run back to back:
-    two start-ups instead of one per repeat, which on GPUs (minutes each) decides whether a confirmation fits a
-    time slot at all. Only when a configuration cannot be started on its own slot now does every repeat start a
-    fresh server.
+    cannot (a winner on every GPU of the node, one GPU), they alternate in blocks (`alternating_blocks`: A, B B,
+    A A, B for 3 repeats): 4 start-ups instead of one per repeat (6), which on GPUs (minutes each) decides whether
+    a confirmation fits a time slot, while neither side is measured mostly early (drift) and each is measured on
+    two servers (start-to-start spread). Only when a configuration cannot be started on its own slot now does each
+    of its repeats start a fresh server.
     """
     # What a repeat measures is the objective's (`Objective.measure_repeat`): capacity studies offer both sides
     # the winner's claimed capacity per GPU times their GPUs and score goodput per GPU, so a baseline that also
@@ -323,14 +324,30 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: dict
                 return
     left = interleaved
     if len(pairs) > 1:
-        for pair in pairs:
+        for pair, block in alternating_blocks(pairs, repeats):
             with _deployed(ctx, [pair], sides, needs) as deps:
                 if deps is None:
                     continue  # no free devices for it now: its repeats start fresh servers (which wait for them)
-                yield MODE_IN_TURN, deps, [(i, pair) for i in range(repeats)]
-            left = [(i, p) for i, p in left if p is not pair]
+                yield MODE_BLOCKS, deps, [(i, pair) for i in block]
+            left = [(i, p) for i, p in left if not (p is pair and i in block)]
     if left:
         yield MODE_FRESH, None, left
+
+
+def alternating_blocks(pairs: list[Any], repeats: int) -> list[tuple[Any, list[int]]]:
+    """Each side's repeat indices in blocks, one server start per block, when the sides cannot be up together:
+    A, B B, A A, B, ... (the first block one long, then blocks of two), so each side's repeats sit as early as the
+    other's on average and, from 2 repeats on, come from more than one server start."""
+    if len(pairs) < 2:
+        return [(pairs[0], list(range(repeats)))] if pairs else []
+    done, out, side, size = [0, 0], [], 0, 1
+    while min(done) < repeats:
+        n = min(size, repeats - done[side])
+        if n > 0:
+            out.append((pairs[side], list(range(done[side], done[side] + n))))
+            done[side] += n
+        side, size = 1 - side, 2
+    return out
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from harness.plan.estimate import startup_estimate_s
 from harness.plan.lint import SpaceReport, infeasible_error, space_feasibility
 from harness.plan.modelfacts import ModelFacts, facts_from_config
 from harness.space import load_space
+from harness.study.confirm import alternating_blocks
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.trials import BASELINE_NAMES
 from harness.study.workers import PRUNED_ALLOWANCE
@@ -59,7 +60,7 @@ class Estimate:
     step_s: float
     gpus_per_trial: float
     concurrent: int
-    confirm_s: float  # wall time of the confirmation (two start-ups side by side, then the repeats)
+    confirm_s: float  # wall time of the confirmation (at worst a start-up per alternating block, then the repeats)
     confirm_gpus: int
 
     @property
@@ -177,7 +178,9 @@ def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any
     repeats = sweep.confirm_repeats
     base = baselines[0].plan if baselines else None
     sides = 2 if base is not None and base.feasible else 1  # a pruned baseline has no values: the winner alone
-    confirm_s = (sides * startup + sides * repeats * step_s) if repeats else 0.0  # at worst one side at a time
+    # at worst one side at a time, in alternating blocks: a start-up per block
+    starts = len(alternating_blocks(list(range(sides)), repeats)) if repeats else 0
+    confirm_s = (starts * startup + sides * repeats * step_s) if repeats else 0.0
     if repeats and sweep.confirm_cross_check:  # per side: our client's run, then vllm bench serve's (and its start)
         confirm_s += sides * (2 * step_s + VLLM_BENCH_START_S)
     winner_gpus = max(gpus)
