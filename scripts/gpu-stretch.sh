@@ -4,7 +4,8 @@
 #   scripts/gpu-stretch.sh start BUDGET_S SWEEP.yaml [UNITS] [TRIAL_S]
 #       copies the tree to $GPU_STRETCH_DIR/tree (models/ linked) and returns at once. There, in the background: scripts/gpu_steady_evidence.py --only UNITS (when given), then
 #       scripts/offline-gpu-sweep.sh SWEEP with as many trials as fit: no trial starts later than TRIAL_S (default
-#       480) before the budget ends, and the sweep is interrupted (servers torn down, study resumable) 20 s before.
+#       180: a start-up and a step) before the budget ends, and the sweep is interrupted (servers torn down, study
+#       resumable) 20 s before. A trial cut off there is measured again on resume; device time left unused is lost.
 #   scripts/gpu-stretch.sh collect OUT_DIR [WAIT_S]
 #       waits until the stretch is done or WAIT_S seconds pass, then packs the state to OUT_DIR/stretch.tgz:
 #       results/ and configs/ (no server logs, no compile cache) and the stretch's logs with the server logs' tails. Safe to call while the work runs (a pack of a study mid-trial resumes from its last finished trial).
@@ -19,7 +20,7 @@ cmd=${1:?start or collect}; shift
 w=${GPU_STRETCH_DIR:-/tmp/gpu-stretch}
 case $cmd in
 start)
-  budget=${1:?BUDGET_S} sweep=${2:?SWEEP} units=${3:-} trial_s=${4:-480}
+  budget=${1:?BUDGET_S} sweep=${2:?SWEEP} units=${3:-} trial_s=${4:-180}
   mkdir -p "$w"; rm -f "$w/done"
   # The work runs in a copy of the tree: each remote command syncs the repo root again, which replaces (or
   # removes) files the work writes there, so a stretch that wrote results into the root would lose them.
