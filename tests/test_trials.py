@@ -9,7 +9,7 @@ from harness.records import Failure
 from harness.settings import Topology
 from harness.study.table import trials_table
 from harness.study.trials import (Attr, Evaluation, Outcome, best_feasible, constraints_of, gpus_of, is_feasible,
-                                  label_of, outcome_of, record_trial, study_ceiling)
+                                  capacity_limit, label_of, outcome_of, record_trial, study_ceiling)
 
 
 def _study(evaluations: list[Evaluation]) -> optuna.Study:
@@ -74,3 +74,34 @@ def test_the_ceiling_is_the_most_any_step_served_per_gpu_held_or_not() -> None:
     assert c is not None and (c.trial, c.req_s_per_gpu, c.offered_per_gpu, c.held, c.gpus) == (0, 17.1, 21.1, False, 1)
     assert c.output_tok_s_per_gpu == 4818.0 and round(c.share(15.5) or 0, 3) == 0.906
     assert study_ceiling(study.trials[2:]) is None  # no load curve: no ceiling
+
+
+def _capacity_trial(step: dict, metrics: dict | None = None) -> optuna.trial.FrozenTrial:
+    held = {"rate": 15.5, "offered": 15.5, "achieved": 15.6, "ratio": 1.0, "holds": True, "client_limited": False,
+            "reason": ""}
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(Attr.CAPACITY, {"capacity_lo": 15.5, "capacity_hi": step["offered"], "steps": [held, step]})
+    trial.set_user_attr(Attr.CURVE, [{"rate": 15.5, "ok": True}, {"rate": step["offered"], "ok": False,
+                                                                   "p99_ttft_ms": 257.0, "p99_tpot_ms": 18.4}])
+    trial.set_user_attr(Attr.METRICS, metrics or {})
+    study.tell(trial, 15.5)
+    return study.trials[0]
+
+
+def test_capacity_limit_names_what_failed_above_the_capacity() -> None:
+    throughput = _capacity_trial({"rate": 17.0, "offered": 17.5, "achieved": 16.1, "ratio": 0.92, "holds": False,
+                                  "client_limited": False, "reason": "completed 483 of 524 arrivals"},
+                                 {"peak_kv_usage": 0.102, "preemptions": 0})
+    assert capacity_limit(throughput) == ("the server's throughput: at 17.5 req/s per GPU offered it served 16.1 "
+                                          "(0.92 of arrivals); p99 TTFT 257 ms, p99 TPOT 18 ms; KV cache peak 10% at "
+                                          "capacity, no preemptions")
+    slo = _capacity_trial({"rate": 17.0, "offered": 17.5, "achieved": 17.4, "ratio": 0.99, "holds": False,
+                           "client_limited": False, "reason": "SLO percentiles missed: excess over limits +12%"})
+    assert capacity_limit(slo) == ("the latency SLO: at 17.5 req/s per GPU offered the server kept up but missed it "
+                                   "(p99 TTFT 257 ms, p99 TPOT 18 ms)")
+    client = _capacity_trial({"rate": 17.0, "offered": 17.5, "achieved": 17.4, "ratio": 0.99, "holds": False,
+                              "client_limited": True, "reason": ""}, {"peak_kv_usage": 0.95, "preemptions": 3})
+    assert capacity_limit(client).startswith("the load client") and capacity_limit(client).endswith(
+        "KV cache peak 95% at capacity, 3 preemptions")
+    assert capacity_limit(_study([Evaluation(settings={}, values=[1.0], constraints=[0.0])]).trials[0]) is None

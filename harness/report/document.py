@@ -15,8 +15,8 @@ from typing import Any
 from harness.errors import UserError
 from harness.report.figures import all_figures
 from harness.report.results import StudyResults, check_latency, latency_label, register_view
-from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, category_of, is_measured, label_of, metric_of, outcome_of, reason_of,
-                                  settings_of)
+from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, capacity_limit, category_of, is_measured, label_of,
+                                  metric_of, outcome_of, reason_of, settings_of)
 
 FAILURE_HINTS = {
     "oom": "out of device memory at start-up or under load: lower gpu_memory_utilization, max_num_seqs or "
@@ -363,6 +363,9 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
     ceiling = _ceiling_text(r)
     if ceiling:
         rows.append(["ceiling: the highest throughput any load step served (SLO or not)", ceiling])
+    limit = capacity_limit(rec) if rec is not None else None
+    if limit:
+        rows.append([f"what bounded {label_of(rec)}'s capacity", f"{limit} (SLO: {r.slo_text()})"])
     rows.append(["trials", _counts_text(r)])
     rows.append(["device time", _device_time_text(r)])
     doc.table(["summary", ""], rows)

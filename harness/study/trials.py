@@ -446,6 +446,37 @@ def study_ceiling(trials: Iterable[FrozenTrial]) -> Ceiling | None:
     return best
 
 
+def capacity_limit(trial: FrozenTrial) -> str | None:
+    """In words, what bounded the capacity from above: the step at capacity_hi failed for the load client, the
+    SLO percentiles (the server kept up), or the server's throughput (its window did not keep up, or it held while
+    serving clearly less than offered), with that step's latencies and the KV cache's peak use at capacity; None
+    for a trial without a capacity bracket or with nothing failed above capacity_lo."""
+    cap = capacity_of(trial)
+    hi = cap.get("capacity_hi")
+    if hi is None or not cap.get("steps"):
+        return None
+    step = min(cap["steps"], key=lambda st: abs(float(st.get("offered") or 0.0) - hi))
+    row = min(trial.user_attrs.get(Attr.CURVE) or [{}], key=lambda r: abs(float(r.get("rate") or 0.0) - hi))
+    gpus = max(gpus_of(trial), 1)
+    at = f"at {hi / gpus:.3g} req/s per GPU offered"
+    lat = ", ".join(f"p99 {name} {row[key]:.0f} ms" for name, key in (("TTFT", "p99_ttft_ms"), ("TPOT", "p99_tpot_ms"))
+                    if isinstance(row.get(key), (int, float)))
+    if step.get("client_limited"):
+        text = f"the load client: {at} its own check failed (not a server number)"
+    elif str(step.get("reason", "")).startswith("SLO percentiles missed"):
+        text = f"the latency SLO: {at} the server kept up but missed it" + (f" ({lat})" if lat else "")
+    else:
+        served = step.get("achieved")
+        text = (f"the server's throughput: {at} it served {float(served) / gpus:.3g}" if served is not None else
+                f"the server's throughput: {at} its window did not keep up")
+        text += (f" ({float(step['ratio']):.2f} of arrivals)" if step.get("ratio") is not None else "")
+        text += f"; {lat}" if lat else ""
+    kv, pre = metric_of(trial, "peak_kv_usage"), metric_of(trial, "preemptions")
+    if kv is not None:
+        text += f"; KV cache peak {kv:.0%} at capacity" + (f", {pre:.0f} preemptions" if pre else ", no preemptions")
+    return text
+
+
 def best_feasible(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
     """The highest first value among feasible trials (for pareto: the highest throughput on the feasible front),
     the earliest trial on a tie."""

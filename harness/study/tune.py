@@ -42,8 +42,8 @@ from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
 from harness.study.timing import time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
-                                  baseline_trial, best_feasible, client_of, confirm_key, is_feasible, per_gpu_metric,
-                                  settings_of, study_ceiling)
+                                  baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
+                                  per_gpu_metric, settings_of, study_ceiling)
 from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
@@ -254,6 +254,9 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
         provenance["ceiling"] = {**ceiling.to_dict(),
                                  "capacity_share": ceiling.share(per_gpu_metric(trial, ctx.objective.metric)),
                                  "what": "the highest throughput any load step of the study served, SLO or not"}
+    limit = capacity_limit(trial)
+    if limit:
+        provenance["capacity_limit"] = limit  # what bounded the capacity from above
     if conf is not None and conf.cross_check:
         provenance["vllm_bench_cross_check"] = conf.cross_check
     if conf is not None:
