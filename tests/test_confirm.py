@@ -54,6 +54,31 @@ def test_overlap_keeps_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "does not beat the baseline" in conf.verdict
 
 
+def _feasible(number: int, value: float, who: str, baseline: str | None = None) -> optuna.trial.FrozenTrial:
+    t = frozen(number, value, {"who": who})
+    t.user_attrs.update({"constraints": [0.0], **({"baseline": baseline} if baseline else {})})
+    return t
+
+
+def test_when_the_defaults_measured_best_the_best_other_candidate_is_confirmed_at_their_load(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.study.tune import challenger, confirm_load
+
+    defaults, user, sampled = (_feasible(0, 15.5, "b", "vllm-defaults"), _feasible(1, 15.2, "u", "user-setting"),
+                               _feasible(3, 15.0, "s"))
+    trials = [defaults, user, sampled]
+    rival = challenger(trials, defaults, defaults)
+    assert rival is user  # the best trial other than the defaults, baseline or sampled
+    assert challenger(trials, user, defaults) is user and challenger([defaults], defaults, defaults) is defaults
+    assert confirm_load(rival, defaults) == [15.5]  # held to the defaults' higher capacity, not its own 15.2
+    assert confirm_load(_feasible(4, 16.0, "w"), defaults) == [16.0] and confirm_load(user, None) == [15.2]
+    calls: list[tuple[str, float | None]] = []
+    monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"u": [14.8, 14.9, 15.0], "b": [15.4, 15.5, 15.3]},
+                                                               calls))
+    conf = confirm(Ctx(), rival, defaults, 3, "goodput_per_gpu_at_15.5_rps_per_gpu", load_values=[15.5])
+    assert {c[1] for c in calls} == {15.5} and conf.recommended_trial == 0 and "does not beat" in conf.verdict
+
+
 def test_baseline_is_winner(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, float | None]] = []
     monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.0]}, calls))

@@ -15,7 +15,7 @@ from typing import Any
 from harness.errors import UserError
 from harness.report.figures import all_figures
 from harness.report.results import StudyResults, check_latency, latency_label, register_view
-from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, capacity_limit, category_of, is_measured, label_of,
+from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, best_feasible, capacity_limit, category_of, is_measured, label_of,
                                   metric_of, outcome_of, reason_of, settings_of)
 
 FAILURE_HINTS = {
@@ -323,7 +323,10 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
         rows.append([f"baseline{' ' + label_of(base) if base is not None else ''}: {imp['label']}",
                      _spread(imp.get("baseline_mean"), imp.get("baseline_std"), b_n, imp.get("baseline_min"),
                              imp.get("baseline_max"), unit, imp.get("baseline_invalid"))])
-        rows.append([f"best trial #{imp.get('winner_trial')}: {imp['label']}",
+        best = best_feasible(r.trials)
+        side = ("best trial" if best is None or best.number == imp.get("winner_trial") else
+                "best trial other than the baseline")  # the defaults measured best: the challenger (tune.challenger)
+        rows.append([f"{side} #{imp.get('winner_trial')}: {imp['label']}",
                      _spread(imp.get("winner_mean"), imp.get("winner_std"), w_n, imp.get("winner_min"),
                              imp.get("winner_max"), unit, imp.get("winner_invalid"))])
         rows.append(["GPUs on each side", imp.get("sides") or "-"])

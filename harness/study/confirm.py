@@ -145,8 +145,10 @@ def node_gpus(ctx: StudyContext) -> int:
 
 
 def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None, repeats: int,
-            metric: str, log: Any = None, cross_check: bool = False) -> Confirmation:
-    """Re-measure winner and baseline, `repeats` times each, on equal GPUs where the node allows it.
+            metric: str, log: Any = None, cross_check: bool = False,
+            load_values: list[float] | None = None) -> Confirmation:
+    """Re-measure winner and baseline, `repeats` times each, on equal GPUs where the node allows it. `load_values`:
+    the values whose load every repeat offers (default: the winner's; see `tune.confirm_load`).
 
     When both configurations can be up at once (a CPU host, or disjoint GPU sets free), each is started once and
     the repeats alternate between the two live servers (a winner that is the baseline: one live server). When they
@@ -159,7 +161,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     # What a repeat measures is the objective's (`Objective.measure_repeat`): capacity studies offer both sides
     # the winner's claimed capacity per GPU times their GPUs and score goodput per GPU, so a baseline that also
     # sustains it ties (and is kept).
-    winner_values = list(winner.values)
+    winner_values = list(winner.values if load_values is None else load_values)
     same = baseline is None or baseline.number == winner.number
     pairing = (equal_gpu_pair(settings_of(winner), settings_of(baseline), node_gpus(ctx)) if not same
                else equal_gpu_pair(settings_of(winner), settings_of(winner), node_gpus(ctx)))
