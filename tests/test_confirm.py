@@ -249,9 +249,12 @@ def test_repeats_the_client_still_limited_are_marked_and_left_out(monkeypatch: p
 # ---------------------------------------------------------------------------------------------- time budget
 
 
-def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # The trials are done but the slot's time is up: minutes of server start-ups would be cut off by the slot's
-    # end, so the sweep stops and a rerun (with time) confirms; nothing is emitted yet.
+@pytest.mark.parametrize("left_s", [-1.0, 600.0])
+def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model, monkeypatch,  # type: ignore[no-untyped-def]
+                                                            left_s: float) -> None:
+    # The trials are done but the slot's time is up, or too little of it is left for what this study's start-ups
+    # and steps say the confirmation takes (4 start-ups of 120 s, 6 repeats of 60 s: 14 min > 10): it would be cut
+    # off by the slot's end, so the sweep stops and a rerun (with time) confirms; nothing is emitted yet.
     import io
     import time
 
@@ -266,6 +269,9 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
             trial = study.ask()
             trial.set_user_attr("settings", {"max_num_seqs": 4})
             trial.set_user_attr("baseline", "vllm-defaults" if value == 3.0 else None)
+            trial.set_user_attr("device_seconds", 120.0 + 3 * 60.0)  # a 120 s start-up and 3 steps of 60 s
+            trial.set_user_attr("metrics", {"startup_s": 120.0})
+            trial.set_user_attr("capacity", {"steps": [{"offered": value, "holds": True}] * 3})
             trial.set_constraint("slo", 0.0)
             study.tell(trial, value)
 
@@ -274,8 +280,10 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
     sweep = load_sweep(write_sweep(tmp_path, tiny_model, trials=2, confirm=3))
     out = io.StringIO()
     outcome = tune.tune_model(sweep, sweep.models[0], hardware=detect_hardware("CPU"), storage_url=None, parallel=1,
-                              out=out, deadline=time.monotonic() - 1)
+                              out=out, deadline=time.monotonic() + left_s)
     assert outcome.config_path is None and "before the confirmation" in outcome.message
+    if left_s > 0:
+        assert "it needs ~14 min by this study's start-ups and load steps, 10 min were left" in outcome.message
     assert not (tmp_path / "configs" / "tiny.yaml").exists()
 
 
@@ -468,3 +476,42 @@ def test_the_cross_check_measures_each_live_side_once_after_its_repeats(monkeypa
     without = confirm(ctx, frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 0,  # type: ignore[arg-type]
                       "goodput")
     assert without.cross_check is None
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3])
+def test_a_block_whose_server_does_not_start_sends_that_sides_repeats_to_fresh_servers(
+        monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
+    """Every repeat runs exactly once whichever block's deploy fails, and a side that failed is not started again
+    for its later blocks (each try would cost a whole start-up timeout)."""
+    import contextlib
+
+    started: list[Any] = []
+    measured: list[str] = []
+    _fake_live(monkeypatch, {"w": [5.0, 5.1, 5.2], "b": [4.0, 4.1, 3.9]}, {"w": 4, "b": 1}, started, measured)
+    inner = confirm_mod.deploy_together
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def flaky(jobs: list[Any], *, start_timeout_s: float) -> Any:
+        k, calls["n"] = calls["n"], calls["n"] + 1
+        if k == fail_at:
+            started.append("failed")
+            yield []
+            return
+        with inner(jobs, start_timeout_s=start_timeout_s) as deps:
+            yield deps
+
+    fresh: list[str] = []
+
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None) -> Evaluation:
+        fresh.append(settings["who"])
+        return Evaluation(settings=settings, values=[{"w": 9.0, "b": 8.0}[settings["who"]]], constraints=[0.0])
+
+    monkeypatch.setattr(confirm_mod, "deploy_together", flaky)
+    monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
+    conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 3, "goodput_rps")
+    assert len(conf.winner.runs) == 3 and len(conf.baseline.runs) == 3
+    side = ["w", "b", "w", "b"][fail_at]
+    assert len(measured) + len(fresh) == 6 and set(fresh) == {side}
+    starts_of_side = sum(1 for s in started if s != "failed" and s[0][0] == side)
+    assert starts_of_side == (0 if fail_at < 2 else 1) and started.count("failed") == 1  # never tried again

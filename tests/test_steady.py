@@ -278,6 +278,34 @@ def test_a_gpu_shaped_overload_closes_the_bracket_from_the_incumbent() -> None:
     assert capacity / 1.05 <= b.capacity_lo <= capacity
 
 
+def _scripted(results: list[tuple[float, float, bool]], inflight: float = 40.0):  # type: ignore[no-untyped-def]
+    """measure(rate) returning (offered, served, holds) in turn; the rates asked are in .rates."""
+    def measure(rate: float) -> tuple[RunRecord, Steady]:
+        measure.rates.append(rate)
+        offered, served, ok = results[len(measure.rates) - 1]
+        s = Steady(holds=ok, kept_up=ok, offered_rate=offered, achieved_rate=served, completion_ratio=served / offered,
+                   window_s=30.0, requests=round(offered * 30), completed=round(served * 30), inflight_mean=inflight)
+        return RunRecord("r", "", "m", {}, {}, {}, None, []), s
+
+    measure.rates = []
+    return measure
+
+
+def test_a_failed_step_that_measured_a_backlog_does_not_bound_the_bisection() -> None:
+    # 20 holds; 25 fails serving 12 (its window saw a backlog, not a throughput): bisect 20..25, not 20..12.6
+    m = _scripted([(20.0, 20.0, True), (25.0, 12.0, False), (22.4, 22.4, True)])
+    search_capacity(m, start_rate=20.0, max_steps=3, growth=1.25)
+    assert m.rates[2] == pytest.approx((20.0 * 25.0) ** 0.5)
+
+
+def test_a_step_that_held_at_the_failed_steps_throughput_lifts_that_bound() -> None:
+    # 20 holds; 30 fails serving 21, so the search probes just above it, 22.05, and that holds (serving 21.0 of
+    # 21.8 offered, within a steady load's noise): 22.05 bounds nothing any more, the next probe is below 30
+    m = _scripted([(20.0, 20.0, True), (30.0, 21.0, False), (21.8, 21.0, True), (25.1, 23.0, False)], inflight=200.0)
+    search_capacity(m, start_rate=20.0, max_steps=4, growth=1.5)
+    assert m.rates[2] == pytest.approx(22.05) and m.rates[3] == pytest.approx((21.0 * 30.0) ** 0.5)
+
+
 def test_growth_sets_the_step_above_a_held_one() -> None:
     server = ModelServer(25.0)
     search_capacity(server, start_rate=20.0, max_steps=2, growth=1.25)

@@ -34,6 +34,7 @@ from harness.measure.stats import summarize
 from harness.records import SLO, RequestResult, RunMetrics
 
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+VLLM_BENCH_START_S = 30.0  # `vllm bench serve`'s process start (imports): ~21 s on the H200 host (wall - duration)
 
 VLLM_CODE = """
 import json, sys

@@ -15,8 +15,8 @@ from typing import Any
 from harness.errors import UserError
 from harness.report.figures import all_figures
 from harness.report.results import StudyResults, check_latency, latency_label, register_view
-from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, best_feasible, capacity_limit, category_of, is_measured, label_of,
-                                  metric_of, outcome_of, reason_of, settings_of)
+from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, best_feasible, capacity_limit, category_of, is_measured,
+                                  label_of, metric_of, outcome_of, per_gpu_metric, reason_of, settings_of)
 
 FAILURE_HINTS = {
     "oom": "out of device memory at start-up or under load: lower gpu_memory_utilization, max_num_seqs or "
@@ -267,11 +267,12 @@ def _ceiling_text(r: StudyResults) -> str | None:
     if c is None:
         return None
     rec = r.recommended_trial
-    share = c.share(r.objective_value(rec)) if rec is not None else None
+    share = c.share(per_gpu_metric(rec, r.objective_spec.metric)) if rec is not None else None  # as emit's
     lat = ", ".join(f"p99 {name} {v:.0f} ms" for name, v in (("TTFT", c.p99_ttft_ms), ("TPOT", c.p99_tpot_ms))
                     if v is not None)
-    return (f"{c.req_s_per_gpu:.3g} req/s per GPU (trial #{c.trial} on {r.gpu_words(c.gpus)}, at "
-            f"{c.offered_per_gpu:.3g} req/s per GPU offered: {'held' if c.held else 'did not hold'}"
+    per = f"per {r.device_unit}"
+    return (f"{c.req_s_per_gpu:.3g} req/s {per} (trial #{c.trial} on {r.gpu_words(c.gpus)}, at "
+            f"{c.offered_per_gpu:.3g} req/s {per} offered: {'held' if c.held else 'did not hold'}"
             + (f"; {lat}" if lat else "") + ")"
             + (f"; the recommended configuration's capacity at the SLO is {share:.0%} of it" if share else ""))
 
@@ -366,7 +367,7 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
     ceiling = _ceiling_text(r)
     if ceiling:
         rows.append(["ceiling: the highest throughput any load step served (SLO or not)", ceiling])
-    limit = capacity_limit(rec) if rec is not None else None
+    limit = capacity_limit(rec, r.device_unit) if rec is not None else None
     if limit:
         rows.append([f"what bounded {label_of(rec)}'s capacity", f"{limit} (SLO: {r.slo_text()})"])
     rows.append(["trials", _counts_text(r)])

@@ -325,11 +325,15 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: dict
                 yield MODE_LIVE, deps, interleaved
                 return
     left = interleaved
+    failed: list[tuple[str, FrozenTrial]] = []
     if len(pairs) > 1:
         for pair, block in alternating_blocks(pairs, repeats):
-            with _deployed(ctx, [pair], sides, needs) as deps:
+            if any(p is pair for p in failed):
+                continue  # it did not start for an earlier block: its repeats go to fresh servers
+            with _deployed(ctx, [pair], sides, needs, tag=f"-r{block[0] + 1}") as deps:
                 if deps is None:
-                    continue  # no free devices for it now: its repeats start fresh servers (which wait for them)
+                    failed.append(pair)  # no free devices for it now, or it failed to start: fresh servers (which
+                    continue             # wait for the devices) for its repeats, at the end
                 yield MODE_BLOCKS, deps, [(i, pair) for i in block]
             left = [(i, p) for i, p in left if not (p is pair and i in block)]
     if left:
@@ -339,7 +343,7 @@ def _phases(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: dict
 def alternating_blocks(pairs: list[Any], repeats: int) -> list[tuple[Any, list[int]]]:
     """Each side's repeat indices in blocks, one server start per block, when the sides cannot be up together:
     A, B B, A A, B, ... (the first block one long, then blocks of two), so each side's repeats sit as early as the
-    other's on average and, from 2 repeats on, come from more than one server start."""
+    other's on average and, from 3 repeats on, come from more than one server start."""
     if len(pairs) < 2:
         return [(pairs[0], list(range(repeats)))] if pairs else []
     done, out, side, size = [0, 0], [], 0, 1
@@ -354,7 +358,7 @@ def alternating_blocks(pairs: list[Any], repeats: int) -> list[tuple[Any, list[i
 
 @contextlib.contextmanager
 def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: dict[str, dict[str, Any]],
-              needs: dict[str, int]) -> Iterator[dict[str, Any] | None]:
+              needs: dict[str, int], tag: str = "") -> Iterator[dict[str, Any] | None]:
     """These configurations started at once on free devices (disjoint GPU sets), or None when they do not fit now."""
     with contextlib.ExitStack() as stack:
         try:
@@ -363,7 +367,7 @@ def _deployed(ctx: StudyContext, pairs: list[tuple[str, FrozenTrial]], sides: di
                 # GPUs: all need free devices now; CPU: only one of them is under load at any time
                 slot = (stack.enter_context(ctx.slots.acquire(needs[who], timeout_s=SLOT_WAIT_S))
                         if ctx.slots.gpu_ids else ctx.slots.cpu_host_slot())
-                jobs.append(DeployJob(ctx.model, sides[who], slot, ctx.study_dir / "logs" / f"confirm-{who}"))
+                jobs.append(DeployJob(ctx.model, sides[who], slot, ctx.study_dir / "logs" / f"confirm-{who}{tag}"))
             deps = stack.enter_context(deploy_together(jobs, start_timeout_s=ctx.start_timeout_s))
         except (TimeoutError, ValueError, ServerStartError):
             deps = None

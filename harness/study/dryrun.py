@@ -27,6 +27,7 @@ from harness.plan.estimate import startup_estimate_s
 from harness.plan.lint import SpaceReport, infeasible_error, space_feasibility
 from harness.plan.modelfacts import ModelFacts, facts_from_config
 from harness.space import load_space
+from harness.measure.vllm_bench import VLLM_BENCH_START_S
 from harness.study.confirm import alternating_blocks
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.trials import BASELINE_NAMES
@@ -150,7 +151,6 @@ def commands(model: str, settings: dict[str, Any], slots: SlotPool) -> list[str]
     return out
 
 
-VLLM_BENCH_START_S = 30.0  # `vllm bench serve`'s process start (imports): ~21 s on the H200 host (wall - duration)
 
 
 def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any, report: SpaceReport,

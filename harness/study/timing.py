@@ -9,6 +9,7 @@ numbers are device-seconds (wall seconds x the devices held), from the trial sch
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -16,7 +17,7 @@ from typing import Iterable
 from optuna.trial import FrozenTrial
 
 from harness.records import STARTUP_PHASES
-from harness.study.trials import Attr, Outcome, category_of, devices_held_of, metric_of, startup_of
+from harness.study.trials import Attr, Outcome, capacity_of, category_of, devices_held_of, metric_of, startup_of
 
 PHASE_LABELS = {
     "python_s": "Python imports and config, until the engine starts",
@@ -140,3 +141,32 @@ def time_spent(trials: Iterable[FrozenTrial]) -> TimeSpent:
             t.phases_s["other_s"] += max(startup - phases.total_s, 0.0) * devices
             t.phases_known_s += up
     return t
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """What one server start-up and one load step took on this study's devices (medians over its measured
+    trials, wall seconds): what the next piece of work (a confirmation) will take, better than a plan's guess."""
+
+    startup_s: float
+    step_s: float  # warm-up, window, tail and drain of one load step
+
+    def confirmation_s(self, starts: int, runs: int, bench_runs: int = 0, bench_start_s: float = 0.0) -> float:
+        """`starts` server start-ups, `runs` load steps, and `bench_runs` runs of another client (each a step
+        plus its own process start)."""
+        return starts * self.startup_s + (runs + bench_runs) * self.step_s + bench_runs * bench_start_s
+
+
+def measured_costs(trials: Iterable[FrozenTrial]) -> MeasuredCosts | None:
+    """None until a trial has measured a start-up and its load steps."""
+    ups: list[float] = []
+    steps: list[float] = []
+    for trial in trials:
+        held = float(trial.user_attrs.get(Attr.DEVICE_SECONDS) or 0.0)
+        startup = metric_of(trial, "startup_s")
+        if category_of(trial) not in (Outcome.OK, Outcome.SLO_VIOLATED) or held <= 0 or startup is None:
+            continue
+        wall = held / devices_held_of(trial)
+        ups.append(startup)
+        steps.append(max(wall - startup, 0.0) / max(len(capacity_of(trial).get("steps") or []), 1))
+    return MeasuredCosts(statistics.median(ups), statistics.median(steps)) if ups else None

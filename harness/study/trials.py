@@ -446,11 +446,12 @@ def study_ceiling(trials: Iterable[FrozenTrial]) -> Ceiling | None:
     return best
 
 
-def capacity_limit(trial: FrozenTrial) -> str | None:
+def capacity_limit(trial: FrozenTrial, device: str = "GPU") -> str | None:
     """In words, what bounded the capacity from above: the step at capacity_hi failed for the load client, the
     SLO percentiles (the server kept up), or the server's throughput (its window did not keep up, or it held while
     serving clearly less than offered), with that step's latencies and the KV cache's peak use at capacity; None
-    for a trial without a capacity bracket or with nothing failed above capacity_lo."""
+    for a trial without a capacity bracket or with nothing failed above capacity_lo. Rates are per `device` (a
+    GPU; "server" on a CPU host)."""
     cap = capacity_of(trial)
     hi = cap.get("capacity_hi")
     if hi is None or not cap.get("steps"):
@@ -458,7 +459,7 @@ def capacity_limit(trial: FrozenTrial) -> str | None:
     step = min(cap["steps"], key=lambda st: abs(float(st.get("offered") or 0.0) - hi))
     row = min(trial.user_attrs.get(Attr.CURVE) or [{}], key=lambda r: abs(float(r.get("rate") or 0.0) - hi))
     gpus = max(gpus_of(trial), 1)
-    at = f"at {hi / gpus:.3g} req/s per GPU offered"
+    at = f"at {hi / gpus:.3g} req/s per {device} offered"
     lat = ", ".join(f"p99 {name} {row[key]:.0f} ms" for name, key in (("TTFT", "p99_ttft_ms"), ("TPOT", "p99_tpot_ms"))
                     if isinstance(row.get(key), (int, float)))
     if step.get("client_limited"):
@@ -472,8 +473,9 @@ def capacity_limit(trial: FrozenTrial) -> str | None:
         text += (f" ({float(step['ratio']):.2f} of arrivals)" if step.get("ratio") is not None else "")
         text += f"; {lat}" if lat else ""
     kv, pre = metric_of(trial, "peak_kv_usage"), metric_of(trial, "preemptions")
-    if kv is not None:
-        text += f"; KV cache peak {kv:.0%} at capacity" + (f", {pre:.0f} preemptions" if pre else ", no preemptions")
+    if kv is not None:  # the metrics are the capacity step's (the last step's when none held)
+        text += f"; KV cache peak {kv:.0%} " + ("at capacity" if (cap.get("capacity_lo") or 0) > 0 else "in its steps")
+        text += "" if pre is None else (f", {pre:.0f} preemptions" if pre else ", no preemptions")
     return text
 
 

@@ -26,6 +26,7 @@ from harness.launch.vllm_args import load_argspec
 from harness.load.prompts import build_requests
 from harness.load.tokenizer import load_tokenizer
 from harness.load.workload import load_workload
+from harness.measure.vllm_bench import VLLM_BENCH_START_S
 from harness.models import ensure_model
 from harness.paths import portable
 from harness.plan import load_model_facts
@@ -33,14 +34,14 @@ from harness.plan.lint import require_feasible
 from harness.settings import Topology
 from harness.space import load_space
 from harness.study import naming
-from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, confirm
+from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, alternating_blocks, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.pergpu import fill_replicas, gpus_used, one_server
 from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
-from harness.study.timing import time_spent
+from harness.study.timing import measured_costs, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
                                   per_gpu_metric, settings_of, study_ceiling)
@@ -160,9 +161,16 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
               f"best other candidate, trial #{rival.number}, at the defaults' load", file=out, flush=True)
         winner = rival
     key = confirm_key(winner, baseline, sweep.confirm_repeats)
-    if (deadline is not None and time.monotonic() >= deadline and sweep.confirm_repeats > 0
-            and key not in study.user_attrs):  # a confirmation is minutes of servers: not started past the budget
-        return _out_of_time(entry, name, table, f"after all {trials} trials, before the confirmation", out)
+    if deadline is not None and sweep.confirm_repeats > 0 and key not in study.user_attrs:
+        # a confirmation is minutes of servers and counts only when it ends: not started unless the study's own
+        # timings say it ends before the deadline (a cut-off one is measured again from the start)
+        need = confirmation_need_s(study.get_trials(deepcopy=False), winner, baseline, sweep)
+        left = deadline - time.monotonic()
+        if left <= 0 or (need is not None and need > left):
+            when = f"after all {trials} trials, before the confirmation" + (
+                f" (it needs ~{need / 60:.0f} min by this study's start-ups and load steps, {max(left, 0) / 60:.0f} "
+                f"min were left)" if need is not None else "")
+            return _out_of_time(entry, name, table, when, out)
     conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out,
                               cross_check=sweep.confirm_cross_check)
     rec_trial = study.trials[conf.recommended_trial] if conf else winner
@@ -205,6 +213,19 @@ def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any)
     msg = f"time budget reached {when}; run the same command again to continue"
     print(msg, file=out)
     return ModelOutcome(entry.model, name, None, table, None, msg)
+
+
+def confirmation_need_s(trials: list[FrozenTrial], winner: FrozenTrial, baseline: FrozenTrial | None,
+                        sweep: Sweep) -> float | None:
+    """Wall seconds the confirmation takes at worst (one side at a time: a start-up per alternating block), by
+    this study's measured start-ups and load steps; None before any trial measured them."""
+    costs = measured_costs(trials)
+    if costs is None:
+        return None
+    sides = 1 if baseline is None or baseline.number == winner.number else 2
+    starts = len(alternating_blocks(list(range(sides)), sweep.confirm_repeats))
+    bench = sides if sweep.confirm_cross_check else 0  # per side: our client's run and vllm bench serve's
+    return costs.confirmation_s(starts, sides * sweep.confirm_repeats + bench, bench, VLLM_BENCH_START_S)
 
 
 def challenger(trials: list[FrozenTrial], winner: FrozenTrial, baseline: FrozenTrial | None) -> FrozenTrial:
@@ -280,7 +301,7 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
         provenance["ceiling"] = {**ceiling.to_dict(),
                                  "capacity_share": ceiling.share(per_gpu_metric(trial, ctx.objective.metric)),
                                  "what": "the highest throughput any load step of the study served, SLO or not"}
-    limit = capacity_limit(trial)
+    limit = capacity_limit(trial, "server" if getattr(hardware, "arch", "") == "cpu" else "GPU")
     if limit:
         provenance["capacity_limit"] = limit  # what bounded the capacity from above
     if conf is not None and conf.cross_check:
