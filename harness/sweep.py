@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print each model's plan (feasible share, pruning reasons, baselines, GPU slots, estimated "
                         "GPU time, the exact launch commands) and exit; nothing is started, built or written")
     p.add_argument("--max-minutes", type=float,
-                   help="start no new trial after this many minutes (running ones finish); rerun to continue")
+                   help="start no new trial after this many minutes (running ones finish), and no confirmation "
+                        "that the study's measured start-ups and steps say would end after them; rerun to continue")
     return p.parse_args(argv)
 
 

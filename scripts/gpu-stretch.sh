@@ -6,6 +6,7 @@
 #       scripts/offline-gpu-sweep.sh SWEEP with as many trials as fit: no trial starts later than TRIAL_S (default
 #       180: a start-up and a step) before the budget ends, and the sweep is interrupted (servers torn down, study
 #       resumable) 20 s before. A trial cut off there is measured again on resume; device time left unused is lost.
+#       The confirmation starts only when the study's measured start-ups and steps say it ends TRIAL_S before.
 #   scripts/gpu-stretch.sh collect OUT_DIR [WAIT_S]
 #       waits until the stretch is done or WAIT_S seconds pass, then packs the state to OUT_DIR/stretch.tgz:
 #       results/ and configs/ (no server logs, no compile cache) and the stretch's logs with the server logs' tails. Safe to call while the work runs (a pack of a study mid-trial resumes from its last finished trial).
