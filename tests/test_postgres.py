@@ -338,6 +338,8 @@ def test_killed_worker_trial_is_retried_and_study_is_complete(killed_worker_run)
     assert all(ran_on.values()), ran_on  # both surviving workers took trials
     # one worker confirms the global best against the baseline; the other waits for its result and emits the same
     best = max((t for t in complete), key=lambda t: (t.values[0], -t.number))
+    if best.user_attrs.get("baseline") == "vllm-defaults":  # the defaults measured best: the best other is confirmed
+        best = max((t for t in complete if t.number != best.number), key=lambda t: (t.values[0], -t.number))
     confirmed = optuna.load_study(study_name=STUDY, storage=storage).user_attrs["confirm"]
     storage.engine.dispose()
     assert confirmed["winner_trial"] == best.number

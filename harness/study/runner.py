@@ -30,7 +30,6 @@ from harness.study.workers import Budget, Surplus, drain, fail_dead_local_trials
 # Set on Ctrl-C / SIGTERM: trials running in worker threads end as FAIL (to be run again), never as a measured
 # failure of the configuration they were testing.
 INTERRUPTED = threading.Event()
-OPTIMIZE_ROUNDS = 3  # optimize loops per run: a side-by-side round can end a launched trial short (see run_trials)
 
 
 class TrialInterrupted(Exception):
@@ -240,14 +239,19 @@ def run_trials(study: optuna.Study, ctx: StudyContext, target: int, parallel: in
         _serialize_claims(study)
     # Side by side, the budget counts a running trial as taken; one that then ends pruned (or interrupted) leaves
     # the budget short after the loop has stopped, so the loop runs again until the budget is filled or spent.
-    for _ in range(OPTIMIZE_ROUNDS):
+    # Each round finishes a launched trial or uses up some of the allowance (pruned, failed and surplus trials
+    # share it), so the rounds end; one that asked for nothing ends them too.
+    while True:
         left_s = None if deadline is None else deadline - time.monotonic()
         if (budget.taken(study) >= target or budget.max_asks(study) <= 0 or fatal or INTERRUPTED.is_set()
                 or (left_s is not None and left_s <= 0)):
             break
+        asked = len(study.get_trials(deepcopy=False))
         study.optimize(objective, n_trials=budget.max_asks(study), n_jobs=parallel,
                        callbacks=[callback, budget.callback],
                        catch=(Exception,), gc_after_trial=False, timeout=left_s)
+        if len(study.get_trials(deepcopy=False)) == asked:
+            break
     if fatal:
         raise fatal[0]
 

@@ -105,7 +105,10 @@ class Budget:
         if me is None or "failed_trial" in me.system_attrs or "fixed_params" in me.system_attrs \
                 or baseline_of(me):
             return False
-        return self.count(trials, exclude=number) >= self.target
+        # a later trial that is running or queued does not count against this one: of two asked at the same moment
+        # the earlier runs (each counting the other, both would be surplus and the budget left unfilled)
+        earlier = [t for t in trials if t.number < number or t.state not in (TrialState.RUNNING, TrialState.WAITING)]
+        return self.count(earlier, exclude=number) >= self.target
 
 
 class Surplus(Exception):
