@@ -515,3 +515,31 @@ def test_a_block_whose_server_does_not_start_sends_that_sides_repeats_to_fresh_s
     assert len(measured) + len(fresh) == 6 and set(fresh) == {side}
     starts_of_side = sum(1 for s in started if s != "failed" and s[0][0] == side)
     assert starts_of_side == (0 if fail_at < 2 else 1) and started.count("failed") == 1  # never tried again
+
+
+def test_without_a_confirmation_the_best_trial_is_emitted_even_when_it_is_the_defaults(
+        tmp_path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # the challenger (the best trial other than the defaults) is only for a confirmation; with none, the config is
+    # the best trial's
+    import io
+
+    from conftest import write_sweep
+
+    from harness.plan import detect_hardware
+    from harness.study import tune
+    from harness.study.sweepfile import load_sweep
+
+    def run_trials(study: optuna.Study, ctx: Any, target: int, parallel: int, out: Any, timeout_s: Any) -> None:
+        for value, seqs in ((5.0, 2), (3.0, 4)):
+            trial = study.ask()
+            trial.set_user_attr("settings", {"max_num_seqs": seqs} if value == 3.0 else {})
+            trial.set_user_attr("baseline", "vllm-defaults" if value == 5.0 else None)
+            trial.set_constraint("slo", 0.0)
+            study.tell(trial, value)
+
+    monkeypatch.setattr(tune, "run_trials", run_trials)
+    sweep = load_sweep(write_sweep(tmp_path, tiny_model, trials=2, confirm=0))
+    outcome = tune.tune_model(sweep, sweep.models[0], hardware=detect_hardware("CPU"), storage_url=None, parallel=1,
+                              out=io.StringIO())
+    assert outcome.config_path is not None
+    assert yaml.safe_load(outcome.config_path.read_text())["provenance"]["trial"] == 0
