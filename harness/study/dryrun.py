@@ -27,9 +27,8 @@ from harness.plan.estimate import startup_estimate_s
 from harness.plan.lint import SpaceReport, infeasible_error, space_feasibility
 from harness.plan.modelfacts import ModelFacts, facts_from_config
 from harness.space import load_space
-from harness.measure.vllm_bench import VLLM_BENCH_START_S
-from harness.study.confirm import alternating_blocks
 from harness.study.sweepfile import ModelEntry, Sweep
+from harness.study.timing import MeasuredCosts
 from harness.study.trials import BASELINE_NAMES
 from harness.study.workers import PRUNED_ALLOWANCE
 from harness.settings import Topology
@@ -178,11 +177,7 @@ def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any
     repeats = sweep.confirm_repeats
     base = baselines[0].plan if baselines else None
     sides = 2 if base is not None and base.feasible else 1  # a pruned baseline has no values: the winner alone
-    # at worst one side at a time, in alternating blocks: a start-up per block
-    starts = len(alternating_blocks(list(range(sides)), repeats)) if repeats else 0
-    confirm_s = (starts * startup + sides * repeats * step_s) if repeats else 0.0
-    if repeats and sweep.confirm_cross_check:  # per side: our client's run, then vllm bench serve's (and its start)
-        confirm_s += sides * (2 * step_s + VLLM_BENCH_START_S)
+    confirm_s = MeasuredCosts(startup, step_s).confirmation_s(sides, repeats, sweep.confirm_cross_check)
     winner_gpus = max(gpus)
     base_gpus = max(int(base.gpus_needed or 0), 1) if sides == 2 and base is not None else 0
     confirm_gpus = 0 if not repeats else (1 if hardware.is_cpu else

@@ -16,7 +16,9 @@ from typing import Iterable
 
 from optuna.trial import FrozenTrial
 
+from harness.measure.vllm_bench import VLLM_BENCH_START_S
 from harness.records import STARTUP_PHASES
+from harness.study.confirm import alternating_blocks
 from harness.study.trials import Attr, Outcome, capacity_of, category_of, devices_held_of, metric_of, startup_of
 
 PHASE_LABELS = {
@@ -145,16 +147,21 @@ def time_spent(trials: Iterable[FrozenTrial]) -> TimeSpent:
 
 @dataclass(frozen=True)
 class MeasuredCosts:
-    """What one server start-up and one load step took on this study's devices (medians over its measured
-    trials, wall seconds): what the next piece of work (a confirmation) will take, better than a plan's guess."""
+    """What one server start-up and one load step take, wall seconds: this study's medians (`measured_costs`),
+    better than a plan's guess, or that guess in the dry run; what a confirmation costs is derived from them."""
 
     startup_s: float
     step_s: float  # warm-up, window, tail and drain of one load step
 
-    def confirmation_s(self, starts: int, runs: int, bench_runs: int = 0, bench_start_s: float = 0.0) -> float:
-        """`starts` server start-ups, `runs` load steps, and `bench_runs` runs of another client (each a step
-        plus its own process start)."""
-        return starts * self.startup_s + (runs + bench_runs) * self.step_s + bench_runs * bench_start_s
+    def confirmation_s(self, sides: int, repeats: int, cross_check: bool) -> float:
+        """A confirmation at worst (one side at a time: a start-up per alternating block), its repeats, and with
+        `cross_check` per side our client's run and vllm bench serve's (a step each, and that tool's start)."""
+        if repeats <= 0:
+            return 0.0
+        starts = len(alternating_blocks(list(range(sides)), repeats))
+        bench = sides if cross_check else 0
+        return (starts * self.startup_s + (sides * repeats + 2 * bench) * self.step_s
+                + bench * VLLM_BENCH_START_S)
 
 
 def measured_costs(trials: Iterable[FrozenTrial]) -> MeasuredCosts | None:

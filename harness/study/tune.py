@@ -26,7 +26,6 @@ from harness.launch.vllm_args import load_argspec
 from harness.load.prompts import build_requests
 from harness.load.tokenizer import load_tokenizer
 from harness.load.workload import load_workload
-from harness.measure.vllm_bench import VLLM_BENCH_START_S
 from harness.models import ensure_model
 from harness.paths import portable
 from harness.plan import load_model_facts
@@ -34,7 +33,7 @@ from harness.plan.lint import require_feasible
 from harness.settings import Topology
 from harness.space import load_space
 from harness.study import naming
-from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, alternating_blocks, confirm
+from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.pergpu import fill_replicas, gpus_used, one_server
 from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials
@@ -223,9 +222,7 @@ def confirmation_need_s(trials: list[FrozenTrial], winner: FrozenTrial, baseline
     if costs is None:
         return None
     sides = 1 if baseline is None or baseline.number == winner.number else 2
-    starts = len(alternating_blocks(list(range(sides)), sweep.confirm_repeats))
-    bench = sides if sweep.confirm_cross_check else 0  # per side: our client's run and vllm bench serve's
-    return costs.confirmation_s(starts, sides * sweep.confirm_repeats + bench, bench, VLLM_BENCH_START_S)
+    return costs.confirmation_s(sides, sweep.confirm_repeats, sweep.confirm_cross_check)
 
 
 def challenger(trials: list[FrozenTrial], winner: FrozenTrial, baseline: FrozenTrial | None) -> FrozenTrial:
