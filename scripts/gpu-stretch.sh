@@ -13,7 +13,9 @@
 #   scripts/gpu-stretch.sh stop
 #       interrupts the stretch (the sweep gets Ctrl-C: servers torn down, the trial in flight marked failed and
 #       measured again on resume) and waits until it has ended.
-# $EVIDENCE_ARGS: more arguments for the evidence script (e.g. --retry-failed).
+# $EVIDENCE_ARGS: more arguments for the evidence script (e.g. --retry-failed). $EVIDENCE_AFTER=1 runs the units after
+# the sweep instead of before it, in whatever time the sweep leaves (they stop at a step that would not end in time
+# and resume from their finished steps): the sweep's trials and confirmation come first, the units fill the rest.
 # vLLM must already be importable (see ../shared/gpu/README.md). $GPU_STRETCH_DIR (default /tmp/gpu-stretch) holds
 # the stretch's logs; results land where the sweep file and the evidence script put them.
 set -uo pipefail
@@ -29,20 +31,23 @@ start)
   tar --exclude=./.gx --exclude=./models --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$w/tree"
   [ -d models ] && ln -sfn "$PWD/models" "$w/tree/models"
   cd "$w/tree"
-  export PYTHONUNBUFFERED=1 EVIDENCE_ARGS=${EVIDENCE_ARGS:-}
+  export PYTHONUNBUFFERED=1 EVIDENCE_ARGS=${EVIDENCE_ARGS:-} EVIDENCE_AFTER=${EVIDENCE_AFTER:-}
   setsid nohup bash -c '
     t0=$(date +%s) budget=$1 sweep=$2 units=$3 trial_s=$4 w=$5
     left() { echo $(( budget - ($(date +%s) - t0) )); }
-    if [ -n "$units" ]; then
-      OUT="$w/evidence-out" python3 scripts/gpu_steady_evidence.py --only "$units" --deadline-s "$(( $(left) - trial_s ))" \
-        $EVIDENCE_ARGS > "$w/evidence.log" 2>&1
-    fi
-    minutes=$(( ($(left) - trial_s) / 60 ))
-    if [ "$minutes" -gt 0 ]; then
+    evidence() {  # $1: seconds from now by which the units must have ended
+      OUT="$w/evidence-out" python3 scripts/gpu_steady_evidence.py --only "$units" --deadline-s "$1" \
+        $EVIDENCE_ARGS >> "$w/evidence.log" 2>&1
+    }
+    [ -n "$units" ] && [ -z "$EVIDENCE_AFTER" ] && evidence "$(( $(left) - trial_s ))"
+    # minutes to two decimals: whole minutes would cut up to 59 s from what the confirmation may use
+    minutes=$(awk -v s="$(( $(left) - trial_s ))" "BEGIN { printf \"%.2f\", s / 60 }")
+    if awk -v m="$minutes" "BEGIN { exit !(m > 0) }"; then
       bash scripts/offline-gpu-sweep.sh "$sweep" "$minutes" "$(( $(left) - 20 ))" "$w/sweep-out" > "$w/sweep.log" 2>&1
     else
       echo "no time left for a trial ($(left) s)" > "$w/sweep.log"
     fi
+    [ -n "$units" ] && [ -n "$EVIDENCE_AFTER" ] && [ "$(left)" -gt 60 ] && evidence "$(( $(left) - 20 ))"
     touch "$w/done"' _ "$budget" "$sweep" "$units" "$trial_s" "$w" > "$w/stretch.log" 2>&1 < /dev/null &
   echo $! > "$w/pid"
   echo "stretch started (pid $!), budget ${budget} s, logs in $w"
