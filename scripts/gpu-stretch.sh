@@ -29,7 +29,9 @@ start)
   # removes) files the work writes there, so a stretch that wrote results into the root would lose them.
   rm -rf "$w/tree"; mkdir -p "$w/tree"
   tar --exclude=./.gx --exclude=./models --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$w/tree"
-  [ -d models ] && ln -sfn "$PWD/models" "$w/tree/models"
+  # models are built into the root's models/ (kept between commands), not into the copy, which the next start
+  # replaces: on a fresh host without the folder the sweep and the evidence script each built Mistral again
+  mkdir -p models && ln -sfn "$PWD/models" "$w/tree/models"
   cd "$w/tree"
   export PYTHONUNBUFFERED=1 EVIDENCE_ARGS=${EVIDENCE_ARGS:-} EVIDENCE_AFTER=${EVIDENCE_AFTER:-}
   setsid nohup bash -c '

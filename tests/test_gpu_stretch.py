@@ -53,6 +53,7 @@ def test_units_run_before_the_sweep_and_leave_it_fractional_minutes(tmp_path: Pa
     tree, _ = _tree(tmp_path)
     calls = _run(tree, tmp_path, {}, "1000", "sweeps/x.yaml", "build,unit-a", "100")
     assert [c[0] for c in calls] == ["evidence", "sweep"]
+    assert (tmp_path / "w" / "tree" / "models").resolve() == (tree / "models").resolve()  # builds outlive the copy
     evidence, sweep = calls
     assert evidence[evidence.index("--only") + 1] == "build,unit-a"
     assert 880 <= float(evidence[evidence.index("--deadline-s") + 1]) <= 900  # budget - trial_s, less time spent
