@@ -306,6 +306,18 @@ def test_a_step_that_held_at_the_failed_steps_throughput_lifts_that_bound() -> N
     assert m.rates[2] == pytest.approx(22.05) and m.rates[3] == pytest.approx((21.0 * 30.0) ** 0.5)
 
 
+def test_verdicts_that_contradict_their_order_are_flagged_as_noise() -> None:
+    # trial #7 of the one-H200 study: 15.8 held, 20.5, 17.7 and 16.6 failed, then 17.0 held: the bracket reads
+    # [16.4, 16.6), 1.4% wide, but a window failed 2.4% below one that held, so the noise is wider than that
+    m = _scripted([(15.8, 15.2, True), (20.5, 18.0, False), (17.7, 16.1, False), (16.6, 15.6, False),
+                   (17.0, 16.4, True)], inflight=60.0)
+    b = search_capacity(m, start_rate=15.5, max_steps=5, growth=1.25)
+    assert b.crossed == (17.0, 16.6) and b.summary()["crossed"] == [17.0, 16.6]
+    monotone = search_capacity(_scripted([(15.8, 15.2, True), (20.5, 18.0, False), (17.7, 16.1, False)]),
+                               start_rate=15.5, max_steps=3, growth=1.25)
+    assert monotone.crossed is None and monotone.summary()["crossed"] is None
+
+
 def test_growth_sets_the_step_above_a_held_one() -> None:
     server = ModelServer(25.0)
     search_capacity(server, start_rate=20.0, max_steps=2, growth=1.25)

@@ -105,3 +105,12 @@ def test_capacity_limit_names_what_failed_above_the_capacity() -> None:
     assert capacity_limit(client).startswith("the load client") and capacity_limit(client).endswith(
         "KV cache peak 95% at capacity, 3 preemptions")
     assert capacity_limit(_study([Evaluation(settings={}, values=[1.0], constraints=[0.0])]).trials[0]) is None
+
+
+def test_capacity_limit_says_when_the_steps_disagree() -> None:
+    trial = _capacity_trial({"rate": 16.0, "offered": 16.6, "achieved": 15.6, "ratio": 0.94, "holds": False,
+                             "client_limited": False, "reason": "completed 467 of 497 arrivals"})
+    trial.user_attrs[Attr.CAPACITY]["steps"].append({"rate": 16.3, "offered": 17.0, "achieved": 16.4, "ratio": 0.96,
+                                                     "holds": True, "client_limited": False, "reason": ""})
+    assert capacity_limit(trial).endswith("; the steps disagree: 17 req/s per GPU held and 16.6 did not, so one "
+                                          "window's noise is wider than their 2% gap, and than this bracket")

@@ -31,7 +31,7 @@ Pure logic over `measure(rate) -> (record, steady)`: one call is one time-window
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,11 @@ class CapacityBracket:
         )
 
     @property
+    def crossed(self) -> tuple[float, float] | None:
+        """See `crossed_rates`."""
+        return crossed_rates((s.offered_rate, s.holds, s.client_limited) for s in self.steps)
+
+    @property
     def best(self) -> RunRecord | None:
         """The record of the step capacity_lo came from."""
         held = [s for s in self.steps if s.holds]
@@ -86,6 +91,7 @@ class CapacityBracket:
         """The bracket and a compact verdict per step (JSON), for the trial's attributes and the report."""
         return {"capacity_lo": self.capacity_lo, "capacity_hi": self.capacity_hi, "converged": self.converged,
                 "stopped": self.stopped, "limited_by_client": self.limited_by_client, "precision": self.precision,
+                "crossed": list(self.crossed) if self.crossed else None,
                 "steps": [{"rate": s.rate, "offered": s.offered_rate, "achieved": s.steady.achieved_rate,
                            "ratio": s.steady.completion_ratio, "holds": s.holds, "client_limited": s.client_limited,
                            "reason": s.steady.reasons[0] if s.steady.reasons else ""} for s in self.steps]}
@@ -105,6 +111,19 @@ class CapacityBracket:
                 row["goodput"] = m.goodput
             out.append(row)
         return out
+
+
+def crossed_rates(steps: Iterable[tuple[float, bool, bool]]) -> tuple[float, float] | None:
+    """Of steps given as (offered rate, held, client-limited): (the highest rate that held, the lowest one below
+    it that did not) when the verdicts contradict their order; one window's run-to-run noise is then wider than
+    the distance between them, and a bracket no tighter than that noise, however narrow it reads. None when the
+    verdicts are monotone (a client-limited step measured the client and is left out)."""
+    steps = list(steps)
+    held = [rate for rate, holds, _ in steps if holds]
+    if not held:
+        return None
+    below = [rate for rate, holds, client in steps if not holds and not client and rate < max(held)]
+    return (max(held), min(below)) if below else None
 
 
 def step_verdict(record: RunRecord, steady: Steady, slo: SLO | None) -> Steady:

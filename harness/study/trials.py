@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.paths import portable
 from harness.records import Failure, RunRecord, StartupPhases, from_dict, to_dict
 from harness.settings import Topology
+from harness.study.capacity import crossed_rates
 from harness.study.pergpu import devices_text
 
 
@@ -476,6 +477,12 @@ def capacity_limit(trial: FrozenTrial, device: str = "GPU") -> str | None:
     if kv is not None:  # the metrics are the capacity step's (the last step's when none held)
         text += f"; KV cache peak {kv:.0%} " + ("at capacity" if (cap.get("capacity_lo") or 0) > 0 else "in its steps")
         text += "" if pre is None else (f", {pre:.0f} preemptions" if pre else ", no preemptions")
+    crossed = crossed_rates((float(st.get("offered") or 0.0), bool(st.get("holds")), bool(st.get("client_limited")))
+                            for st in cap["steps"])
+    if crossed:
+        held, failed = (r / gpus for r in crossed)
+        text += (f"; the steps disagree: {held:.3g} req/s per {device} held and {failed:.3g} did not, so one "
+                 f"window's noise is wider than their {held / failed - 1:.0%} gap, and than this bracket")
     return text
 
 
