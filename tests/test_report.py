@@ -787,3 +787,22 @@ def test_the_cross_check_rows_name_both_tools_and_each_tools_gain() -> None:
     assert rows[1] == ["vllm bench serve cross-check, baseline", "2 servers: vllm bench serve drives one URL"]
     assert rows[2] == ["goodput gain per GPU, by each tool", "+25.0% ours / - vLLM's"]
     assert _cross_check_rows(None) == []
+
+
+def test_settings_rows_show_vllms_defaults_and_mark_only_real_changes() -> None:
+    from harness.report.results import settings_rows
+
+    rec = ({"max_num_seqs": 194, "block_size": 16, "enable_prefix_caching": False},
+           {"max_num_batched_tokens": 8192, "max_model_len": 32768})
+    base = ({}, {"max_num_seqs": 1024, "block_size": 16, "enable_prefix_caching": True,
+                 "max_num_batched_tokens": 8192, "max_model_len": 32768})
+    rows = {r["setting"]: r for r in settings_rows(rec, base, ["max_num_seqs", "block_size", "enable_prefix_caching",
+                                                                "max_num_batched_tokens", "kv_cache_dtype"])}
+    assert rows["max_num_seqs"]["baseline"] == "(vLLM default: 1024)" and rows["max_num_seqs"]["changed"]
+    assert rows["block_size"]["recommended"] == 16 and not rows["block_size"]["changed"]  # vLLM's own default
+    assert rows["enable_prefix_caching"]["baseline"] == "(vLLM default: true)" and rows["enable_prefix_caching"]["changed"]
+    assert rows["max_num_batched_tokens"]["recommended"] == "(vLLM default: 8192)"
+    assert not rows["max_num_batched_tokens"]["changed"]
+    assert rows["kv_cache_dtype"]["baseline"] == "(vLLM default)" and not rows["kv_cache_dtype"]["changed"]
+    assert "max_model_len" not in rows  # neither side set it and it is not a knob
+    assert settings_rows(None, base, ["max_num_seqs"])[0]["recommended"] is None

@@ -9,7 +9,7 @@ from harness.records import Failure
 from harness.settings import Topology
 from harness.study.table import trials_table
 from harness.study.trials import (Attr, Evaluation, Outcome, best_feasible, constraints_of, gpus_of, is_feasible,
-                                  capacity_limit, label_of, outcome_of, record_trial, study_ceiling)
+                                  capacity_limit, default_settings_of, label_of, outcome_of, record_trial, study_ceiling)
 
 
 def _study(evaluations: list[Evaluation]) -> optuna.Study:
@@ -114,3 +114,15 @@ def test_capacity_limit_says_when_the_steps_disagree() -> None:
                                                      "holds": True, "client_limited": False, "reason": ""})
     assert capacity_limit(trial).endswith("; the steps disagree: 17 req/s per GPU held and 16.6 did not, so one "
                                           "window's noise is wider than their 2% gap, and than this bracket")
+
+
+def test_default_settings_are_what_the_plan_resolved_for_the_settings_left_out() -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(Attr.SETTINGS, {"max_num_seqs": 194})  # the objective records them
+    record_trial(trial, Evaluation(settings={"max_num_seqs": 194}, values=[1.0], constraints=[0.0],
+                                   plan={"resolved": {"tp": 1, "max_num_seqs": 194, "block_size": 16,
+                                                      "quantization": None}}))
+    study.tell(trial, 1.0)
+    assert default_settings_of(study.trials[0]) == {"tensor_parallel_size": 1, "block_size": 16}
+    assert default_settings_of(_study([Evaluation(settings={}, values=[1.0], constraints=[0.0])]).trials[0]) == {}

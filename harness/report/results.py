@@ -26,8 +26,8 @@ from harness.study.storage import default_storage, make_storage, redact
 from harness.study.table import trials_table
 from harness.study.timing import TimeSpent, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, Attr, Ceiling, Spread, StudyAttr,
-                                  baseline_of, best_feasible, category_of, gpus_of, is_measured, outcome_of,
-                                  reason_of, settings_of, study_ceiling)
+                                  baseline_of, best_feasible, category_of, default_settings_of, gpus_of, is_measured,
+                                  outcome_of, reason_of, settings_of, study_ceiling)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -512,18 +512,11 @@ class StudyResults:
                 "equal_gpus": wg is not None and wg == bg, "sides": sides}
 
     def settings_table(self) -> pd.DataFrame:
-        """Every setting of the recommended trial next to the baseline's, with the changed ones marked."""
+        """Every setting of the recommended trial next to the baseline's (`settings_rows`)."""
         rec, base = self.recommended_trial, self.baseline_trial
-        rs = settings_of(rec) if rec is not None else {}
-        bs = settings_of(base) if base is not None else {}
-        keys = list(dict.fromkeys([*rs, *self.knobs, *bs]))
-        rows = []
-        for key in keys:
-            r = rs.get(key, "(vLLM default)") if rec is not None else None
-            b = bs.get(key, "(vLLM default)") if base is not None else None
-            rows.append({"setting": key, "knob": key in self.knobs, "baseline": b, "recommended": r,
-                         "changed": rec is not None and base is not None and str(r) != str(b)})
-        return pd.DataFrame(rows, columns=["setting", "knob", "baseline", "recommended", "changed"])
+        sides = [None if t is None else (settings_of(t), default_settings_of(t)) for t in (rec, base)]
+        return pd.DataFrame(settings_rows(sides[0], sides[1], self.knobs),
+                            columns=["setting", "knob", "baseline", "recommended", "changed"])
 
     def failures(self) -> pd.DataFrame:
         """Trials without a clean measurement: number, state, outcome, reason, and their settings."""
@@ -612,3 +605,32 @@ class StudyResults:
         c = self.counts()
         return (f"StudyResults({self.name!r}: {c['trials']} trials, {c['measured']} measured, {c['failed']} failed, "
                 f"{c['pruned']} pruned)")
+
+
+
+Side = tuple[dict[str, Any], dict[str, Any]]  # a trial's settings, and the defaults vLLM filled in for the others
+
+
+def settings_rows(rec: Side | None, base: Side | None, knobs: list[str]) -> list[dict[str, Any]]:
+    """The settings table's rows: a setting left out shows the value vLLM ran with (as the trial's plan resolved
+    it), and a setting is changed only where the values vLLM ran with differ (setting a knob to vLLM's own
+    default changes nothing); without a resolved default on both sides, where what the two sides show differs."""
+    keys = list(dict.fromkeys([*(rec[0] if rec else {}), *knobs, *(base[0] if base else {})]))
+    rows = []
+    for key in keys:
+        r, b = (None if side is None else _shown(key, *side) for side in (rec, base))
+        runs = [None if side is None else side[0].get(key, side[1].get(key)) for side in (rec, base)]
+        changed = rec is not None and base is not None and (
+            str(runs[0]) != str(runs[1]) if None not in runs else str(r) != str(b))
+        rows.append({"setting": key, "knob": key in knobs, "baseline": b, "recommended": r, "changed": changed})
+    return rows
+
+
+def _shown(key: str, given: dict[str, Any], defaults: dict[str, Any]) -> Any:
+    """A setting as the settings table shows it: the value given, else vLLM's default with what it came to."""
+    if key in given:
+        return given[key]
+    if key not in defaults:
+        return "(vLLM default)"
+    value = defaults[key]
+    return f"(vLLM default: {str(value).lower() if isinstance(value, bool) else value})"

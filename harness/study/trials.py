@@ -275,6 +275,20 @@ def settings_of(trial: FrozenTrial) -> dict[str, Any]:
     return dict(trial.user_attrs.get(Attr.SETTINGS) or {})
 
 
+# the plan's resolved values (harness.plan.estimate.Resolved) by the setting names they resolve
+_RESOLVED_AS = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}
+
+
+def default_settings_of(trial: FrozenTrial) -> dict[str, Any]:
+    """The values vLLM ran with for the settings the trial left out, as its plan resolved them from vLLM's
+    defaults for that vLLM and GPU (the plan's KV cache agrees with vLLM's own to 0.05% on an H200); empty for a
+    trial without a plan."""
+    resolved = (trial.user_attrs.get(Attr.PLAN) or {}).get("resolved") or {}
+    given = settings_of(trial)
+    out = {_RESOLVED_AS.get(k, k): v for k, v in resolved.items()}
+    return {k: v for k, v in out.items() if k not in given and v is not None}
+
+
 def baseline_of(trial: FrozenTrial) -> str | None:
     """The baseline label of a queued baseline trial, None for a sampled one."""
     return trial.user_attrs.get(Attr.BASELINE) or None
