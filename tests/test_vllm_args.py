@@ -69,6 +69,11 @@ def test_value_checks(vllm_argspec: ArgSpec) -> None:
         vllm_argspec.check({"model": "x"}, source="s")
     with pytest.raises(UserError, match="reserved"):
         vllm_argspec.check({"port": 8000}, source="s")
+    with pytest.raises(UserError, match=r"s: api_server_count: got 2; allowed here: 1 \(only `vllm serve`"):
+        vllm_argspec.check({"api_server_count": 2}, source="s")  # the api_server entry point would ignore it
+    with pytest.raises(UserError, match="headless: got True"):
+        vllm_argspec.check({"headless": True}, source="s")
+    vllm_argspec.check({"api_server_count": 1, "headless": False}, source="s")  # what the entry point does anyway
     vllm_argspec.check(
         {
             "model_name": "m",

@@ -25,8 +25,8 @@ from typing import Any
 
 from harness.cachedir import cache_dir
 from harness.errors import UserError
-from harness.settings import (HARNESS_KEYS, LAUNCHER_OWNED_DESTS, REMOVED_KEYS, harness_value_problem, server_settings,
-                              split_settings)
+from harness.settings import (HARNESS_KEYS, LAUNCHER_OWNED_DESTS, REMOVED_KEYS, SERVE_ONLY_KEYS, harness_value_problem,
+                              server_settings, split_settings)
 
 # How an argument turns a setting value into argv:
 #   bool         BooleanOptionalAction: True -> --flag, False -> --no-flag
@@ -99,6 +99,9 @@ class ArgSpec:
             info = self.args.get(key)
             if info is None:
                 raise UserError(self._unknown_message(key), source=source, key=key)
+            if key in SERVE_ONLY_KEYS and value is not None and value != SERVE_ONLY_KEYS[key][0]:
+                raise UserError(f"got {value!r}; allowed here: {SERVE_ONLY_KEYS[key][0]!r} ({SERVE_ONLY_KEYS[key][1]})",
+                                source=source, key=key)
             problem = self._value_problem(info, value)
             if problem:
                 raise UserError(problem, source=source, key=key)
