@@ -166,7 +166,8 @@ class Profile:
         """One step: idle wait, the schedule, the drain of the last requests (bounded by drain_s)."""
         return IDLE_WAIT_S + plan.send_s + min(plan.drain_s, max(10.0, 2.0 * expected_e2e_s)) + 5.0
 
-    def unit_estimate_s(self, unit: Unit, with_start: bool = True) -> float:
+    def unit_estimate_s(self, unit: Unit, with_start: bool = True, steps_done: int = 0) -> float:
+        """A unit's time at most; `steps_done`: capacity steps a previous command saved (replayed, not measured)."""
         if unit.kind == "build":
             return sum(b.estimate_s for b in self.missing()) or 1.0
         start = (self.configs[unit.config].startup_estimate_s + TEARDOWN_S) if with_start else 0.0  # type: ignore[index]
@@ -176,7 +177,8 @@ class Profile:
         assert unit.capacity is not None
         e2e = unit.capacity.expected_e2e_s
         plan = self.window.plan(unit.capacity.start_rate, e2e)
-        return start + unit.capacity.max_steps * self.step_estimate_s(plan, e2e) + 10.0
+        steps = max(unit.capacity.max_steps - steps_done, 0)
+        return start + steps * self.step_estimate_s(plan, e2e) + 10.0
 
 
 def make_units(compare: CompareSpec, mistral: CapacitySpec, dialogpt: CapacitySpec,
@@ -307,6 +309,13 @@ class State:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+
+    def saved_steps(self, unit: str) -> list[dict[str, Any]]:
+        """The capacity steps of an unfinished search, as the last command left them (`<unit>/steps.json`)."""
+        try:
+            return json.loads((self.root / unit / "steps.json").read_text())["steps"]
+        except (OSError, ValueError, KeyError):
+            return []
 
     def done(self, unit: str) -> bool:
         res = self.result(unit)
@@ -482,10 +491,7 @@ def run_capacity(unit: Unit, deps: list[Any], profile: Profile, state: State, de
     cfg = profile.configs[unit.config]  # type: ignore[index]
     udir = state.unit_dir(unit.name)
     steps_path = udir / "steps.json"
-    try:
-        saved: list[dict[str, Any]] = json.loads(steps_path.read_text())["steps"]
-    except (OSError, ValueError, KeyError):
-        saved = []
+    saved = state.saved_steps(unit.name)
     workload = load_workload(cfg.workload)
     tokenizer = load_tokenizer(deps[0].model)
 
@@ -750,7 +756,8 @@ def print_plan(profile: Profile, state: State, names: list[str]) -> None:
                     env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, p.gpus))} if p.gpus is not None else {}) | p.env
                     print(f"   server {i}: env {env}\n     {' '.join(portable(argv[1:]))}")
         for i, u in enumerate(units):
-            est = profile.unit_estimate_s(u, with_start=(i == 0 and config is not None))
+            saved = len(state.saved_steps(u.name))
+            est = profile.unit_estimate_s(u, with_start=(i == 0 and config is not None), steps_done=saved)
             done = state.result(u.name)
             total += 0 if done else est
             extra = ""
@@ -764,7 +771,8 @@ def print_plan(profile: Profile, state: State, names: list[str]) -> None:
                 extra = (f"rates {c.rates}, requests per round {c.requests}, {c.rounds} rounds, input {c.input_len}, "
                          f"output {c.output_len}")
             print(f"  {u.name}: ~{est:.0f} s{' (server start included)' if i == 0 and config else ''}"
-                  f"{' [done: ' + done.get('status', '?') + ']' if done else ''}  {extra}")
+                  f"{' [done: ' + done.get('status', '?') + ']' if done else ''}"
+                  f"{f' [{saved} steps saved: resumes at step {saved + 1}]' if saved and not done else ''}  {extra}")
     print(f"\nestimated time of what is left: ~{total:.0f} s ({total / 60:.1f} min)")
 
 

@@ -219,3 +219,15 @@ def test_servers_sharing_a_gpu_start_one_after_another(monkeypatch, tmp_path):
     with deploy_mod.deploy_together(jobs) as deps:
         assert [d.gpu_ids for d in deps] == [[0], [1]]
     assert events[:5] == ["start g3.0", "ready g3", "start g3.1", "start g4.0", "ready g3,g4"]
+
+
+def test_a_search_cut_by_the_deadline_is_estimated_by_its_steps_left(ev, tmp_path):
+    profile = ev.gpu_profile(30.0)
+    unit = profile.unit("dialogpt-1server")
+    state = ev.State(tmp_path / "state")
+    assert state.saved_steps(unit.name) == []
+    (state.unit_dir(unit.name) / "steps.json").write_text(json.dumps({"steps": [{"rate": 64.0}] * 5}))
+    assert len(state.saved_steps(unit.name)) == 5
+    full = profile.unit_estimate_s(unit, with_start=False)
+    one_left = profile.unit_estimate_s(unit, with_start=False, steps_done=5)
+    assert one_left == pytest.approx(10.0 + (full - 10.0) / unit.capacity.max_steps)  # 6 steps at most, 5 done
