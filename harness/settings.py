@@ -55,7 +55,6 @@ REMOVED_KEYS: dict[str, str] = {
 }
 
 
-# vLLM dests the harness sets itself for every server; a user setting for them would fight the launcher.
 # Settings vLLM's parser takes that the entry point the harness starts servers with
 # (`python -m vllm.entrypoints.openai.api_server`) does not act on, only `vllm serve` does: refused unless they ask
 # for what that entry point does anyway, so that no measured config claims a setting its servers ignored.
@@ -66,6 +65,7 @@ SERVE_ONLY_KEYS: dict[str, tuple[Any, str]] = {
 }
 
 
+# vLLM dests the harness sets itself for every server; a user setting for them would fight the launcher.
 LAUNCHER_OWNED_DESTS: frozenset[str] = frozenset({"host", "port", "api_key", "model", "model_tag", "uds"})
 
 

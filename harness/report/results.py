@@ -607,7 +607,6 @@ class StudyResults:
                 f"{c['pruned']} pruned)")
 
 
-
 Side = tuple[dict[str, Any], dict[str, Any]]  # a trial's settings, and the defaults vLLM filled in for the others
 
 
