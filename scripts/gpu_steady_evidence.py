@@ -690,8 +690,11 @@ def write_summary(profile: Profile, state: State, names: list[str], notes: list[
         if unit.kind != "capacity":
             continue
         if res is None:
+            saved = len(state.saved_steps(unit.name))
+            status = (f"in progress: {saved} of at most {unit.capacity.max_steps} steps saved, resumes at the next"  # type: ignore[union-attr]
+                      if saved else "not run") + ("" if unit.name in names else " (not selected)")
             lines.append(f"| {unit.name} | {profile.configs[unit.config].label} | {profile.hardware_label} | "  # type: ignore[index]
-                         f"not run{'' if unit.name in names else ' (not selected)'} | | | | | | |")
+                         f"{status} | | | | | | |")
             continue
         caps[unit.name] = res
         b, c, a, kv = res.get("bracket") or {}, res.get("ceiling") or {}, res.get("at_capacity") or {}, res.get(

@@ -231,3 +231,5 @@ def test_a_search_cut_by_the_deadline_is_estimated_by_its_steps_left(ev, tmp_pat
     full = profile.unit_estimate_s(unit, with_start=False)
     one_left = profile.unit_estimate_s(unit, with_start=False, steps_done=5)
     assert one_left == pytest.approx(10.0 + (full - 10.0) / unit.capacity.max_steps)  # 6 steps at most, 5 done
+    text = ev.write_summary(profile, state, [unit.name], [])
+    assert "| dialogpt-1server |" in text and "in progress: 5 of at most 6 steps saved" in text
