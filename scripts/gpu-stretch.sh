@@ -24,7 +24,7 @@ w=${GPU_STRETCH_DIR:-/tmp/gpu-stretch}
 case $cmd in
 start)
   budget=${1:?BUDGET_S} sweep=${2:?SWEEP} units=${3:-} trial_s=${4:-180}
-  mkdir -p "$w"; rm -f "$w/done"
+  mkdir -p "$w"; rm -f "$w/done" "$w/stopping"
   # The work runs in a copy of the tree: each remote command syncs the repo root again, which replaces (or
   # removes) files the work writes there, so a stretch that wrote results into the root would lose them.
   rm -rf "$w/tree"; mkdir -p "$w/tree"
@@ -49,13 +49,15 @@ start)
     else
       echo "no time left for a trial ($(left) s)" > "$w/sweep.log"
     fi
-    [ -n "$units" ] && [ -n "$EVIDENCE_AFTER" ] && [ "$(left)" -gt 60 ] && evidence "$(( $(left) - 20 ))"
+    [ -n "$units" ] && [ -n "$EVIDENCE_AFTER" ] && [ "$(left)" -gt 60 ] && [ ! -f "$w/stopping" ] \
+      && evidence "$(( $(left) - 20 ))"  # not after `stop` interrupted the sweep
     touch "$w/done"' _ "$budget" "$sweep" "$units" "$trial_s" "$w" > "$w/stretch.log" 2>&1 < /dev/null &
   echo $! > "$w/pid"
   echo "stretch started (pid $!), budget ${budget} s, logs in $w"
   ;;
 stop)
   [ -f "$w/pid" ] || echo "no pid file: stopping by process name only"
+  touch "$w/stopping"  # nothing starts after the sweep it interrupts
   py='^[^ ]*python3? '  # the Python processes themselves, not timeout(1) or the stretch's shell around them
   pkill -INT -f "${py}-m harness.sweep"; pkill -INT -f "${py}scripts/gpu_steady_evidence.py"
   for _ in $(seq 60); do
