@@ -310,10 +310,14 @@ class State:
         except (OSError, ValueError):
             return None
 
+    def steps_path(self, unit: str) -> Path:
+        """Where a capacity search keeps its finished steps until the unit is done."""
+        return self.root / unit / "steps.json"
+
     def saved_steps(self, unit: str) -> list[dict[str, Any]]:
-        """The capacity steps of an unfinished search, as the last command left them (`<unit>/steps.json`)."""
+        """The capacity steps of an unfinished search, as the last command left them (`steps_path`)."""
         try:
-            return json.loads((self.root / unit / "steps.json").read_text())["steps"]
+            return json.loads(self.steps_path(unit).read_text())["steps"]
         except (OSError, ValueError, KeyError):
             return []
 
@@ -490,7 +494,7 @@ def run_capacity(unit: Unit, deps: list[Any], profile: Profile, state: State, de
     assert spec is not None
     cfg = profile.configs[unit.config]  # type: ignore[index]
     udir = state.unit_dir(unit.name)
-    steps_path = udir / "steps.json"
+    steps_path = state.steps_path(unit.name)
     saved = state.saved_steps(unit.name)
     workload = load_workload(cfg.workload)
     tokenizer = load_tokenizer(deps[0].model)

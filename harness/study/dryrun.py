@@ -150,8 +150,6 @@ def commands(model: str, settings: dict[str, Any], slots: SlotPool) -> list[str]
     return out
 
 
-
-
 def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any, report: SpaceReport,
                    baselines: list[Launch], sampled: list[Plan], slots: SlotPool, parallel: int) -> Estimate:
     """Start-ups x launched trials + their load steps, and the confirmation; see `describe_estimate` for what it
