@@ -62,13 +62,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+COMMIT_ENV = "VLLM_TUNE_COMMIT"  # the harness commit of a copy without .git (an offline GPU host's tree)
+
+
 def _git_commit() -> str | None:
+    """The checkout's commit (`-dirty` with tracked changes), else $VLLM_TUNE_COMMIT, else None."""
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get(COMMIT_ENV) or None

@@ -28,7 +28,7 @@ from harness.study.confirm import Confirmation, Spread
 from harness.study.objectives import CapacityObjective, ParetoObjective
 from harness.study.runner import enqueue_baselines, make_sampler, open_study
 from harness.study.storage import default_storage
-from harness.study.trials import best_feasible
+from harness.study.trials import StudyAttr, best_feasible
 from harness.study.table import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -617,6 +617,10 @@ def test_live_study_with_a_running_trial(tmp_path: Path) -> None:
     assert "importances" in figs and figs["importances"].harness_note  # one measured trial: nothing to rank
     path = s.write_report(tmp_path / "out")
     assert "best so far, not confirmed" in path.read_text()
+    assert f"writes the recommended settings to `configs/{s.parts['model']}.yaml`" in path.read_text()
+    s.study.set_user_attr(StudyAttr.CONFIG, "configs/h200x1/m.yaml")  # the sweep file's configs_dir, as emitted
+    assert "writes the recommended settings to `configs/h200x1/m.yaml`" in s.refresh().write_report(
+        tmp_path / "out2").read_text()
 
 
 # ================================================================================================ report
@@ -787,6 +791,13 @@ def test_the_cross_check_rows_name_both_tools_and_each_tools_gain() -> None:
     assert rows[1] == ["vllm bench serve cross-check, baseline", "2 servers: vllm bench serve drives one URL"]
     assert rows[2] == ["goodput gain per GPU, by each tool", "+25.0% ours / - vLLM's"]
     assert _cross_check_rows(None) == []
+    work = {"ours": {"prompt_tokens": 527631, "output_tokens": 143749},
+            "vllm": {"prompt_tokens": 547611, "output_tokens": 142411}}
+    other = _cross_check_rows({"winner": {**cc["winner"], "work": work, "same_lengths": False}})[0][1]
+    assert other.endswith("; prompt / output tokens 527,631 / 143,749 ours, 547,611 / 142,411 vLLM's "
+                          "(other request lengths: not the same work)")
+    assert _cross_check_rows({"winner": {**cc["winner"], "work": work, "same_lengths": True}})[0][1].endswith(
+        "vLLM's")
 
 
 def test_settings_rows_show_vllms_defaults_and_mark_only_real_changes() -> None:

@@ -105,7 +105,7 @@ def test_dataset_distribution(tmp_path: Path, tiny_tokenizer: Any) -> None:
     p = write(tmp_path, "api: completions\ninput_len: {dist: dataset, path: data.jsonl}\n"
                         "output_len: {dist: dataset, path: data.jsonl}\n")
     w = load_workload(p)
-    assert w.input_len.field == "prompt" and w.max_input_tokens() is None
+    assert w.input_len.field == "prompt" and w.max_input_tokens() is None and w.verbatim_prompts
     reqs = build_requests(w, tiny_tokenizer, 6)
     by_prompt = {r["prompt"]: r["output_len"] for r in rows}
     for r in reqs:
@@ -116,7 +116,7 @@ def test_dataset_distribution(tmp_path: Path, tiny_tokenizer: Any) -> None:
     (tmp_path / "lens.jsonl").write_text('{"input_len": 40, "output_len": 4}\n{"input_len": 50, "output_len": 6}\n')
     w2 = load_workload(write(tmp_path, "api: completions\ninput_len: {dist: dataset, path: lens.jsonl}\n"
                                        "output_len: {dist: dataset, path: lens.jsonl}\n", "w2.yaml"))
-    assert w2.max_total_tokens() == 56
+    assert w2.max_total_tokens() == 56 and not w2.verbatim_prompts
     for r in build_requests(w2, tiny_tokenizer, 4):
         assert (r.prompt_tokens, r.max_tokens) in ((40, 4), (50, 6))
         assert len(tiny_tokenizer(r.prompt).input_ids) == r.prompt_tokens
@@ -291,3 +291,18 @@ def test_arrival_errors(kwargs: dict[str, Any], key: str) -> None:
     assert info.value.key == key
     with pytest.raises(UserError, match="sweep.yaml"):
         Arrival.from_dict(kwargs, source="sweep.yaml")
+
+
+def test_content_seed_keeps_the_lengths_and_changes_every_prompt(tiny_tokenizer: Any) -> None:
+    # a second client's set: the same work (lengths), nothing a prefix cache could serve from the first set's run
+    w = load_workload("chat-mix")
+    a = build_requests(w, tiny_tokenizer, 12, seed=5)
+    b = build_requests(w, tiny_tokenizer, 12, seed=5, content_seed=6)
+    assert [(x.prompt_tokens, x.max_tokens) for x in a] == [(x.prompt_tokens, x.max_tokens) for x in b]
+    for x, y in zip(a, b):
+        ids_x, ids_y = _server_ids(tiny_tokenizer, x), _server_ids(tiny_tokenizer, y)
+        assert len(ids_y) == y.prompt_tokens
+        common = next((i for i, (p, q) in enumerate(zip(ids_x, ids_y)) if p != q), len(ids_x))
+        assert common < 16, common  # not one 16-token block of the prompt is shared past the template
+    assert build_requests(w, tiny_tokenizer, 12, seed=5, content_seed=6)[0].messages == b[0].messages
+    assert not w.verbatim_prompts

@@ -251,10 +251,14 @@ class _Form:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None = None) -> list[RequestSpec]:
+def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None = None,
+                   content_seed: int | None = None) -> list[RequestSpec]:
     """Build `n` requests for `workload` with prompts of exact token length; deterministic for a seed.
 
     `tokenizer` is the served model's Hugging Face tokenizer (AutoTokenizer); `seed` defaults to the workload's.
+    `content_seed`: other prompt tokens with the same lengths (and dataset rows) as `seed` draws: the same work
+    that a server's prefix cache cannot serve from a run of the `seed` set. Verbatim dataset prompts stay as
+    they are (`Workload.verbatim_prompts`).
     """
     if n < 0:
         raise ValueError("n must be >= 0")
@@ -264,6 +268,8 @@ def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None 
     rng = np.random.default_rng(workload.seed if seed is None else seed)
     form = _Form(tokenizer, workload.api)
     rows, in_lens, out_lens = workload.sample_lengths(rng, n)
+    if content_seed is not None:
+        rng = np.random.default_rng(content_seed)
     voc = _vocab(tokenizer)
     probe_rng = np.random.default_rng(0)
     form.check_split([_join(voc.first, voc.mid, probe_rng.integers(0, len(voc.ids), 4)) for _ in range(2)]

@@ -199,6 +199,11 @@ class Workload:
             return self.output_len.rows
         return None
 
+    @property
+    def verbatim_prompts(self) -> bool:
+        """Prompts are a dataset's text as it is (no generated tokens to vary for another prompt set)."""
+        return self.input_len.dist == "dataset" and self.input_len.field == "prompt"
+
     def sample_lengths(self, rng: np.random.Generator, n: int) -> tuple[list[DatasetRow | None], list[int | None], list[int]]:
         """Draw per-request (dataset row, input length, output length).
 
@@ -216,7 +221,7 @@ class Workload:
             inputs: list[int | None] = []
             for row in picked:
                 assert row is not None
-                inputs.append(None if self.input_len.field == "prompt" else row.input_len)
+                inputs.append(None if self.verbatim_prompts else row.input_len)
         else:
             inputs = [int(v) for v in self.input_len.sample(rng, n)]
         if self.output_len.dist == "dataset":

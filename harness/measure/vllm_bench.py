@@ -153,13 +153,32 @@ def metrics_row(metrics: RunMetrics) -> dict[str, float]:
     return row
 
 
+def _lengths(requests: list[RequestSpec]) -> list[tuple[int, int]]:
+    return [(q.prompt_tokens, q.max_tokens) for q in requests]
+
+
+def served_tokens(results: list[RequestResult]) -> dict[str, int]:
+    """The work a run's completed requests did (prompt and output tokens): two clients' latencies compare only
+    when these agree."""
+    done = [r for r in results if r.ok]
+    return {"prompt_tokens": sum(r.prompt_tokens for r in done), "output_tokens": sum(r.output_tokens for r in done)}
+
+
+def work_text(check: dict[str, Any]) -> str:
+    """The tokens each tool's run served, for a log line or a table cell (a cross-check with its "work")."""
+    o, v = check["work"]["ours"], check["work"]["vllm"]
+    same = "" if check.get("same_lengths", True) else " (other request lengths: not the same work)"
+    return (f"prompt / output tokens {o['prompt_tokens']:,} / {o['output_tokens']:,} ours, "
+            f"{v['prompt_tokens']:,} / {v['output_tokens']:,} vLLM's{same}")
+
+
 def cross_check(target: Target, model: str, tokenizer: str, requests: list[RequestSpec], rate: float, workdir: Path,
                 *, slo: SLO | None = None, seed: int = 0, vllm_requests: list[RequestSpec] | None = None
                 ) -> dict[str, Any]:
     """Our client on `requests`, then `vllm bench serve` on `vllm_requests` (default: the same ones), at `rate` on
-    vLLM's schedule: both rows (goodput under `slo`) and ours / vLLM per metric. Give vLLM's client other prompts
-    of the same lengths when the server may have prefix caching on: a second run of the same prompts would be
-    served from the cache."""
+    vLLM's schedule: both rows (goodput under `slo`), ours / vLLM per metric, and the tokens each run served.
+    Give vLLM's client other prompts of the same lengths when the server may have prefix caching on: a second
+    run of the same prompts would be served from the cache, and other lengths are other work."""
     theirs = requests if vllm_requests is None else vllm_requests
     dataset = write_dataset(theirs, workdir / "requests.jsonl")
     offsets = vllm_schedule(len(requests), rate, 1.0, seed)
@@ -169,7 +188,9 @@ def cross_check(target: Target, model: str, tokenizer: str, requests: list[Reque
     rows = {"ours": metrics_row(summarize(ours, ours_s, slo)),
             "vllm": metrics_row(summarize(vllm.results, vllm.duration_s, slo))}
     ratio = {k: rows["ours"][k] / v for k, v in rows["vllm"].items() if isinstance(v, float) and v}
-    return {"rate": rate, "requests": len(requests), "seed": seed, "same_prompts": theirs is requests, **rows,
+    return {"rate": rate, "requests": len(requests), "seed": seed, "same_prompts": theirs is requests,
+            "same_lengths": _lengths(theirs) == _lengths(requests),
+            "work": {"ours": served_tokens(ours), "vllm": served_tokens(vllm.results)}, **rows,
             "ours_over_vllm": ratio,
             "vllm_own": {k: vllm.own.get(k) for k in ("request_throughput", "output_throughput", "mean_ttft_ms",
                                                       "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms")}}

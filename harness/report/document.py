@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.measure.vllm_bench import work_text
 from harness.report.figures import all_figures
 from harness.report.results import StudyResults, check_latency, latency_label, register_view
 from harness.study.trials import (CLIENT_LIMITED_LABEL, Attr, best_feasible, capacity_limit, category_of, is_measured,
@@ -374,7 +375,7 @@ def build_document(r: StudyResults, images: dict[str, tuple[Path | None, str | N
     rows.append(["device time", _device_time_text(r)])
     doc.table(["summary", ""], rows)
     if rec is not None:
-        doc.p(f"The sweep writes the recommended settings to `configs/{r.parts['model']}.yaml` (with this study, "
+        doc.p(f"The sweep writes the recommended settings to `{r.config_path}` (with this study, "
               f"the trial number and the measured numbers as provenance); review this report, then commit that "
               f"file.")
         st = r.settings_table()
@@ -521,7 +522,7 @@ def _cross_check_rows(cc: dict[str, Any] | None) -> list[list[Any]]:
                      f"{got.get('rate', 0):.3g} req/s, {got.get('gpus')} GPU(s))",
                      f"goodput {o['goodput']:.4g} ours / {v['goodput']:.4g} vLLM's req/s; p99 TTFT "
                      f"{o['ttft_p99']:.0f} / {v['ttft_p99']:.0f} ms; mean TPOT {o['tpot_mean']:.2f} / "
-                     f"{v['tpot_mean']:.2f} ms"])
+                     f"{v['tpot_mean']:.2f} ms" + (f"; {work_text(got)}" if got.get("work") else "")])
     gain = cc.get("goodput_gain_per_gpu")
     if gain:
         names = {"ours": "ours", "vllm": "vLLM's"}

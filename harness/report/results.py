@@ -199,6 +199,7 @@ class StudyResults:
     storage: str = ""  # the storage URL, password hidden
     # the recommendation against the committed config (Confirmation.to_dict()), when the study had one to replace
     confirm_committed: dict[str, Any] | None = None
+    config_path: str = ""  # the emitted config the sweep wrote (refresh: its record, else configs/<model>.yaml)
     _trials: list[FrozenTrial] = field(default_factory=list, repr=False)
 
     def refresh(self) -> StudyResults:
@@ -209,6 +210,7 @@ class StudyResults:
         self.identity = dict(attrs.get(StudyAttr.IDENTITY) or {})
         self.confirm = attrs.get(StudyAttr.CONFIRM)
         self.confirm_committed = attrs.get(StudyAttr.CONFIRM_COMMITTED)
+        self.config_path = str(attrs.get(StudyAttr.CONFIG) or f"configs/{self.parts['model']}.yaml")
         return self
 
     # ------------------------------------------------------------------------------------------ identity

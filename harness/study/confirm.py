@@ -33,6 +33,7 @@ from harness.deploy import DeployJob, deploy_together
 from harness.launch.server import ServerStartError
 from harness.load.client import Target
 from harness.measure.vllm_bench import cross_check as run_cross_check
+from harness.measure.vllm_bench import work_text
 from harness.study.evaluate import StudyContext, evaluate, finalize, measure_live, plan_settings
 from harness.study.pergpu import equal_gpu_pair, fill_replicas, gpus_used
 from harness.study.trials import CLIENT_LIMITED_LABEL as CLIENT_LIMITED, Evaluation, Spread, settings_of
@@ -259,7 +260,7 @@ def _cross_check(ctx: StudyContext, who: str, dep: Any, winner_values: list[floa
         o, v = got["ours"], got["vllm"]
         print(f"    -> goodput {o['goodput']:.4g} (ours) vs {v['goodput']:.4g} (vllm bench serve) req/s; p99 TTFT "
               f"{o['ttft_p99']:.0f} vs {v['ttft_p99']:.0f} ms; mean TPOT {o['tpot_mean']:.2f} vs "
-              f"{v['tpot_mean']:.2f} ms", file=log, flush=True)
+              f"{v['tpot_mean']:.2f} ms" + (f"; {work_text(got)}" if got.get("work") else ""), file=log, flush=True)
     return {**got, "gpus": dep.topology.gpus}
 
 

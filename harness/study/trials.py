@@ -51,6 +51,7 @@ class StudyAttr:
     IDENTITY = "identity"  # model, space, workload, objective, hardware: what a resume must match
     CONFIRM = "confirm"  # the latest Confirmation.to_dict() against vLLM's defaults
     CONFIRM_COMMITTED = "confirm_committed"  # the recommendation against the committed config, when one ran
+    CONFIG = "config"  # where the sweep wrote the recommendation (the sweep file's configs_dir), as it was given
 
 
 class Outcome:
