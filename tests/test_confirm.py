@@ -109,7 +109,9 @@ def _gpu_ctx(n_gpus: int) -> Any:
 
 
 def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], gpus_needed: dict[str, int],
-               started: list[list[tuple[str, tuple[int, ...]]]], measured: list[str]) -> None:
+               started: list[list[tuple[str, tuple[int, ...]]]], measured: list[str],
+               prompt_sets: list[tuple[int, str, int]] | None = None) -> None:
+    """`prompt_sets`: (start-up number, side, prompt set) of every live repeat."""
     import contextlib
 
     def plan_settings(ctx: Any, settings: dict[str, Any]) -> tuple[Evaluation, int]:
@@ -121,8 +123,10 @@ def _fake_live(monkeypatch: pytest.MonkeyPatch, values: dict[str, list[float]], 
         yield [job.settings["who"] for job in jobs]
 
     def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
-                     repeat_of: list[float] | None = None) -> Evaluation:
+                     repeat_of: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
         measured.append(dep)
+        if prompt_sets is not None:
+            prompt_sets.append((len(started) - 1, dep, prompt_set))
         ev.values = [values[dep].pop(0)]
         return ev
 
@@ -150,9 +154,14 @@ def test_a_winner_on_every_gpu_and_the_baseline_alternate_in_blocks(monkeypatch:
     # alternate (neither side measured mostly early) and each side is measured on two servers
     started: list[list[tuple[str, tuple[int, ...]]]] = []
     measured: list[str] = []
-    _fake_live(monkeypatch, {"w": [5.0, 5.1, 5.2], "b": [4.0, 4.1, 3.9]}, {"w": 4, "b": 1}, started, measured)
+    sets: list[tuple[int, str, int]] = []
+    _fake_live(monkeypatch, {"w": [5.0, 5.1, 5.2], "b": [4.0, 4.1, 3.9]}, {"w": 4, "b": 1}, started, measured,
+               sets)
     monkeypatch.setattr(confirm_mod, "evaluate", lambda *a, **k: pytest.fail("a fresh server was started"))
     conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 3, "goodput_rps")
+    # repeat i sends prompt set i on both sides, so no server is sent the same prompts twice (its prefix cache
+    # served 99% of a second repeat's prompt tokens on the H200 when both repeats sent the same set)
+    assert sets == [(0, "w", 0), (1, "b", 0), (1, "b", 1), (2, "w", 1), (2, "w", 2), (3, "b", 2)]
     assert [[(who, len(gpus)) for who, gpus in s] for s in started] == [[("w", 4)], [("b", 1)], [("w", 4)],
                                                                          [("b", 1)]]
     assert measured == ["w", "b", "b", "w", "w", "b"]
@@ -202,7 +211,7 @@ def _client_checked(runs: dict[str, list[tuple[float, bool]]], measured: list[st
     from types import SimpleNamespace
 
     def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
-                     repeat_of: list[float] | None = None) -> Evaluation:
+                     repeat_of: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
         value, valid = runs[dep].pop(0)
         measured.append(label)
         ev.values = [value]
@@ -442,9 +451,9 @@ def test_the_cross_check_measures_each_live_side_once_after_its_repeats(monkeypa
     def deploy_together(jobs: list[Any], *, start_timeout_s: float) -> Any:
         yield [dep(job.settings["who"]) for job in jobs]
 
-    def measure_live(ctx: Any, d: Any, ev: Evaluation, label: str, *, repeat_of: list[float] | None = None
-                     ) -> Evaluation:
-        events.append(f"repeat {d.who}")
+    def measure_live(ctx: Any, d: Any, ev: Evaluation, label: str, *, repeat_of: list[float] | None = None,
+                     prompt_set: int = 0) -> Evaluation:
+        events.append(f"repeat {d.who} set {prompt_set}")  # repeat i: prompt set i (no cache hit on its server)
         ev.values = [values[d.who].pop(0)]
         return ev
 
@@ -467,8 +476,8 @@ def test_the_cross_check_measures_each_live_side_once_after_its_repeats(monkeypa
                           completion_requests=lambda n, k: list(range(n)))
     conf = confirm(ctx, frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2,  # type: ignore[arg-type]
                    "goodput", cross_check=True)
-    assert events == ["repeat w", "repeat b", "repeat w", "repeat b", "cross-check w at 5 with 150",
-                      "cross-check b at 5 with 150"]
+    assert events == ["repeat w set 0", "repeat b set 0", "repeat w set 1", "repeat b set 1",
+                      "cross-check w at 5 with 150", "cross-check b at 5 with 150"]
     cc = conf.cross_check
     assert cc is not None and cc["winner"]["gpus"] == 1 and cc["baseline"]["ours"]["goodput"] == 4.0
     assert cc["goodput_gain_per_gpu"] == {"ours": pytest.approx(0.25), "vllm": pytest.approx(4.9 / 4.1 - 1)}
@@ -543,3 +552,26 @@ def test_without_a_confirmation_the_best_trial_is_emitted_even_when_it_is_the_de
                               out=io.StringIO())
     assert outcome.config_path is not None
     assert yaml.safe_load(outcome.config_path.read_text())["provenance"]["trial"] == 0
+
+
+def test_a_repeats_prompt_set_is_step_ones_work_in_other_tokens(tiny_model: Any, tmp_path: Any) -> None:
+    """The study's prompt sets (tune.build_context): set s of a step keeps the step's request lengths (the same
+    work in every repeat, on both sides) and changes every prompt, and LoadSteps asks for its set."""
+    from harness.plan import detect_hardware
+    from harness.study.objectives import LoadSteps
+    from harness.study.sweepfile import DEMO_SWEEP, parse_sweep
+    from harness.study.tune import build_context
+
+    sweep = parse_sweep({**DEMO_SWEEP, "models": [{"name": "tiny", "model": str(tiny_model)}],
+                         "workload": "chat-mix"}, "s.yaml")
+    ctx, _ = build_context(sweep, sweep.models[0], str(tiny_model), detect_hardware("CPU"), 1, tmp_path)
+    first, second = ctx.requests_for(1, 30), ctx.requests_for(1, 30, 1)
+    assert [(q.prompt_tokens, q.max_tokens) for q in first] == [(q.prompt_tokens, q.max_tokens) for q in second]
+    assert all(a.messages != b.messages for a, b in zip(first, second))
+    assert [q.messages for q in ctx.requests_for(1, 30, 1)] == [q.messages for q in second]  # deterministic
+    asked: list[tuple[Any, ...]] = []
+    steps = LoadSteps(deployment=None, workload=None, requests_for=lambda *a: asked.append(a) or [],  # type: ignore[arg-type]
+                      slo=None, plan=None, save=lambda r, k: None, prompt_set=2)  # type: ignore[arg-type]
+    steps.count = 1
+    steps._requests(7)
+    assert asked == [(1, 7, 2)]

@@ -187,3 +187,19 @@ def test_the_quantization_run_is_its_own_labelled_study() -> None:
     assert fp8.models[0].fixed == {"quantization": "fp8"} and "quantization" not in plain.models[0].fixed
     assert fp8.results_dir != plain.results_dir and fp8.configs_dir != plain.configs_dir
     assert fp8.objective.to_dict() == plain.objective.to_dict() and fp8.workload == plain.workload
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(Path(__file__).parents[1]))
+                                        for p in (Path(__file__).parents[1] / "sweeps").glob("*.yaml")))
+def test_every_committed_sweep_file_loads_with_its_space_workload_and_baselines(path: str) -> None:
+    from harness.launch.vllm_args import load_argspec
+    from harness.load.workload import load_workload
+    from harness.space.spec import load_space
+
+    sweep = load_sweep(Path(__file__).parents[1] / path)
+    load_space(sweep.space)
+    argspec = load_argspec()
+    for entry in sweep.models:
+        load_workload(entry.workload or sweep.workload)
+        for label, settings in entry.baselines.items():  # what the study checks before its first trial
+            argspec.check(settings, f"{path} (models[{entry.name}].baselines.{label})")

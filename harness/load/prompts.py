@@ -28,7 +28,7 @@ that many tokens in the request form, so the server's prefix cache sees identica
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,7 +252,7 @@ class _Form:
 
 
 def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None = None,
-                   content_seed: int | None = None) -> list[RequestSpec]:
+                   content_seed: int | Sequence[int] | None = None) -> list[RequestSpec]:
     """Build `n` requests for `workload` with prompts of exact token length; deterministic for a seed.
 
     `tokenizer` is the served model's Hugging Face tokenizer (AutoTokenizer); `seed` defaults to the workload's.

@@ -190,7 +190,10 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                     label = f"confirm-{who}{i + 1}" + (f"-again{attempt}" if attempt else "")
                     if live:
                         ev, _ = plan_settings(ctx, settings)
-                        measure_live(ctx, live[who], ev, label, repeat_of=winner_values)
+                        # repeat i sends prompt set i (step 1's lengths, other tokens; the same set on both
+                        # sides): the block's next repeat on this server is not served from its prefix cache
+                        # (the H200's defaults server served 99% of a second repeat's prompt tokens from it)
+                        measure_live(ctx, live[who], ev, label, repeat_of=winner_values, prompt_set=i)
                         ev = finalize(ctx, ev, label)
                     else:
                         ev = evaluate(ctx, settings, label, repeat_of=winner_values)

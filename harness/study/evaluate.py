@@ -33,8 +33,10 @@ class StudyContext:
     space: Any  # harness.space.SearchSpace
     workload: Any  # harness.load.workload.Workload
     objective: Objective
-    requests_for: Callable[[int, int], list[Any]]  # (step k, n) -> n RequestSpecs: the same prompts for step k of
-    # every trial, different prompts across the steps of one server, so the prefix cache never replays an earlier step
+    # (step k, n[, prompt set s]) -> n RequestSpecs: the same prompts for step k of every trial, different prompts
+    # across the steps of one server, so the prefix cache never replays an earlier step; set s > 0: step k's
+    # lengths in other tokens (objectives.LoadSteps.prompt_set)
+    requests_for: Callable[..., list[Any]]
     study_dir: Path
     start_timeout_s: float
     slots: SlotPool
@@ -95,15 +97,16 @@ def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, incumbe
 
 def measure_live(ctx: StudyContext, dep: Deployment, ev: Evaluation, label: str, *,
                  incumbent: list[float] | None = None, must_beat: bool = False,
-                 repeat_of: list[float] | None = None) -> Evaluation:
-    """Score a running deployment under the study's objective; each load step is saved as a RunRecord."""
+                 repeat_of: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
+    """Score a running deployment under the study's objective; each load step is saved as a RunRecord.
+    `prompt_set`: which of the steps' prompt sets (LoadSteps.prompt_set; > 0 on a server that ran the others)."""
     run_dir = ctx.study_dir / "runs"
 
     def save(record: RunRecord, step: int) -> None:
         ev.record_paths.append(str(save_record(record, run_dir / f"{label}-step{step}.json")))
 
     steps = LoadSteps(deployment=dep, workload=ctx.workload, requests_for=ctx.requests_for, slo=ctx.objective.slo,
-                      plan=ev.plan, save=save, label=label, out=ctx.out, tty=ctx.out_tty)
+                      plan=ev.plan, save=save, label=label, out=ctx.out, tty=ctx.out_tty, prompt_set=prompt_set)
     obj = ctx.objective
     got = obj.measure_repeat(steps, repeat_of) if repeat_of is not None else obj.measure(steps, incumbent, must_beat)
     ev.values, ev.constraints, ev.record = got.values, got.constraints, got.record

@@ -70,6 +70,8 @@ class LoadSteps:
 
     Step k gets the study's prompts for step k (`requests_for(k, n)`: the same for every trial, different across
     the steps of one server, so the prefix cache never replays an earlier step) and is saved by `save(record, k)`.
+    `prompt_set` s > 0: step k's request lengths in other tokens (`requests_for(k, n, s)`), for a server that
+    already ran set s - 1 (a confirmation's next repeat on the same live server: the same work, no cache hits).
     `out`: where step lines and live progress go (None: quiet); `label` prefixes them."""
 
     deployment: Deployment
@@ -82,6 +84,7 @@ class LoadSteps:
     label: str = ""
     out: Any = None
     tty: bool | None = None  # False: a progress line every 10 s even on a terminal (several trials at once)
+    prompt_set: int = 0
     last_e2e_s: float | None = None  # the last step's batch fill time (p99 decode): sizes the next warm-up and tail
 
     @property
@@ -95,7 +98,7 @@ class LoadSteps:
         n = int(load.get("num_requests") or 64) + self.workload.warmup_requests
         display = self._display()
         try:
-            record = self.deployment.run(self.workload, self.requests_for(self.count, n), slo=self.slo,
+            record = self.deployment.run(self.workload, self._requests(n), slo=self.slo,
                                          plan=self.plan, progress=display, **load)
         finally:
             if display is not None:
@@ -112,7 +115,7 @@ class LoadSteps:
                   f"{window.warmup_s:.0f} s warm-up ({window.requests_needed()} requests)")
         display = self._display()
         try:
-            record = self.deployment.run_window(self.workload, self.requests_for(self.count, window.requests_needed()),
+            record = self.deployment.run_window(self.workload, self._requests(window.requests_needed()),
                                                 window, slo=self.slo, plan=self.plan, criteria=criteria,
                                                 progress=display)
         finally:
@@ -128,6 +131,11 @@ class LoadSteps:
                       + (f"; {st.reasons[0]}" if st.reasons else ""))
         self.save(record, self.count)
         return record
+
+    def _requests(self, n: int) -> list[Any]:
+        if self.prompt_set:
+            return self.requests_for(self.count, n, self.prompt_set)
+        return self.requests_for(self.count, n)
 
     def _display(self) -> StepDisplay | None:
         return (StepDisplay(prefix=f"    {self.label} step {self.count}: ", out=self.out, tty=self.tty)

@@ -98,9 +98,12 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     obj = sweep.objective
 
     @functools.lru_cache(maxsize=16)
-    def requests_for(step: int, n: int) -> list[Any]:
-        # windowed steps need rate x time requests (a count that follows from the step's rate)
-        return build_requests(workload, tokenizer, n, seed=sweep.seed * 1000 + step)
+    def requests_for(step: int, n: int, prompt_set: int = 0) -> list[Any]:
+        # windowed steps need rate x time requests (a count that follows from the step's rate); set s > 0: the
+        # same lengths in other tokens (numpy's seed sequence [seed, s] is a stream no other seed draws)
+        seed = sweep.seed * 1000 + step
+        return build_requests(workload, tokenizer, n, seed=seed,
+                              content_seed=[seed, prompt_set] if prompt_set else None)
 
     def completion_requests(n: int, k: int) -> list[Any]:
         # the workload's lengths as raw prompts: `vllm bench serve` replays them on /v1/completions (ignore_eos:
