@@ -66,15 +66,21 @@ COMMIT_ENV = "VLLM_TUNE_COMMIT"  # the harness commit of a copy without .git (an
 
 
 def _git_commit() -> str | None:
-    """The checkout's commit (`-dirty` with tracked changes), else $VLLM_TUNE_COMMIT, else None."""
+    """The checkout's commit (`-dirty` with tracked changes), else $VLLM_TUNE_COMMIT (taken as given: a copy's
+    changes are not seen), else None. A copy of the tree inside another repository's work tree is not that
+    repository: git's top level must be the project root."""
     root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        if out.returncode == 0:
-            return out.stdout.strip() + ("-dirty" if dirty else "")
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == root:
+            out = git("rev-parse", "--short", "HEAD")
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            if out.returncode == 0:
+                return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return os.environ.get(COMMIT_ENV) or None

@@ -27,7 +27,7 @@ def frozen(number: int, value: float, settings: dict[str, Any]) -> optuna.trial.
 
 def fake_evaluate(values: dict[str, list[float]], calls: list[tuple[str, float | None]]):  # type: ignore[no-untyped-def]
     def evaluate(ctx: Any, settings: dict[str, Any], label: str, *,
-                 repeat_of: list[float] | None = None) -> Evaluation:
+                 repeat_of: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
         who = settings["who"]
         calls.append((who, repeat_of[0] if repeat_of else None))
         return Evaluation(settings=settings, values=[values[who].pop(0)], constraints=[0.0])
@@ -206,14 +206,18 @@ def test_a_winner_that_is_the_baseline_is_repeated_on_one_live_server(monkeypatc
     assert conf.recommended_trial == 0 and conf.winner.runs == [5.0, 5.1, 4.9]
 
 
-def _client_checked(runs: dict[str, list[tuple[float, bool]]], measured: list[str]):  # type: ignore[no-untyped-def]
-    """A fake measure_live: each repeat's (value, client valid) in turn, its label appended to `measured`."""
+def _client_checked(runs: dict[str, list[tuple[float, bool]]], measured: list[str],  # type: ignore[no-untyped-def]
+                    sets: list[int] | None = None):
+    """A fake measure_live: each repeat's (value, client valid) in turn, its label appended to `measured` (and
+    its prompt set to `sets`)."""
+    sets = [] if sets is None else sets
     from types import SimpleNamespace
 
     def measure_live(ctx: Any, dep: str, ev: Evaluation, label: str, *,
                      repeat_of: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
         value, valid = runs[dep].pop(0)
         measured.append(label)
+        sets.append(prompt_set)
         ev.values = [value]
         ev.record = SimpleNamespace(metrics=None, memory=None, server=None, startup_s=None,  # type: ignore[assignment]
                                     client=SimpleNamespace(valid=valid, reasons=[] if valid else ["dispatch lag 40 ms"]))
@@ -228,10 +232,12 @@ def test_a_repeat_whose_client_fell_behind_is_measured_again(monkeypatch: pytest
     _fake_live(monkeypatch, {}, {"w": 1, "b": 1}, started, measured)
     # the winner's first run: client behind (its value must not count); then valid runs
     runs = {"w": [(9.9, False), (5.0, True), (5.2, True)], "b": [(4.0, True), (4.1, True)]}
-    monkeypatch.setattr(confirm_mod, "measure_live", _client_checked(runs, measured))
+    sets: list[int] = []
+    monkeypatch.setattr(confirm_mod, "measure_live", _client_checked(runs, measured, sets))
     conf = confirm(_gpu_ctx(4), frozen(5, 5.0, {"who": "w"}), frozen(0, 4.0, {"who": "b"}), 2, "goodput_rps")
     assert measured == ["confirm-winner1", "confirm-winner1-again1", "confirm-baseline1", "confirm-winner2",
                         "confirm-baseline2"]
+    assert sets == [0, 2, 0, 1, 1]  # the retry on the same live server is sent prompts it has not seen
     assert conf.winner.runs == [5.0, 5.2] and all(m["client_valid"] for m in conf.winner_metrics)
 
 
@@ -273,7 +279,10 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
     from harness.study import tune
     from harness.study.sweepfile import load_sweep
 
+    opened: list[optuna.Study] = []
+
     def run_trials(study: optuna.Study, ctx: Any, target: int, parallel: int, out: Any, timeout_s: Any) -> None:
+        opened.append(study)
         for value in (3.0, 5.0):
             trial = study.ask()
             trial.set_user_attr("settings", {"max_num_seqs": 4})
@@ -294,6 +303,8 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
     if left_s > 0:
         assert "it needs ~14 min by this study's start-ups and load steps, 10 min were left" in outcome.message
     assert not (tmp_path / "configs" / "tiny.yaml").exists()
+    # nothing emitted, yet the report names the sweep's configs_dir file (as a committed file may: no machine path)
+    assert opened[0].user_attrs["config"] == "tiny.yaml"
 
 
 @pytest.mark.parametrize("beats_mine", [False, True])
@@ -350,7 +361,8 @@ def test_a_recommendation_replaces_the_committed_config_only_when_it_beats_it(
 
 def test_a_repeat_that_could_not_start_is_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
     """A repeat pruned at launch (the host's memory changed since the trial) is not a 0 in the spread."""
-    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None) -> Evaluation:
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None,
+                 prompt_set: int = 0) -> Evaluation:
         return Evaluation(settings=settings, pruned_reason="gpu_memory_utilization: only 2.74 GiB is available")
 
     monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
@@ -400,7 +412,7 @@ def test_confirmation_pairs_sides_on_equal_gpus_and_measures_scaling(monkeypatch
     calls: list[tuple[dict[str, Any], str, Any]] = []
 
     def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None,
-                 incumbent: list[float] | None = None) -> Evaluation:
+                 incumbent: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
         calls.append((settings, label, repeat_of or incumbent))
         if label == "confirm-scaling":  # 2 replicas of TP 2 on 4 GPUs: 90% of the one server's per-GPU value
             return Evaluation(settings=settings, values=[4.5], constraints=[0.0])
@@ -512,7 +524,8 @@ def test_a_block_whose_server_does_not_start_sends_that_sides_repeats_to_fresh_s
 
     fresh: list[str] = []
 
-    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None) -> Evaluation:
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None,
+                 prompt_set: int = 0) -> Evaluation:
         fresh.append(settings["who"])
         return Evaluation(settings=settings, values=[{"w": 9.0, "b": 8.0}[settings["who"]]], constraints=[0.0])
 
@@ -568,10 +581,35 @@ def test_a_repeats_prompt_set_is_step_ones_work_in_other_tokens(tiny_model: Any,
     first, second = ctx.requests_for(1, 30), ctx.requests_for(1, 30, 1)
     assert [(q.prompt_tokens, q.max_tokens) for q in first] == [(q.prompt_tokens, q.max_tokens) for q in second]
     assert all(a.messages != b.messages for a, b in zip(first, second))
-    assert [q.messages for q in ctx.requests_for(1, 30, 1)] == [q.messages for q in second]  # deterministic
+    again = ctx.requests_for.__wrapped__(1, 30, 1)  # type: ignore[attr-defined]  # not the lru_cache's own list
+    assert [q.messages for q in again] == [q.messages for q in second]  # deterministic
     asked: list[tuple[Any, ...]] = []
     steps = LoadSteps(deployment=None, workload=None, requests_for=lambda *a: asked.append(a) or [],  # type: ignore[arg-type]
                       slo=None, plan=None, save=lambda r, k: None, prompt_set=2)  # type: ignore[arg-type]
     steps.count = 1
     steps._requests(7)
     assert asked == [(1, 7, 2)]
+
+
+def test_a_verbatim_datasets_other_prompt_set_is_other_rows(tiny_model: Any, tmp_path: Any) -> None:
+    """Dataset prompts sent as they are have no tokens to vary: set s > 0 draws other rows of the file, or every
+    live repeat after the first would be the first one's prompts again."""
+    import json
+
+    import yaml
+
+    from harness.plan import detect_hardware
+    from harness.study.sweepfile import DEMO_SWEEP, parse_sweep
+    from harness.study.tune import build_context
+
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": f"row {i} zaba kelo muti pano"}) + "\n"
+                                                 for i in range(40)))
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"name": "rows", "api": "completions", "output_len": 8,
+                                                     "input_len": {"dist": "dataset", "path": "data.jsonl"}}))
+    sweep = parse_sweep({**DEMO_SWEEP, "models": [{"name": "tiny", "model": str(tiny_model)}],
+                         "workload": str(tmp_path / "w.yaml")}, "s.yaml")
+    ctx, _ = build_context(sweep, sweep.models[0], str(tiny_model), detect_hardware("CPU"), 1, tmp_path)
+    assert ctx.workload.verbatim_prompts
+    first = {q.prompt for q in ctx.requests_for(1, 10)}
+    second = {q.prompt for q in ctx.requests_for(1, 10, 1)}
+    assert len(first) == len(second) == 10 and len(first & second) < 10

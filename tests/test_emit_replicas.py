@@ -13,7 +13,7 @@ import yaml
 from harness.emit import read_config
 from harness.study.confirm import Confirmation, Spread
 from harness.study.objectives import CapacityObjective
-from harness.study.trials import Attr, StudyAttr
+from harness.study.trials import Attr
 from harness.study.tune import deployment_provenance, emit
 
 H100X4 = SimpleNamespace(name="H100", count=4, arch="hopper", memory_gib=80.0)
@@ -45,7 +45,6 @@ def test_tp2_winner_fills_a_4_gpu_node_with_2_replicas(tmp_path: Path) -> None:
                           model_name="org/model")
     path = emit(tmp_path / "m.yaml", study, ctx, trial, None, _conf(None), H100X4)  # type: ignore[arg-type]
     doc = yaml.safe_load(path.read_text())
-    assert study.user_attrs[StudyAttr.CONFIG] == str(tmp_path / "m.yaml")  # the report names this file
     assert [i["gpu_devices"] for i in doc["vllm_instances"]] == [[0, 1], [2, 3]]
     assert doc["vllm"]["tensor_parallel_size"] == 2 and "replicas" not in doc["vllm"]
     dep = doc["provenance"]["deployment"]

@@ -197,8 +197,10 @@ def test_every_committed_sweep_file_loads_with_its_space_workload_and_baselines(
     from harness.space.spec import load_space
 
     sweep = load_sweep(Path(__file__).parents[1] / path)
-    load_space(sweep.space)
+    space = load_space(sweep.space)
     argspec = load_argspec()
+    argspec.check(dict(space.fixed), space.source)
+    argspec.check({k: None for k in space.knobs}, space.source)
     for entry in sweep.models:
         load_workload(entry.workload or sweep.workload)
         for label, settings in entry.baselines.items():  # what the study checks before its first trial

@@ -40,6 +40,11 @@ def test_both_tools_read_the_fakes_known_timing(tiny_model: Path, tmp_path: Path
         assert 50.0 <= row["ttft_p50"] <= 120.0, (tool, row)  # the fake's 50 ms to the first token, plus the way
         assert 9.0 <= row["tpot_mean"] <= 25.0, (tool, row)  # its 10 ms per token
     assert 0.8 <= got["ours_over_vllm"]["ttft_mean"] <= 1.25
+    # the same requests: the same work, request by request, as the server counted it for each tool
+    assert got["same_prompts"] and got["same_lengths"]
+    # (the fake counts a prompt's words as its tokens)
+    words = sum(len(q.prompt.split()) for q in requests)
+    assert got["work"]["ours"] == got["work"]["vllm"] == {"prompt_tokens": words, "output_tokens": 12 * 8}
 
 
 def test_the_studys_cross_check_sets_are_the_same_work_in_other_tokens(tiny_model: Path, tmp_path: Path) -> None:

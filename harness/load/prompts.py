@@ -251,7 +251,7 @@ class _Form:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None = None,
+def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | Sequence[int] | None = None,
                    content_seed: int | Sequence[int] | None = None) -> list[RequestSpec]:
     """Build `n` requests for `workload` with prompts of exact token length; deterministic for a seed.
 

@@ -188,15 +188,17 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                 settings = sides[who]
                 for attempt in range(1 + CLIENT_RETRIES):
                     label = f"confirm-{who}{i + 1}" + (f"-again{attempt}" if attempt else "")
+                    # each try of repeat i has a prompt set of its own (the steps' lengths in other tokens, the
+                    # same set for both sides' try): no server is sent the same prompts twice, which its prefix
+                    # cache would serve (the H200's defaults server served 99% of a second repeat's prompt
+                    # tokens from it when repeats shared their prompts)
+                    prompts = confirm_prompt_set(i, attempt, repeats)
                     if live:
                         ev, _ = plan_settings(ctx, settings)
-                        # repeat i sends prompt set i (step 1's lengths, other tokens; the same set on both
-                        # sides): the block's next repeat on this server is not served from its prefix cache
-                        # (the H200's defaults server served 99% of a second repeat's prompt tokens from it)
-                        measure_live(ctx, live[who], ev, label, repeat_of=winner_values, prompt_set=i)
+                        measure_live(ctx, live[who], ev, label, repeat_of=winner_values, prompt_set=prompts)
                         ev = finalize(ctx, ev, label)
                     else:
-                        ev = evaluate(ctx, settings, label, repeat_of=winner_values)
+                        ev = evaluate(ctx, settings, label, repeat_of=winner_values, prompt_set=prompts)
                     reasons = _client_limited(ev)
                     if not reasons:
                         break
@@ -235,6 +237,11 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         winner_settings=pairing.winner, baseline_settings=pairing.winner if same else pairing.baseline,
                         pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling,
                         cross_check=_cross_check_summary(checks, same) if cross_check else None)
+
+
+def confirm_prompt_set(repeat: int, attempt: int, repeats: int) -> int:
+    """The prompt set of try `attempt` of repeat `repeat` (0-based): distinct for every try of a confirmation."""
+    return repeat + attempt * repeats
 
 
 def _cross_check(ctx: StudyContext, who: str, dep: Any, winner_values: list[float], log: Any) -> dict[str, Any]:

@@ -34,8 +34,8 @@ class StudyContext:
     workload: Any  # harness.load.workload.Workload
     objective: Objective
     # (step k, n[, prompt set s]) -> n RequestSpecs: the same prompts for step k of every trial, different prompts
-    # across the steps of one server, so the prefix cache never replays an earlier step; set s > 0: step k's
-    # lengths in other tokens (objectives.LoadSteps.prompt_set)
+    # across the steps of one server, so the prefix cache never replays an earlier step; set s > 0: other prompts
+    # for step k (objectives.LoadSteps.prompt_set)
     requests_for: Callable[..., list[Any]]
     study_dir: Path
     start_timeout_s: float
@@ -71,12 +71,13 @@ def plan_settings(ctx: StudyContext, settings: dict[str, Any]) -> tuple[Evaluati
 
 
 def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, incumbent: list[float] | None = None,
-             must_beat: bool = False, repeat_of: list[float] | None = None) -> Evaluation:
+             must_beat: bool = False, repeat_of: list[float] | None = None, prompt_set: int = 0) -> Evaluation:
     """Plan, and if feasible start the server(s) and score them under the study's objective.
 
     `incumbent`: the best feasible trial's values so far (a capacity search starts there); `must_beat`: a sampled
     trial, whose measurement may stop once it is shown worse than the incumbent. `repeat_of`: the
-    winner's values; measure a confirmation repeat instead of a trial (`Objective.measure_repeat`).
+    winner's values; measure a confirmation repeat instead of a trial (`Objective.measure_repeat`), with prompt
+    set `prompt_set` (`LoadSteps.prompt_set`).
     """
     ev, n_devices = plan_settings(ctx, settings)
     if ev.pruned_reason:
@@ -87,7 +88,8 @@ def evaluate(ctx: StudyContext, settings: dict[str, Any], label: str, *, incumbe
         try:
             with deploy(ctx.model, settings, slot=slot, log_dir=ctx.study_dir / "logs" / label,
                         start_timeout_s=ctx.start_timeout_s) as dep:
-                measure_live(ctx, dep, ev, label, incumbent=incumbent, must_beat=must_beat, repeat_of=repeat_of)
+                measure_live(ctx, dep, ev, label, incumbent=incumbent, must_beat=must_beat, repeat_of=repeat_of,
+                             prompt_set=prompt_set)
         except ServerStartError as exc:
             ev.failure = exc.failure
         finally:

@@ -70,13 +70,14 @@ class LoadSteps:
 
     Step k gets the study's prompts for step k (`requests_for(k, n)`: the same for every trial, different across
     the steps of one server, so the prefix cache never replays an earlier step) and is saved by `save(record, k)`.
-    `prompt_set` s > 0: step k's request lengths in other tokens (`requests_for(k, n, s)`), for a server that
-    already ran set s - 1 (a confirmation's next repeat on the same live server: the same work, no cache hits).
+    `prompt_set` s > 0: other prompts for step k (`requests_for(k, n, s)`: the step's lengths in other tokens, or
+    other rows of a dataset whose prompts are verbatim), so that a confirmation's repeats on one live server are
+    never sent prompts it has seen (its prefix cache would serve them).
     `out`: where step lines and live progress go (None: quiet); `label` prefixes them."""
 
     deployment: Deployment
     workload: Any
-    requests_for: Callable[[int, int], list[Any]]
+    requests_for: Callable[..., list[Any]]  # (step k, n[, prompt set s]) -> n requests
     slo: SLO
     plan: dict[str, Any] | None
     save: Callable[[RunRecord, int], None]
