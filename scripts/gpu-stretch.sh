@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One stretch of GPU time on an offline host whose remote commands are short (minutes each): the work runs detached,
 # so it survives between commands, and each command brings back what is done so far.
-#   scripts/gpu-stretch.sh start BUDGET_S SWEEP.yaml [UNITS] [TRIAL_S]
+#   scripts/gpu-stretch.sh start BUDGET_S SWEEP.yaml[,SWEEP2.yaml...] [UNITS] [TRIAL_S]
 #       copies the tree to $GPU_STRETCH_DIR/tree (models/ linked) and returns at once. There, in the background: scripts/gpu_steady_evidence.py --only UNITS (when given), then
-#       scripts/offline-gpu-sweep.sh SWEEP with as many trials as fit: no trial starts later than TRIAL_S (default
+#       scripts/offline-gpu-sweep.sh on each SWEEP in turn (the next one gets what the last left: a study that is
+#       done, or that refused a confirmation it had no time for, hands the rest of the stretch on), each with as
+#       many trials as fit: no trial starts later than TRIAL_S (default
 #       180: a start-up and a step) before the budget ends, and the sweep is interrupted (servers torn down, study
 #       resumable) 20 s before. A trial cut off there is measured again on resume; device time left unused is lost.
 #       The confirmation starts only when the study's measured start-ups and steps say it ends TRIAL_S before.
@@ -42,13 +44,19 @@ start)
         $EVIDENCE_ARGS >> "$w/evidence.log" 2>&1
     }
     [ -n "$units" ] && [ -z "$EVIDENCE_AFTER" ] && evidence "$(( $(left) - trial_s ))"
-    # minutes to two decimals: whole minutes would cut up to 59 s from what the confirmation may use
-    minutes=$(awk -v s="$(( $(left) - trial_s ))" "BEGIN { printf \"%.2f\", s / 60 }")
-    if awk -v m="$minutes" "BEGIN { exit !(m > 0) }"; then
-      bash scripts/offline-gpu-sweep.sh "$sweep" "$minutes" "$(( $(left) - 20 ))" "$w/sweep-out" > "$w/sweep.log" 2>&1
-    else
-      echo "no time left for a trial ($(left) s)" > "$w/sweep.log"
-    fi
+    : > "$w/sweep.log"; n=0
+    for s in ${sweep//,/ }; do
+      [ -f "$w/stopping" ] && break  # not after `stop` interrupted the one before
+      # minutes to two decimals: whole minutes would cut up to 59 s from what the confirmation may use
+      minutes=$(awk -v s="$(( $(left) - trial_s ))" "BEGIN { printf \"%.2f\", s / 60 }")
+      out="$w/sweep-out$([ "$n" -gt 0 ] && echo "-$n")"  # sweep-out, sweep-out-1, ...: one per sweep file
+      if awk -v m="$minutes" "BEGIN { exit !(m > 0) }"; then
+        bash scripts/offline-gpu-sweep.sh "$s" "$minutes" "$(( $(left) - 20 ))" "$out" >> "$w/sweep.log" 2>&1
+      else
+        echo "no time left for a trial of $s ($(left) s)" >> "$w/sweep.log"
+      fi
+      n=$((n + 1))
+    done
     [ -n "$units" ] && [ -n "$EVIDENCE_AFTER" ] && [ "$(left)" -gt 60 ] && [ ! -f "$w/stopping" ] \
       && evidence "$(( $(left) - 20 ))"  # not after `stop` interrupted the sweep
     touch "$w/done"' _ "$budget" "$sweep" "$units" "$trial_s" "$w" > "$w/stretch.log" 2>&1 < /dev/null &
@@ -78,7 +86,7 @@ collect)
   done > "$w/server-logs-tail.txt" 2>/dev/null
   nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader > "$w/nvidia-smi.txt" 2>&1
   tar -czf "$out/stretch.tgz" --exclude='*/logs/*' --exclude='vllm-cache' --exclude='*.lock' \
-    --exclude='./evidence-out' --exclude='./sweep-out/*.tgz' --exclude='./tree' results configs -C "$w" .
+    --exclude='./evidence-out' --exclude='./sweep-out*/*.tgz' --exclude='./tree' results configs -C "$w" .
   ls -la "$out"; tail -n 5 "$w"/*.log
   ;;
 *) echo "usage: $0 start BUDGET_S SWEEP [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S] | stop" >&2; exit 2 ;;

@@ -77,3 +77,23 @@ def test_no_units_only_the_sweep(tmp_path: Path) -> None:
     calls = _run(tree, tmp_path, {"EVIDENCE_AFTER": "1"}, "400", "sweeps/x.yaml", "", "180")
     assert [c[0] for c in calls] == ["sweep"]
     assert 3.6 <= float(calls[0][2]) <= 3.67  # (400 - 180) / 60 = 3.67, not 3
+
+
+def test_several_sweeps_run_in_turn_each_with_what_the_last_left(tmp_path: Path) -> None:
+    # a study that is done (or refused a confirmation it had no time for) hands the rest of the stretch on
+    tree, _ = _tree(tmp_path)
+    calls = _run(tree, tmp_path, {}, "1000", "sweeps/a.yaml,sweeps/b.yaml", "", "100")
+    assert [(c[0], c[1]) for c in calls] == [("sweep", "sweeps/a.yaml"), ("sweep", "sweeps/b.yaml")]
+    (_, _, m1, h1, out1), (_, _, m2, h2, out2) = calls
+    assert 14.8 <= float(m2) <= float(m1) <= 15.0 and int(h2) <= int(h1)  # the second gets what is left
+    assert out1.endswith("/sweep-out") and out2.endswith("/sweep-out-1")  # one output folder per sweep file
+
+
+def test_a_stop_before_the_next_sweep_starts_it_not(tmp_path: Path) -> None:
+    tree, _ = _tree(tmp_path)
+    (tmp_path / "w").mkdir()
+    # the first sweep's stub plays `stop`: it interrupts that sweep, and the next one must not start
+    (tree / "scripts" / "offline-gpu-sweep.sh").write_text(
+        f'#!/usr/bin/env bash\necho "sweep $*" >> {tmp_path / "calls.log"}\ntouch {tmp_path / "w" / "stopping"}\n')
+    calls = _run(tree, tmp_path, {}, "1000", "sweeps/a.yaml,sweeps/b.yaml", "", "100")
+    assert [(c[0], c[1]) for c in calls] == [("sweep", "sweeps/a.yaml")]
