@@ -89,5 +89,5 @@ collect)
     --exclude='./evidence-out' --exclude='./sweep-out*/*.tgz' --exclude='./tree' results configs -C "$w" .
   ls -la "$out"; tail -n 5 "$w"/*.log
   ;;
-*) echo "usage: $0 start BUDGET_S SWEEP [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S] | stop" >&2; exit 2 ;;
+*) echo "usage: $0 start BUDGET_S SWEEP[,SWEEP2...] [UNITS] [TRIAL_S] | collect OUT_DIR [WAIT_S] | stop" >&2; exit 2 ;;
 esac

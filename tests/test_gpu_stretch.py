@@ -82,11 +82,18 @@ def test_no_units_only_the_sweep(tmp_path: Path) -> None:
 def test_several_sweeps_run_in_turn_each_with_what_the_last_left(tmp_path: Path) -> None:
     # a study that is done (or refused a confirmation it had no time for) hands the rest of the stretch on
     tree, _ = _tree(tmp_path)
+    # each sweep takes 2 s and leaves a results pack in its output folder (which collect must not bring back)
+    (tree / "scripts" / "offline-gpu-sweep.sh").write_text(
+        f'#!/usr/bin/env bash\necho "sweep $*" >> {tmp_path / "calls.log"}\nmkdir -p "$4"\n'
+        'echo log > "$4/sweep.log"; echo pack > "$4/results.tgz"; sleep 2\n')
     calls = _run(tree, tmp_path, {}, "1000", "sweeps/a.yaml,sweeps/b.yaml", "", "100")
     assert [(c[0], c[1]) for c in calls] == [("sweep", "sweeps/a.yaml"), ("sweep", "sweeps/b.yaml")]
     (_, _, m1, h1, out1), (_, _, m2, h2, out2) = calls
-    assert 14.8 <= float(m2) <= float(m1) <= 15.0 and int(h2) <= int(h1)  # the second gets what is left
+    assert int(h1) - int(h2) >= 2 and float(m1) - float(m2) >= 0.025  # the second gets what the first left
     assert out1.endswith("/sweep-out") and out2.endswith("/sweep-out-1")  # one output folder per sweep file
+    names = subprocess.run(["tar", "-tzf", str(tmp_path / "out" / "stretch.tgz")], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert "./sweep-out-1/sweep.log" in names and not any(n.endswith("results.tgz") for n in names)
 
 
 def test_a_stop_before_the_next_sweep_starts_it_not(tmp_path: Path) -> None:

@@ -101,7 +101,8 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
     def requests_for(step: int, n: int, prompt_set: int = 0) -> list[Any]:
         # windowed steps need rate x time requests (a count that follows from the step's rate); set s > 0: the
         # same lengths in other tokens (numpy's seed sequence [seed, s] is a stream no other seed draws), or for
-        # verbatim dataset prompts, whose text cannot change, other rows (a file of fewer rows than n repeats some)
+        # verbatim dataset prompts, whose text cannot change, other rows: of a file with fewer than about twice n
+        # rows, some are the other set's again (and other rows are other lengths)
         seed = sweep.seed * 1000 + step
         if not prompt_set:
             return build_requests(workload, tokenizer, n, seed=seed)
