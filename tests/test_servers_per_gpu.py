@@ -433,3 +433,25 @@ def test_real_cpu_build_runs_two_servers_each_with_its_planned_share(tiny_model:
     # calibration (0.63 GiB) is below the 0.78 GiB this host's servers log, one server alone as much as two
     assert logged[0] == pytest.approx(logged[1], rel=0.01), logged
     assert abs(logged[0] - plan.kv_cache_tokens) <= 0.10 * plan.kv_cache_tokens, (logged, plan.kv_cache_tokens)
+
+
+def test_more_servers_than_a_cpu_slots_cores_are_pruned_before_launch(tiny_model: Path, tmp_path: Path) -> None:
+    """On a CPU host each server is pinned to cores of its own: a candidate with more servers than a slot has
+    cores is pruned with the reason (at launch it failed, and a launch error is retried on every rerun)."""
+    from harness.launch.placement import SlotPool
+    from harness.plan import detect_hardware
+    from harness.study.evaluate import plan_settings
+    from harness.study.sweepfile import DEMO_SWEEP, parse_sweep
+    from harness.study.tune import build_context
+
+    sweep = parse_sweep({**DEMO_SWEEP, "models": [{"name": "tiny", "model": str(tiny_model)}]}, "s.yaml")
+    ctx, _ = build_context(sweep, sweep.models[0], str(tiny_model), detect_hardware("CPU"), 1, tmp_path)
+    ctx.slots = SlotPool(cpu_sets=[(1,)], client_cores=(0,))  # a 2-core host: the client on 0, servers on 1
+    one, _ = plan_settings(ctx, {"max_num_seqs": 4})
+    two, _ = plan_settings(ctx, {"max_num_seqs": 4, "servers_per_gpu": 2})
+    assert one.pruned_reason is None
+    assert two.pruned_reason == ("2 servers (replicas x servers_per_gpu) need 2 CPU cores, one each; a slot of "
+                                 "this host has 1")
+    ctx.slots = SlotPool(cpu_sets=[(1, 2)], client_cores=(0,))
+    assert plan_settings(ctx, {"max_num_seqs": 4, "servers_per_gpu": 2})[0].pruned_reason is None
+    assert SlotPool(gpu_ids=[0]).cores_per_cpu_slot() is None and SlotPool(cpu_sets=[()]).cores_per_cpu_slot() is None

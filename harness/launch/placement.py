@@ -203,6 +203,13 @@ class SlotPool:
     def capacity(self) -> int:
         return len(self.gpu_ids) if self.gpu_ids else len(self.cpu_sets)
 
+    def cores_per_cpu_slot(self) -> int | None:
+        """CPU host: the fewest cores a slot pins its servers to (each server needs one of its own, cpu_core_sets);
+        None on a GPU host or where servers are not pinned."""
+        if self.gpu_ids or not self.cpu_sets or not all(self.cpu_sets):
+            return None
+        return min(len(s) for s in self.cpu_sets)
+
     @contextlib.contextmanager
     def acquire(self, n_gpus: int, timeout_s: float | None = None) -> Iterator[Slot]:
         """Block until `n_gpus` GPUs (or one CPU slot) are free, oldest request first; release them on exit."""

@@ -17,6 +17,7 @@ from harness.launch.placement import SlotPool
 from harness.launch.server import ServerStartError
 from harness.plan import detect_hardware, plan_candidate
 from harness.records import RunRecord, save_record, to_dict
+from harness.settings import Topology
 from harness.study.objectives import LoadSteps, Objective
 from harness.study.trials import Evaluation
 
@@ -67,6 +68,11 @@ def plan_settings(ctx: StudyContext, settings: dict[str, Any]) -> tuple[Evaluati
     ev.plan = plan.to_dict()
     if not plan.feasible:
         ev.pruned_reason = plan.reason()
+    cores, servers = ctx.slots.cores_per_cpu_slot(), Topology.of(settings).servers
+    if not ev.pruned_reason and cores is not None and servers > cores:
+        # the placement would refuse it at launch, and a launch error is retried on every rerun
+        ev.pruned_reason = (f"{servers} servers (replicas x servers_per_gpu) need {servers} CPU cores, one each; "
+                            f"a slot of this host has {cores}")
     return ev, max(int(plan.gpus_needed or 0), 0)
 
 
