@@ -447,11 +447,13 @@ def test_more_servers_than_a_cpu_slots_cores_are_pruned_before_launch(tiny_model
     sweep = parse_sweep({**DEMO_SWEEP, "models": [{"name": "tiny", "model": str(tiny_model)}]}, "s.yaml")
     ctx, _ = build_context(sweep, sweep.models[0], str(tiny_model), detect_hardware("CPU"), 1, tmp_path)
     ctx.slots = SlotPool(cpu_sets=[(1,)], client_cores=(0,))  # a 2-core host: the client on 0, servers on 1
-    one, _ = plan_settings(ctx, {"max_num_seqs": 4})
-    two, _ = plan_settings(ctx, {"max_num_seqs": 4, "servers_per_gpu": 2})
+    # (a small share of the memory node: what the host has free varies while other tests' servers run)
+    one, _ = plan_settings(ctx, {"max_num_seqs": 4, "gpu_memory_utilization": 0.2})
+    two, _ = plan_settings(ctx, {"max_num_seqs": 4, "gpu_memory_utilization": 0.2, "servers_per_gpu": 2})
     assert one.pruned_reason is None
     assert two.pruned_reason == ("2 servers (replicas x servers_per_gpu) need 2 CPU cores, one each; a slot of "
                                  "this host has 1")
     ctx.slots = SlotPool(cpu_sets=[(1, 2)], client_cores=(0,))
-    assert plan_settings(ctx, {"max_num_seqs": 4, "servers_per_gpu": 2})[0].pruned_reason is None
+    wide, _ = plan_settings(ctx, {"max_num_seqs": 4, "gpu_memory_utilization": 0.2, "servers_per_gpu": 2})
+    assert wide.pruned_reason is None
     assert SlotPool(gpu_ids=[0]).cores_per_cpu_slot() is None and SlotPool(cpu_sets=[()]).cores_per_cpu_slot() is None
