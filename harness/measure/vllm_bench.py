@@ -165,10 +165,13 @@ def served_tokens(results: list[RequestResult]) -> dict[str, int]:
 
 
 def work_text(check: dict[str, Any]) -> str:
-    """The tokens each tool's run served, for a log line or a table cell (a cross-check with its "work")."""
+    """"; " and the tokens each tool's run served, to end a log line or a table cell; "" for a cross-check
+    recorded before it counted them."""
+    if not check.get("work"):
+        return ""
     o, v = check["work"]["ours"], check["work"]["vllm"]
     same = "" if check.get("same_lengths", True) else " (other request lengths: not the same work)"
-    return (f"prompt / output tokens {o['prompt_tokens']:,} / {o['output_tokens']:,} ours, "
+    return (f"; prompt / output tokens {o['prompt_tokens']:,} / {o['output_tokens']:,} ours, "
             f"{v['prompt_tokens']:,} / {v['output_tokens']:,} vLLM's{same}")
 
 

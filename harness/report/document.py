@@ -522,7 +522,7 @@ def _cross_check_rows(cc: dict[str, Any] | None) -> list[list[Any]]:
                      f"{got.get('rate', 0):.3g} req/s, {got.get('gpus')} GPU(s))",
                      f"goodput {o['goodput']:.4g} ours / {v['goodput']:.4g} vLLM's req/s; p99 TTFT "
                      f"{o['ttft_p99']:.0f} / {v['ttft_p99']:.0f} ms; mean TPOT {o['tpot_mean']:.2f} / "
-                     f"{v['tpot_mean']:.2f} ms" + (f"; {work_text(got)}" if got.get("work") else "")])
+                     f"{v['tpot_mean']:.2f} ms{work_text(got)}"])
     gain = cc.get("goodput_gain_per_gpu")
     if gain:
         names = {"ours": "ours", "vllm": "vLLM's"}

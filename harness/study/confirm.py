@@ -270,7 +270,7 @@ def _cross_check(ctx: StudyContext, who: str, dep: Any, winner_values: list[floa
         o, v = got["ours"], got["vllm"]
         print(f"    -> goodput {o['goodput']:.4g} (ours) vs {v['goodput']:.4g} (vllm bench serve) req/s; p99 TTFT "
               f"{o['ttft_p99']:.0f} vs {v['ttft_p99']:.0f} ms; mean TPOT {o['tpot_mean']:.2f} vs "
-              f"{v['tpot_mean']:.2f} ms" + (f"; {work_text(got)}" if got.get("work") else ""), file=log, flush=True)
+              f"{v['tpot_mean']:.2f} ms{work_text(got)}", file=log, flush=True)
     return {**got, "gpus": dep.topology.gpus}
 
 
