@@ -111,3 +111,23 @@ def test_ensure_model_passes_hub_names_and_refuses_a_missing_directory(tmp_path)
         ensure_model(str(tmp_path / "absent"))
     (tmp_path / "m").mkdir()
     assert ensure_model(str(tmp_path / "m")) == str((tmp_path / "m").resolve())
+
+
+def test_ensure_model_keeps_a_linked_models_folder_inside_the_project(tmp_path, monkeypatch):
+    """A copy of the tree whose models/ links to a folder elsewhere (the GPU stretch's layout): the path vLLM gets
+    and the study records stays under the project, so `portable` commits it as models/..., not the link's
+    machine target."""
+    from harness.models import ensure_model
+    from harness.paths import portable
+
+    outside = tmp_path / "elsewhere" / "models"
+    (outside / "m").mkdir(parents=True)
+    (outside / "m" / "config.json").write_text("{}")
+    project = tmp_path / "tree"
+    project.mkdir()
+    (project / "models").symlink_to(outside)
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("harness.paths.PROJECT_ROOT", project)
+    served = ensure_model("models/m")
+    assert served == str(project / "models" / "m")
+    assert portable(f"--model={served}") == "--model=models/m"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -78,6 +79,13 @@ def is_model_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
+def served_path(model: str | Path) -> str:
+    """A local model's path as the sweep passes it to vLLM and records it: absolute, with symlinks kept, so a
+    `models/` that links to a folder outside the project still reads `<project>/models/...` and is committed as
+    `models/...` (`harness.paths.portable`); resolving it wrote the link's machine target into the study."""
+    return os.path.abspath(model)
+
+
 def ensure_model(model: str, build: str | None = None, *, key: str = "models[].model") -> str:
     """A local model a sweep may build when missing (`build`: "tiny" or an architecture name), as an absolute path;
     hub names pass through untouched. UserError for a local path that is not there."""
@@ -86,7 +94,7 @@ def ensure_model(model: str, build: str | None = None, *, key: str = "models[].m
         print(f"building model '{build}' into {path} ...", file=sys.stderr, flush=True)
         build_in_child(build, path)
     if path.exists():
-        return str(path.resolve())
+        return served_path(path)
     if model.startswith((".", "/")) or build:
         raise UserError("no such model directory", source=model, key=key)
     return model

@@ -21,7 +21,7 @@ from harness.errors import UserError
 from harness.launch.placement import Slot, SlotPool, replica_placement
 from harness.launch.server import Server, ServerSpec
 from harness.load.workload import load_workload
-from harness.models.build import resolve_config
+from harness.models.build import resolve_config, served_path
 from harness.plan import Plan, load_model_facts, plan_candidate
 from harness.plan.estimate import startup_estimate_s
 from harness.plan.lint import SpaceReport, infeasible_error, space_feasibility
@@ -111,7 +111,7 @@ def plan_model(sweep: Sweep, entry: ModelEntry, hardware: Any, parallel: int) ->
     n_gpus = hardware.count if not hardware.is_cpu else 0
     slots = SlotPool.for_host(n_gpus, parallel)
     local = entry.build or Path(entry.model).exists() or entry.model.startswith((".", "/"))
-    served = str(Path(entry.model).resolve()) if local else entry.model  # what the sweep passes to vLLM
+    served = served_path(entry.model) if local else entry.model  # what the sweep passes to vLLM
 
     def launch(label: str, settings: dict[str, Any]) -> Launch:
         plan = plan_candidate(facts, hardware, settings, longest_request=longest)
