@@ -293,16 +293,17 @@ def test_arrival_errors(kwargs: dict[str, Any], key: str) -> None:
         Arrival.from_dict(kwargs, source="sweep.yaml")
 
 
-def test_content_seed_keeps_the_lengths_and_changes_every_prompt(tiny_tokenizer: Any) -> None:
+def test_another_prompt_set_keeps_the_lengths_and_changes_every_prompt(tiny_tokenizer: Any) -> None:
     # a second client's set: the same work (lengths), nothing a prefix cache could serve from the first set's run
     w = load_workload("chat-mix")
     a = build_requests(w, tiny_tokenizer, 12, seed=5)
-    b = build_requests(w, tiny_tokenizer, 12, seed=5, content_seed=6)
+    b = build_requests(w, tiny_tokenizer, 12, seed=5, prompt_set=1)
     assert [(x.prompt_tokens, x.max_tokens) for x in a] == [(x.prompt_tokens, x.max_tokens) for x in b]
     for x, y in zip(a, b):
         ids_x, ids_y = _server_ids(tiny_tokenizer, x), _server_ids(tiny_tokenizer, y)
         assert len(ids_y) == y.prompt_tokens
         common = next((i for i, (p, q) in enumerate(zip(ids_x, ids_y)) if p != q), len(ids_x))
         assert common < 16, common  # not one 16-token block of the prompt is shared past the template
-    assert build_requests(w, tiny_tokenizer, 12, seed=5, content_seed=6)[0].messages == b[0].messages
+    assert build_requests(w, tiny_tokenizer, 12, seed=5, prompt_set=1)[0].messages == b[0].messages
+    assert build_requests(w, tiny_tokenizer, 12, seed=5, prompt_set=2)[0].messages != b[0].messages
     assert not w.verbatim_prompts

@@ -28,7 +28,7 @@ that many tokens in the request form, so the server's prefix cache sees identica
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,25 +251,28 @@ class _Form:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | Sequence[int] | None = None,
-                   content_seed: int | Sequence[int] | None = None) -> list[RequestSpec]:
+def build_requests(workload: Workload, tokenizer: Any, n: int, seed: int | None = None,
+                   prompt_set: int = 0) -> list[RequestSpec]:
     """Build `n` requests for `workload` with prompts of exact token length; deterministic for a seed.
 
     `tokenizer` is the served model's Hugging Face tokenizer (AutoTokenizer); `seed` defaults to the workload's.
-    `content_seed`: other prompt tokens with the same lengths (and dataset rows) as `seed` draws: the same work
-    that a server's prefix cache cannot serve from a run of the `seed` set. Verbatim dataset prompts stay as
-    they are (`Workload.verbatim_prompts`).
+    `prompt_set` k > 0: set 0's lengths (and dataset rows) in other prompt tokens, drawn from numpy's seed
+    sequence [seed, k], a stream no plain seed draws: the same work, which a server's prefix cache cannot serve
+    from a run of another set. Verbatim dataset prompts (`Workload.verbatim_prompts`) have no tokens to vary: their
+    set k is other rows, so other lengths (a file of fewer than about twice n rows repeats some of set 0's).
     """
     if n < 0:
         raise ValueError("n must be >= 0")
     if n == 0:
         return []
     where = workload.source or workload.name
-    rng = np.random.default_rng(workload.seed if seed is None else seed)
+    base = workload.seed if seed is None else seed
+    other = [base, prompt_set] if prompt_set else None
+    rng = np.random.default_rng(other if other and workload.verbatim_prompts else base)
     form = _Form(tokenizer, workload.api)
     rows, in_lens, out_lens = workload.sample_lengths(rng, n)
-    if content_seed is not None:
-        rng = np.random.default_rng(content_seed)
+    if other and not workload.verbatim_prompts:
+        rng = np.random.default_rng(other)
     voc = _vocab(tokenizer)
     probe_rng = np.random.default_rng(0)
     form.check_split([_join(voc.first, voc.mid, probe_rng.integers(0, len(voc.ids), 4)) for _ in range(2)]

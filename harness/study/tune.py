@@ -99,28 +99,17 @@ def build_context(sweep: Sweep, entry: ModelEntry, model: str, hardware: Any, pa
 
     @functools.lru_cache(maxsize=16)
     def requests_for(step: int, n: int, prompt_set: int = 0) -> list[Any]:
-        # windowed steps need rate x time requests (a count that follows from the step's rate); set s > 0: the
-        # same lengths in other tokens (numpy's seed sequence [seed, s] is a stream no other seed draws), or for
-        # verbatim dataset prompts, whose text cannot change, other rows: of a file with fewer than about twice n
-        # rows, some are the other set's again (and other rows are other lengths)
-        seed = sweep.seed * 1000 + step
-        if not prompt_set:
-            return build_requests(workload, tokenizer, n, seed=seed)
-        if workload.verbatim_prompts:
-            return build_requests(workload, tokenizer, n, seed=[seed, prompt_set])
-        return build_requests(workload, tokenizer, n, seed=seed, content_seed=[seed, prompt_set])
+        # windowed steps need rate x time requests (a count that follows from the step's rate); a set > 0 is the
+        # same work in other tokens (`build_requests`)
+        return build_requests(workload, tokenizer, n, seed=sweep.seed * 1000 + step, prompt_set=prompt_set)
 
     def completion_requests(n: int, k: int) -> list[Any]:
         # the workload's lengths as raw prompts: `vllm bench serve` replays them on /v1/completions (ignore_eos:
         # it runs with --ignore-eos, so both tools ask for the same output lengths). Set k has set 0's lengths
-        # with other tokens: the same work, which a prefix cache cannot serve from set 0's run (sets drawn with
-        # other lengths made vLLM's client's run 3.8% more prompt tokens on the H200, and its TPOT 10% higher);
-        # verbatim dataset prompts cannot change, so there set k is other rows (a file of fewer rows than n
-        # shares some with set 0)
-        base = sweep.seed * 1000 + CROSS_CHECK_SEED
-        lengths, content = (base + k, None) if workload.verbatim_prompts else (base, base + k if k else None)
+        # in other tokens: sets drawn with other lengths made vLLM's client's run 3.8% more prompt tokens on the
+        # H200, and its TPOT 10% higher
         return build_requests(dataclasses.replace(workload, api="completions", ignore_eos=True), tokenizer, n,
-                              seed=lengths, content_seed=content)
+                              seed=sweep.seed * 1000 + CROSS_CHECK_SEED, prompt_set=k)
     name = naming.study_name(entry.name, naming.hardware_tag(hardware.name, hardware.count), workload.name, obj.kind)
     sdir = naming.study_dir(results_dir, name)
     n_gpus = hardware.count if getattr(hardware, "arch", "") != "cpu" else 0
@@ -183,7 +172,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
         left = deadline - time.monotonic()
         if left <= 0 or (need is not None and need > left):
             when = f"after all {trials} trials, before the confirmation" + (
-                f" (it needs ~{need / 60:.0f} min by this study's start-ups and load steps, {max(left, 0) / 60:.0f} "
+                f" (it needs ~{need / 60:.1f} min by this study's start-ups and load steps, {max(left, 0) / 60:.1f} "
                 f"min were left)" if need is not None else "")
             return _out_of_time(entry, name, table, when, out)
     conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out,
