@@ -79,6 +79,28 @@ def test_when_the_defaults_measured_best_the_best_other_candidate_is_confirmed_a
     assert {c[1] for c in calls} == {15.5} and conf.recommended_trial == 0 and "does not beat" in conf.verdict
 
 
+def test_a_baseline_that_collapses_at_the_winners_load_counts_its_own_capacity_in_the_gain(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One DialoGPT server offered 2.3x its capacity serves a fraction of it (a collapse, not its capacity): the
+    rank test still sees the measured numbers, but the gain counts such a repeat at the baseline's searched
+    capacity, so it reads as the capacities' ratio, not 15x. A baseline that held keeps its number."""
+    def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None,
+                 prompt_set: int = 0) -> Evaluation:
+        who = settings["who"]
+        value, held = {"w": (160.0, True), "b": (10.0, False), "h": (150.0, True)}[who]
+        return Evaluation(settings=settings, values=[value], constraints=[0.0], metrics={"steady_holds": held})
+
+    monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
+    conf = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 71.2, {"who": "b"}), 3, "goodput")
+    assert conf.recommended_trial == 2 and conf.floored == 3 and conf.baseline.mean == 10.0
+    assert conf.improvement == pytest.approx(160.0 / 71.2 - 1)
+    assert "did not hold this load in 3 of 3 repeats" in conf.verdict and "71.2 per GPU" in conf.verdict
+    saved = confirm_mod.Confirmation.from_dict(conf.to_dict())
+    assert saved.improvement == pytest.approx(conf.improvement) and saved.gain_basis() == conf.gain_basis()
+    held = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 140.0, {"who": "h"}), 3, "goodput")
+    assert held.floored == 0 and held.improvement == pytest.approx(160.0 / 150.0 - 1) and not held.gain_basis()
+
+
 def test_baseline_is_winner(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, float | None]] = []
     monkeypatch.setattr(confirm_mod, "evaluate", fake_evaluate({"w": [5.0, 5.0]}, calls))

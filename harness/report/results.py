@@ -480,8 +480,8 @@ class StudyResults:
                     "baseline_min": b.get("min"), "baseline_max": b.get("max"),
                     "winner_invalid": _invalid_runs(w, conf.get("winner_metrics")),
                     "baseline_invalid": _invalid_runs(b, conf.get("baseline_metrics")),
-                    "relative": conf.get("improvement"), "verdict": conf.get("verdict", ""),
-                    "recommended_trial": conf.get("recommended_trial")}
+                    "relative": conf.get("improvement"), "gain_basis": conf.get("gain_basis") or "",
+                    "verdict": conf.get("verdict", ""), "recommended_trial": conf.get("recommended_trial")}
         win, base = self.winner_trial, self.baseline_trial
         if win is None:
             return None

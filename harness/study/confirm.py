@@ -67,13 +67,40 @@ class Confirmation:
     per_gpu: bool = False  # the runs are per GPU
     scaling: dict[str, Any] | None = None  # the winner with the node's replica count, measured once
     cross_check: dict[str, Any] | None = None  # per side: our client and `vllm bench serve` on the same requests
+    baseline_floor: float | None = None  # `Objective.gain_floor`: a baseline repeat that did not hold counts this
+
+    def _baseline_held(self) -> list[bool]:
+        # repeats recorded before `steady_holds` was: held (measured as is)
+        return [bool(m.get("steady_holds", True)) for m in self.baseline_metrics] or [True] * len(self.baseline.runs)
+
+    @property
+    def floored(self) -> int:
+        """How many valid baseline repeats the gain counts at `baseline_floor` instead of their number."""
+        if self.baseline_floor is None or self.baseline_trial in (None, self.winner_trial):
+            return 0
+        return sum(1 for v, ok, held in zip(self.baseline.runs, self.baseline.flags, self._baseline_held())
+                   if ok and not held and v < self.baseline_floor)
 
     @property
     def improvement(self) -> float | None:
-        """Relative gain of the winner's mean over the baseline's mean (valid repeats only)."""
-        if not self.winner.valid_runs or not self.baseline.valid_runs or self.baseline.mean <= 0:
+        """Relative gain of the winner's mean over the baseline's mean (valid repeats only), a baseline repeat that
+        did not hold the load counted at no less than `baseline_floor`: the gain is never that of a collapse."""
+        if not self.winner.valid_runs or not self.baseline.valid_runs:
             return None
-        return self.winner.mean / self.baseline.mean - 1.0
+        base = self.baseline.mean
+        if self.floored:
+            floor = float(self.baseline_floor or 0.0)
+            base = statistics.fmean(v if held else max(v, floor) for v, ok, held in
+                                    zip(self.baseline.runs, self.baseline.flags, self._baseline_held()) if ok)
+        return self.winner.mean / base - 1.0 if base > 0 else None
+
+    def gain_basis(self) -> str:
+        """The gain's basis in words when repeats were floored (empty otherwise), for the verdict and reports."""
+        if not self.floored:
+            return ""
+        return (f"the baseline did not hold this load in {self.floored} of {len(self.baseline.valid_runs)} repeats "
+                f"(mean {self.baseline.mean:.4g}): in the gain they count as its capacity from its own search, "
+                f"{self.baseline_floor:.4g} per GPU, not as a collapse past it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "winner_trial": self.winner_trial, "baseline_trial": self.baseline_trial,
@@ -83,7 +110,8 @@ class Confirmation:
                 "baseline_metrics": self.baseline_metrics, "mode": self.mode, "winner_gpus": self.winner_gpus,
                 "baseline_gpus": self.baseline_gpus, "winner_settings": self.winner_settings,
                 "baseline_settings": self.baseline_settings, "pairing": self.pairing, "per_gpu": self.per_gpu,
-                "scaling": self.scaling, "cross_check": self.cross_check}
+                "scaling": self.scaling, "cross_check": self.cross_check, "baseline_floor": self.baseline_floor,
+                "gain_basis": self.gain_basis()}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Confirmation:
@@ -99,7 +127,7 @@ class Confirmation:
                    winner_settings=saved.get("winner_settings") or {},
                    baseline_settings=saved.get("baseline_settings") or {}, pairing=saved.get("pairing", ""),
                    per_gpu=bool(saved.get("per_gpu", False)), scaling=saved.get("scaling"),
-                   cross_check=saved.get("cross_check"))
+                   cross_check=saved.get("cross_check"), baseline_floor=saved.get("baseline_floor"))
 
 
 def _client_limited(ev: Evaluation) -> list[str]:
@@ -228,7 +256,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     verdict, rec = _verdict(winner, baseline, w, b, metric, same, missing, pairing.describe(),
                             " per GPU" if ctx.objective.per_gpu and node_gpus(ctx) > 0 else "")
     scaling = measure_scaling(ctx, winner, log)
-    return Confirmation(metric=metric, winner_trial=winner.number,
+    conf = Confirmation(metric=metric, winner_trial=winner.number,
                         baseline_trial=None if baseline is None else baseline.number, winner=w,
                         baseline=b, recommended_trial=rec, verdict=verdict,
                         winner_metrics=metrics["winner"], baseline_metrics=metrics["baseline"],
@@ -236,7 +264,11 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         baseline_gpus=pairing.winner_gpus if same else pairing.baseline_gpus,
                         winner_settings=pairing.winner, baseline_settings=pairing.winner if same else pairing.baseline,
                         pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling,
-                        cross_check=_cross_check_summary(checks, same) if cross_check else None)
+                        cross_check=_cross_check_summary(checks, same) if cross_check else None,
+                        baseline_floor=None if same else ctx.objective.gain_floor(list(baseline.values or [])))
+    if conf.gain_basis() and conf.recommended_trial == winner.number:
+        conf.verdict += f"; {conf.gain_basis()}: gain {conf.improvement:+.1%}"
+    return conf
 
 
 def confirm_prompt_set(repeat: int, attempt: int, repeats: int) -> int:

@@ -280,6 +280,11 @@ class Objective:
         """Whether a confirmation stored under `metric` is on this objective's scale (comparable to trial values)."""
         return metric == self.confirm_metric([])
 
+    def gain_floor(self, baseline_values: list[float]) -> float | None:
+        """What a baseline repeat that did not hold the confirmation's load counts as, at least, in the gain (None:
+        as measured). A repeat is measured as a trial is here, so its number is the baseline's own."""
+        return None
+
     def cross_check_rate(self, winner_values: list[float], gpus: int) -> float | None:
         """The open-loop rate a confirmation repeat offered a side of `gpus` GPUs (what the `vllm bench serve`
         cross-check replays); None when the repeats are a closed loop."""
@@ -387,6 +392,12 @@ class CapacityObjective(Objective):
 
     def confirms_on_own_scale(self, metric: str) -> bool:
         return metric in (self.metric, self.kind)
+
+    def gain_floor(self, baseline_values: list[float]) -> float | None:
+        # the baseline's own capacity per GPU from its search: offered the winner's higher rate, a server past
+        # what it sustains collapses (one DialoGPT server served 36-55 req/s offered 74-91, its capacity 71), so its
+        # goodput there would inflate the gain far beyond the capacities' ratio
+        return baseline_values[0] if baseline_values and baseline_values[0] > 0 else None
 
     def cross_check_rate(self, winner_values: list[float], gpus: int) -> float | None:
         return self.absolute(winner_values, gpus)[0] if winner_values and winner_values[0] > 0 else None

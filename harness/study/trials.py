@@ -188,6 +188,7 @@ class Evaluation:
         steady = getattr(rec, "steady", None)
         if steady is not None:
             out["steady_completion_ratio"] = steady.completion_ratio
+            out["steady_holds"] = steady.holds
         for name in PER_GPU_METRICS:
             if isinstance(out.get(name), (int, float)):
                 out[f"{name}_per_gpu"] = out[name] / self.gpus

@@ -315,6 +315,8 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
                                      "baseline_gpus": conf.baseline_gpus, "sides": conf.pairing,
                                      "winner": conf.winner.to_dict(), "baseline": conf.baseline.to_dict(),
                                      "verdict": conf.verdict}
+        if conf.gain_basis():  # a baseline repeat counted at its searched capacity, not at its collapse
+            provenance["improvement"]["basis"] = conf.gain_basis()
         invalid = len(conf.winner.invalid_runs) + len(conf.baseline.invalid_runs)
         if invalid:
             provenance["improvement"]["client_limited"] = (
