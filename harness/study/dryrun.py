@@ -166,7 +166,10 @@ def estimate_model(sweep: Sweep, entry: ModelEntry, hardware: Any, workload: Any
     step_s = obj.expected_step_s(request_s)
     weights = [p.weights_gib_per_gpu for p in sampled if p.weights_gib_per_gpu is not None]
     eager = bool(sweep_fixed(baselines).get("enforce_eager"))
-    startup = startup_estimate_s(hardware, statistics.fmean(weights) if weights else None, enforce_eager=eager)
+    # servers sharing a GPU start one after another: a trial's start-up is theirs in turn
+    servers = statistics.fmean([max(p.servers_per_gpu, 1) for p in sampled]) if sampled else 1.0
+    startup = servers * startup_estimate_s(hardware, statistics.fmean(weights) if weights else None,
+                                           enforce_eager=eager)
     gpus = [max(int(p.gpus_needed or 0), 1) for p in sampled] or [1]
     per_trial = statistics.fmean(gpus) if not hardware.is_cpu else 1.0
     # side by side: as many average trials as the pool's devices hold, at most `parallel` (the pool's CPU slots)
@@ -205,7 +208,8 @@ def describe_estimate(e: Estimate, hardware: Any, parallel: int) -> list[str]:
         + (f", + confirmation {e.confirm_s:.0f} s" if e.confirm_s else ""),
     ]) + [
         f"  assumes: a start-up of {e.startup_s:.0f} s ({hardware.arch}: measured start-ups, "
-        "plan.estimate.STARTUP_BASE_S, plus the weights at 2 GiB/s); every step as long as the objective's first "
+        "plan.estimate.STARTUP_BASE_S, plus the weights at 2 GiB/s, once per server of a GPU: they start in "
+        "turn); every step as long as the objective's first "
         "(Objective.expected_step_s: its requests at the first rate, or duration_s; a closed loop paced by the "
         "SLO's TPOT, else 50 ms, x the workload's mean output), so an upper bound for a capacity search that "
         "doubles the rate; the budget's trials all launched (rejections do not count, up to "

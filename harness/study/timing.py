@@ -28,7 +28,7 @@ PHASE_LABELS = {
     "cuda_graphs_s": "CUDA graph capture",
     "kv_profile_s": "memory profiling, KV cache, warm-up",
     "api_s": "API server start after the engine",
-    "other_s": "other (engine and worker processes, device set-up)",
+    "other_s": "other (engine and worker processes, device set-up; servers sharing a GPU, started one after another)",
 }
 FINISHED = ("ok", "slo_violated", "failed", "pruned")  # outcomes that count toward a study's trial budget
 
@@ -139,7 +139,8 @@ def time_spent(trials: Iterable[FrozenTrial]) -> TimeSpent:
             t.phases_trials += 1
             for name in STARTUP_PHASES:
                 t.phases_s[name] += (getattr(phases, name) or 0.0) * devices
-            # the slowest replica sets the trial's start-up; the first replica's phases cover the rest as "other"
+            # the trial's start-up is its servers' wall time (servers sharing a GPU start in turn); the first
+            # replica's phases cover the rest as "other"
             t.phases_s["other_s"] += max(startup - phases.total_s, 0.0) * devices
             t.phases_known_s += up
     return t
