@@ -107,3 +107,16 @@ def test_report_table_says_which_gpus() -> None:
     md = doc.markdown()
     assert "| where the time went | GPU-minutes on 4x NVIDIA H200, 139.8 GiB each | share |" in md
     assert "**26.2 trials per GPU-hour**" in md and "| server start-up | 5.8 | 64% |" in md
+
+
+def test_a_confirmation_estimate_starts_each_side_with_its_own_start_up() -> None:
+    """One GPU: blocks A, B B, A A, B start the winner twice and the baseline twice. Three servers sharing the GPU
+    start in turn (~245 s on the H200, one server ~100 s): the study's median start-up would make the estimate
+    minutes short, and a confirmation cut off by the stretch's end is lost."""
+    from harness.study.timing import MeasuredCosts
+
+    costs = MeasuredCosts(startup_s=100.0, step_s=60.0)
+    assert costs.confirmation_s(2, 3, False) == 4 * 100.0 + 6 * 60.0
+    assert costs.confirmation_s(2, 3, False, [245.0, 100.0]) == 2 * 245.0 + 2 * 100.0 + 6 * 60.0
+    assert costs.confirmation_s(2, 3, False, [245.0, None]) == 2 * 245.0 + 2 * 100.0 + 6 * 60.0
+    assert costs.confirmation_s(1, 3, False, [245.0]) == 245.0 + 3 * 60.0

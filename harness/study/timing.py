@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -154,15 +155,19 @@ class MeasuredCosts:
     startup_s: float
     step_s: float  # warm-up, window, tail and drain of one load step
 
-    def confirmation_s(self, sides: int, repeats: int, cross_check: bool) -> float:
+    def confirmation_s(self, sides: int, repeats: int, cross_check: bool,
+                       startups: Sequence[float | None] = ()) -> float:
         """A confirmation at worst (one side at a time: a start-up per alternating block), its repeats, and with
-        `cross_check` per side our client's run and vllm bench serve's (a step each, and that tool's start)."""
+        `cross_check` per side our client's run and vllm bench serve's (a step each, and that tool's start).
+        `startups`: each side's own start-up (winner, baseline), where known: three servers sharing a GPU start in
+        turn and take three times one server's; else the median."""
         if repeats <= 0:
             return 0.0
-        starts = len(alternating_blocks(list(range(sides)), repeats))
+        blocks = alternating_blocks(list(range(sides)), repeats)
+        own = list(startups) + [None] * sides
+        starts = sum(own[side] or self.startup_s for side, _ in blocks)
         bench = sides if cross_check else 0
-        return (starts * self.startup_s + (sides * repeats + 2 * bench) * self.step_s
-                + bench * VLLM_BENCH_START_S)
+        return starts + (sides * repeats + 2 * bench) * self.step_s + bench * VLLM_BENCH_START_S
 
 
 def measured_costs(trials: Iterable[FrozenTrial]) -> MeasuredCosts | None:

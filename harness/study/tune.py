@@ -43,7 +43,7 @@ from harness.study.table import write_table
 from harness.study.timing import measured_costs, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
-                                  per_gpu_metric, settings_of, study_ceiling)
+                                  metric_of, per_gpu_metric, settings_of, study_ceiling)
 from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
@@ -227,7 +227,8 @@ def confirmation_need_s(trials: list[FrozenTrial], winner: FrozenTrial, baseline
     if costs is None:
         return None
     sides = 1 if baseline is None or baseline.number == winner.number else 2
-    return costs.confirmation_s(sides, sweep.confirm_repeats, sweep.confirm_cross_check)
+    startups = [metric_of(t, "startup_s") for t in (winner, baseline)[:sides] if t is not None]
+    return costs.confirmation_s(sides, sweep.confirm_repeats, sweep.confirm_cross_check, startups)
 
 
 def challenger(trials: list[FrozenTrial], winner: FrozenTrial, baseline: FrozenTrial | None) -> FrozenTrial:
