@@ -170,6 +170,28 @@ def test_study_config_lists_n_instances_per_gpu_with_the_share_and_reads_back(tm
     assert back == {"gpu_memory_utilization": 0.9, "max_num_seqs": 128, "replicas": 4, "servers_per_gpu": 2}
 
 
+def test_a_study_winner_that_left_utilization_to_vllm_emits_the_share_it_ran_with(tmp_path: Path) -> None:
+    """The DialoGPT study's servers_per_gpu candidates set nothing else: emitting one raised "needs vLLM's
+    default to split" (after its confirmation). The instances get the share the trial ran with: vLLM's default
+    as its plan resolved it (0.92 on the H200), split three ways."""
+    from harness.study.objectives import CapacityObjective
+    from harness.study.trials import Attr
+    from harness.study.tune import emit
+
+    study = optuna.create_study(study_name="m@h200x1@chat-short@capacity", direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(Attr.SETTINGS, {"servers_per_gpu": 3})
+    trial.set_user_attr(Attr.PLAN, {"resolved": {"gpu_memory_utilization": 0.92, "tp": 1}})
+    trial.set_user_attr(Attr.METRICS, {"capacity_rps": 162.6, "capacity_rps_per_gpu": 162.6})
+    study.tell(trial, 162.6)
+    ctx = SimpleNamespace(workload=SimpleNamespace(to_dict=lambda: {"name": "chat-short"}),
+                          objective=CapacityObjective(), model_name="org/model")
+    h200 = SimpleNamespace(name="H200", count=1, memory_gib=139.8, arch="hopper")
+    doc = yaml.safe_load(emit(tmp_path / "m.yaml", study, ctx, study.trials[0], None, None, h200).read_text())
+    assert [(i["gpu_devices"], i["gpu_memory_utilization"]) for i in doc["vllm_instances"]] == [([0], 0.3066)] * 3
+    assert doc["provenance"]["deployment"]["gpu_memory_utilization"] == 0.92
+
+
 def test_config_without_utilization_splits_vllms_default(tmp_path: Path) -> None:
     from harness.emit import EmittedConfig, read_config, write_config
 

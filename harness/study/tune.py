@@ -43,7 +43,8 @@ from harness.study.table import write_table
 from harness.study.timing import measured_costs, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
-                                  metric_of, per_gpu_metric, settings_of, study_ceiling)
+                                  default_settings_of, metric_of, per_gpu_metric, settings_of,
+                                  study_ceiling)
 from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
@@ -328,6 +329,12 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
                                           "sides": v.pairing, "winner": v.winner.to_dict(),
                                           "committed": v.baseline.to_dict(), "verdict": v.verdict}
     settings = one_server(settings)
+    if Topology.of(settings).servers_per_gpu > 1 and settings.get("gpu_memory_utilization") is None:
+        # the instances must state their share of the GPU: of vLLM's default, as the trial ran with it (the
+        # plan's resolved value for that vLLM and GPU), else this vLLM's
+        ran = default_settings_of(trial).get("gpu_memory_utilization")
+        settings = {**settings, "gpu_memory_utilization": float(ran) if ran is not None else
+                    load_argspec().default_utilization}
     provenance["deployment"] = deployment_provenance(settings, conf, hardware)
     settings = {**settings, "replicas": provenance["deployment"]["replicas"]}
     if settings["replicas"] == 1:
