@@ -33,6 +33,7 @@ from harness.load.tokenizer import load_tokenizer
 from harness.load.window import DEFAULT_WARMUP_S, WindowPlan, WindowSpec
 from harness.load.workload import Workload, load_workload
 from harness.measure.steady import SteadyCriteria
+from harness.models.build import served_path
 from harness.plan import Hardware, detect_hardware, load_model_facts, plan_candidate
 from harness.plan.hardware import size_cpu_launch
 from harness.records import SLO, RunRecord, parse_slo, save_record, to_dict
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     load_argspec().check(settings, args.config or "--set")
     workload = load_workload(args.workload)
     slo = _slo(args.slo)
-    model_path = str(Path(model).resolve()) if Path(model).exists() else model
+    model_path = served_path(model) if Path(model).exists() else model
     hardware = detect_hardware(None, None)
     settings = _size_cpu_launch(settings, hardware)
     plan_dict = _plan(model_path, settings, hardware, workload.max_total_tokens(), args.config or "--set")

@@ -188,7 +188,8 @@ def deploy_together(jobs: list[DeployJob], *, start_timeout_s: float = 900.0) ->
     with its share of gpu_memory_utilization) start one after another instead: vLLM sizes its KV cache from the
     device's free memory before and after its own profiling run, so memory another server allocates meanwhile
     would be counted as this server's (a smaller KV cache, or a failed start). A server starts once every server
-    started before it is ready, when one of those holds one of its GPUs.
+    started before it on one of its GPUs is ready. Each GPU's first server starts at once, then each one's
+    second, ...: 2 replicas x 3 servers per GPU take 3 start-ups in turn, not 6.
     """
     groups: list[ServerGroup] = []
     gpu_ids: list[list[int]] = []
@@ -203,11 +204,15 @@ def deploy_together(jobs: list[DeployJob], *, start_timeout_s: float = 900.0) ->
     try:
         taken: set[int] = set()  # GPUs of the servers started so far
         for k, group in enumerate(groups):
-            for i, server in enumerate(group.servers):
-                if taken & set(server.gpus):
-                    wait_all_ready(groups[:k + (i > 0)])  # the groups started so far (their started servers)
-                server.start()
-                taken |= set(server.gpus)
+            # each GPU's first server first (then each one's second, ...), so that different GPUs' turns overlap
+            gpus = [set(s.gpus) for s in group.servers]
+            turn = [sum(1 for j in range(i) if gpus[j] & gpus[i]) for i in range(len(gpus))]
+            for i in sorted(range(len(gpus)), key=lambda i: turn[i]):
+                shared = taken & gpus[i]
+                if shared:  # the started servers on this server's GPUs (of the groups started so far)
+                    wait_all_ready(groups[:k + 1], shared)
+                group.servers[i].start()
+                taken |= gpus[i]
         wait_all_ready(groups)
         yield [Deployment(model=job.model, settings=dict(job.settings), group=group, gpu_ids=ids,
                           startup_s=group.startup_s, served_model_name=job.served_model_name,

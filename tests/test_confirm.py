@@ -99,6 +99,10 @@ def test_a_baseline_that_collapses_at_the_winners_load_counts_its_own_capacity_i
     assert saved.improvement == pytest.approx(conf.improvement) and saved.gain_basis() == conf.gain_basis()
     held = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 140.0, {"who": "h"}), 3, "goodput")
     assert held.floored == 0 and held.improvement == pytest.approx(160.0 / 150.0 - 1) and not held.gain_basis()
+    # ahead of every repeat of a baseline that did not hold, yet below the capacity it sustains: no gain, kept
+    short = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 165.0, {"who": "b"}), 3, "goodput")
+    assert short.recommended_trial == 0 and short.improvement is not None and short.improvement < 0
+    assert "not its capacity" in short.verdict and "the baseline is kept" in short.verdict
 
 
 def test_baseline_is_winner(monkeypatch: pytest.MonkeyPatch) -> None:

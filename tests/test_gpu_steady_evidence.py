@@ -202,15 +202,15 @@ def test_servers_sharing_a_gpu_start_one_after_another(monkeypatch, tmp_path):
             events.append(f"stop {self.name}")
 
     monkeypatch.setattr(deploy_mod, "ServerGroup", Group)
-    monkeypatch.setattr(deploy_mod, "wait_all_ready", lambda groups: events.append(
-        "ready " + ",".join(g.name for g in groups)))
+    monkeypatch.setattr(deploy_mod, "wait_all_ready", lambda groups, gpus=None: events.append(
+        "ready " + ",".join(g.name for g in groups) + (f" on {sorted(gpus)}" if gpus else "")))
     jobs = [deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(0,)), tmp_path / "a"),
             deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(0,)), tmp_path / "b"),
             deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(1,)), tmp_path / "c")]
     with deploy_mod.deploy_together(jobs) as deps:
         assert len(deps) == 3
     # b shares GPU 0 with a: it starts once a is ready; c (GPU 1) does not wait for b
-    assert events[:5] == ["start g0.0", "ready g0", "start g1.0", "start g2.0", "ready g0,g1,g2"]
+    assert events[:5] == ["start g0.0", "ready g0,g1 on [0]", "start g1.0", "start g2.0", "ready g0,g1,g2"]
     # servers_per_gpu 2 of one configuration on GPU 0, another configuration on GPU 1: the second server on GPU 0
     # waits for the first; the one on GPU 1 starts without waiting
     events.clear()
@@ -218,7 +218,15 @@ def test_servers_sharing_a_gpu_start_one_after_another(monkeypatch, tmp_path):
             deploy_mod.DeployJob("m", {}, Slot(gpu_ids=(1,)), tmp_path / "e")]
     with deploy_mod.deploy_together(jobs) as deps:
         assert [d.gpu_ids for d in deps] == [[0], [1]]
-    assert events[:5] == ["start g3.0", "ready g3", "start g3.1", "start g4.0", "ready g3,g4"]
+    assert events[:5] == ["start g3.0", "ready g3 on [0]", "start g3.1", "start g4.0", "ready g3,g4"]
+    # 2 replicas x 2 servers per GPU: both GPUs' first servers start together, and each GPU's second waits for that
+    # GPU's first only (waiting for every started server made them 4 start-ups in turn)
+    events.clear()
+    with deploy_mod.deploy_together([deploy_mod.DeployJob("m", {"servers_per_gpu": 2, "replicas": 2},
+                                                          Slot(gpu_ids=(0, 1)), tmp_path / "f")]):
+        pass
+    assert events[:6] == ["start g5.0", "start g5.2", "ready g5 on [0]", "start g5.1", "ready g5 on [1]",
+                          "start g5.3"]
 
 
 def test_a_search_cut_by_the_deadline_is_estimated_by_its_steps_left(ev, tmp_path):

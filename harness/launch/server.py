@@ -577,10 +577,12 @@ class ServerGroup(_Running):
         return [s.argv for s in self.servers]
 
 
-def wait_all_ready(groups: list[ServerGroup]) -> None:
-    """Until every started server of the groups is ready, so that their start-ups overlap; the first failure
-    stops every group and raises ServerStartError with that server's index in its group."""
-    pending = [(g, i) for g in groups for i in range(len(g.servers)) if g.servers[i].proc is not None]
+def wait_all_ready(groups: list[ServerGroup], gpus: set[int] | None = None) -> None:
+    """Until every started server of the groups is ready (with `gpus`: those on any of them), so that their
+    start-ups overlap; the first failure stops every group and raises ServerStartError with that server's index
+    in its group."""
+    pending = [(g, i) for g in groups for i in range(len(g.servers)) if g.servers[i].proc is not None
+               and (gpus is None or gpus & set(g.servers[i].gpus or []))]
     while pending:
         for g, i in list(pending):
             try:

@@ -100,7 +100,7 @@ class Confirmation:
             return ""
         return (f"the baseline did not hold this load in {self.floored} of {len(self.baseline.valid_runs)} repeats "
                 f"(mean {self.baseline.mean:.4g}): in the gain they count as its capacity from its own search, "
-                f"{self.baseline_floor:.4g} per GPU, not as a collapse past it")
+                f"{self.baseline_floor:.4g}{' per GPU' if self.per_gpu else ''}, not as a collapse past it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "winner_trial": self.winner_trial, "baseline_trial": self.baseline_trial,
@@ -241,7 +241,8 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                 runs[who].append(float(value))
                 valid[who].append(not reasons)
                 metrics[who].append({**ev.summary(), "client_valid": not reasons, "gpus": ev.gpus,
-                                     **({"client_reason": reasons[0]} if reasons else {})})
+                                     **({"client_reason": reasons[0]} if reasons else {}),
+                                     **({"steady_holds": False} if ev.failure is not None else {})})
                 if log is not None:
                     print(f"    -> {metric} = {value:.4g}"
                           + (f" ({CLIENT_LIMITED}: {reasons[0]}; left out of the means)" if reasons else ""),
@@ -266,8 +267,13 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling,
                         cross_check=_cross_check_summary(checks, same) if cross_check else None,
                         baseline_floor=None if same else ctx.objective.gain_floor(list(baseline.values or [])))
-    if conf.gain_basis() and conf.recommended_trial == winner.number:
-        conf.verdict += f"; {conf.gain_basis()}: gain {conf.improvement:+.1%}"
+    if conf.gain_basis() and conf.recommended_trial == winner.number and not same:
+        if (conf.improvement or 0.0) <= 0.0:  # ahead of the repeats, not of what the baseline sustains
+            conf.recommended_trial = baseline.number
+            conf.verdict = (f"trial #{winner.number} beats the baseline's repeats but not its capacity: "
+                            f"{conf.gain_basis()}; gain {conf.improvement:+.1%}; the baseline is kept")
+        else:
+            conf.verdict += f"; {conf.gain_basis()}: gain {conf.improvement:+.1%}"
     return conf
 
 

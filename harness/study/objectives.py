@@ -397,7 +397,8 @@ class CapacityObjective(Objective):
         # the baseline's own capacity per GPU from its search: offered the winner's higher rate, a server past
         # what it sustains collapses (one DialoGPT server served 36-55 req/s offered 74-91, its capacity 71), so its
         # goodput there would inflate the gain far beyond the capacities' ratio
-        return baseline_values[0] if baseline_values and baseline_values[0] > 0 else None
+        # (per GPU only: an absolute capacity is of the baseline's own GPUs, its repeats may run on others)
+        return baseline_values[0] if self.per_gpu and baseline_values and baseline_values[0] > 0 else None
 
     def cross_check_rate(self, winner_values: list[float], gpus: int) -> float | None:
         return self.absolute(winner_values, gpus)[0] if winner_values and winner_values[0] > 0 else None
