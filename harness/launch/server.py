@@ -546,7 +546,7 @@ class ServerGroup(_Running):
     def wall_startup_s(self) -> float:
         """From the first server's launch until the last one was ready: the slowest server's start-up for servers
         launched together, the whole sequence for servers sharing a GPU, which start one after another (each
-        server's own start-up counts from its launch; three DialoGPT servers of 85 s each took ~245 s together).
+        server's own start-up counts from its launch; three DialoGPT servers of at most 85 s each took 242 s together).
         Servers not started or not ready yet are left out (0 when none is)."""
         done = [(s._t_start, s._t_start + s.startup_s) for s in self.servers
                 if s._t_start is not None and s.startup_s is not None]

@@ -69,29 +69,27 @@ class Confirmation:
     cross_check: dict[str, Any] | None = None  # per side: our client and `vllm bench serve` on the same requests
     baseline_floor: float | None = None  # `Objective.gain_floor`: a baseline repeat that did not hold counts this
 
-    def _baseline_held(self) -> list[bool]:
-        # repeats recorded before `steady_holds` was: held (measured as is)
-        return [bool(m.get("steady_holds", True)) for m in self.baseline_metrics] or [True] * len(self.baseline.runs)
+    def _gain_runs(self) -> list[tuple[float, float]]:
+        """(measured, as the gain counts it) per valid baseline repeat: one that did not hold the load (its
+        `steady_holds`; repeats recorded before it was: held) counts at no less than `baseline_floor`."""
+        floor = None if self.baseline_trial in (None, self.winner_trial) else self.baseline_floor
+        held = [bool(m.get("steady_holds", True)) for m in self.baseline_metrics] or [True] * len(self.baseline.runs)
+        return [(v, v if h or floor is None else max(v, floor))
+                for v, ok, h in zip(self.baseline.runs, self.baseline.flags, held) if ok]
 
     @property
     def floored(self) -> int:
         """How many valid baseline repeats the gain counts at `baseline_floor` instead of their number."""
-        if self.baseline_floor is None or self.baseline_trial in (None, self.winner_trial):
-            return 0
-        return sum(1 for v, ok, held in zip(self.baseline.runs, self.baseline.flags, self._baseline_held())
-                   if ok and not held and v < self.baseline_floor)
+        return sum(1 for v, counted in self._gain_runs() if counted != v)
 
     @property
     def improvement(self) -> float | None:
         """Relative gain of the winner's mean over the baseline's mean (valid repeats only), a baseline repeat that
         did not hold the load counted at no less than `baseline_floor`: the gain is never that of a collapse."""
-        if not self.winner.valid_runs or not self.baseline.valid_runs:
+        counted = [c for _, c in self._gain_runs()]
+        if not self.winner.valid_runs or not counted:
             return None
-        base = self.baseline.mean
-        if self.floored:
-            floor = float(self.baseline_floor or 0.0)
-            base = statistics.fmean(v if held else max(v, floor) for v, ok, held in
-                                    zip(self.baseline.runs, self.baseline.flags, self._baseline_held()) if ok)
+        base = statistics.fmean(counted)
         return self.winner.mean / base - 1.0 if base > 0 else None
 
     def gain_basis(self) -> str:

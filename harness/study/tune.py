@@ -43,8 +43,7 @@ from harness.study.table import write_table
 from harness.study.timing import measured_costs, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
-                                  default_settings_of, metric_of, per_gpu_metric, settings_of,
-                                  study_ceiling)
+                                  default_settings_of, metric_of, per_gpu_metric, settings_of, study_ceiling)
 from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
@@ -362,8 +361,8 @@ def deployment_provenance(settings: dict[str, Any], conf: Confirmation | None, h
                            "node_gpus": node}
     topo = Topology.of(settings)
     if topo.servers_per_gpu > 1:
-        util = settings.get("gpu_memory_utilization")
-        util = load_argspec().default_utilization if util is None else float(util)
+        util = settings.get("gpu_memory_utilization")  # emit() states vLLM's default when the trial left it out
+        util = None if util is None else float(util)
         out.update({"servers_per_gpu": topo.servers_per_gpu, "servers": replicas * topo.servers_per_gpu,
                     "gpu_memory_utilization": util,
                     "gpu_memory_utilization_per_server": topo.server_utilization(util) if util is not None else None,
