@@ -323,7 +323,11 @@ def test_killed_worker_trial_is_retried_and_study_is_complete(killed_worker_run)
     assert numbers == list(range(len(trials)))  # unique, no gap
     states = [t.state.name for t in trials]
     assert "RUNNING" not in states and "WAITING" not in states, states
-    failed = [t for t in trials if t.state.name == "FAIL"]
+    # a worker that asked for a trial in the moment between the dead trial's failure and its retry being queued got
+    # a surplus one: marked FAIL with nothing run (workers.Budget.surplus), which is the designed way out of that race
+    surplus = [t for t in trials if t.state.name == "FAIL" and t.user_attrs.get("outcome") == "surplus"]
+    assert all(not {"metrics", "startup", "records"} & set(t.user_attrs) for t in surplus), surplus  # nothing ran
+    failed = [t for t in trials if t.state.name == "FAIL" and t.number not in {s.number for s in surplus}]
     assert len(failed) == 1, states  # the killed worker's trial, failed once (dead-process check or heartbeat)
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
