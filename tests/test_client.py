@@ -255,8 +255,12 @@ def test_open_loop_poisson(srv: FakeServer) -> None:
     assert float(np.mean(late)) * 1e3 <= lag + 0.5
     if lag <= 2.0:  # the client kept pace: the rate it achieved is the schedule's
         assert res.client.achieved_rate == pytest.approx(40.0, rel=0.05)
-    assert res.client.valid == (lag <= 10.0), res.client.reasons
-    assert res.client.valid or any("dispatch lag" in x for x in res.client.reasons)
+    if lag > 10.0:  # a mean lag over a tenth of the 25 ms gap: invalid, and said so
+        assert not res.client.valid and any("dispatch lag" in x for x in res.client.reasons), res.client.reasons
+    else:  # on time on average; a loaded machine may still delay the last sends (the rate check) or use up a core
+        late_reasons = ("below 95% of the schedule", "of a core")
+        assert res.client.valid or all(any(w in x for w in late_reasons) for x in res.client.reasons), \
+            res.client.reasons
 
 
 def test_open_loop_concurrency_cap(srv: FakeServer) -> None:

@@ -195,15 +195,19 @@ def test_claim_is_exclusive_and_taken_over_when_its_owner_stops_beating(pg: Post
 
     storage = make_storage(fresh_db(pg, "claim"))
     study = optuna.create_study(study_name="c", storage=storage)
-    a = Claim(study, storage, "job", heartbeat_s=0.2, grace_s=1.0)
+    # beats every 0.2 s, stale after 3 s: a beat delayed by a loaded machine or database is not a dead owner
+    a = Claim(study, storage, "job", heartbeat_s=0.2, grace_s=3.0)
     assert a.acquire()
     monkeypatch.setattr("harness.study.workers.worker_id", lambda: "other-host:1")
-    b = Claim(study, storage, "job", heartbeat_s=0.2, grace_s=1.0)
-    time.sleep(1.5)  # a keeps beating: still its own
+    b = Claim(study, storage, "job", heartbeat_s=0.2, grace_s=3.0)
+    time.sleep(4.0)  # longer than the grace: only a's beats keep it its own
     assert b.owner() == a.me and not b.acquire()
     a._stop.set()  # a dies without releasing
     a._thread.join()
-    time.sleep(1.5)
+    assert b.owner() == a.me  # its last beat is fresh: not taken over before its grace runs out
+    stopped = time.monotonic()
+    while b.owner() is not None and time.monotonic() - stopped < 30:
+        time.sleep(0.2)
     assert b.owner() is None and b.acquire() and b.owner() == "other-host:1"
     b.release()
     assert study.user_attrs["job"] is None

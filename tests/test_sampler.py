@@ -12,17 +12,20 @@ from harness.measure.sampler import ResourceSampler
 TREE = (
     "import subprocess, sys, time\n"
     "child = subprocess.Popen([sys.executable, '-c', "
-    "'import time; b = bytearray(64 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); time.sleep(30)'])\n"
+    "'import time; b = bytearray(64 * 2**20); b[::4096] = b\"x\" * len(b[::4096]); print(\"ready\", flush=True); "
+    "time.sleep(30)'])\n"
     "time.sleep(30)\n"
 )
 
 
 def test_tree_rss_includes_children() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", TREE])
+    proc = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)  # the child has allocated
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"  # the child has allocated
         with ResourceSampler([proc.pid], gpu_indices=[0], period_s=0.1) as sampler:
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while sampler.samples < 3 and time.monotonic() < deadline:  # a loaded machine may sample late
+                time.sleep(0.1)
         usage = sampler.result()
     finally:
         for child in __import__("psutil").Process(proc.pid).children(recursive=True):

@@ -86,14 +86,14 @@ def test_a_trial_that_does_not_fit_waits_for_gpus_to_free() -> None:
 
 
 def test_a_trial_waits_while_a_previous_servers_memory_is_still_held() -> None:
-    nvml = FakeNVML({0: time.monotonic() + 0.6})  # GPU 0: a dead server's memory still there for 0.6 s
-    pool = SlotPool(gpu_ids=[0, 1], gpu_idle=nvml, poll_s=0.05)
     t0 = time.monotonic()
+    nvml = FakeNVML({0: t0 + 0.6})  # GPU 0: a dead server's memory still there for 0.6 s
+    pool = SlotPool(gpu_ids=[0, 1], gpu_idle=nvml, poll_s=0.05)
     with pool.acquire(1) as a:  # GPU 1 is clean: no wait
-        assert a.gpu_ids == (1,) and time.monotonic() - t0 < 0.3
+        assert a.gpu_ids == (1,) and time.monotonic() - t0 < 0.5
         with pool.acquire(1) as b:  # only GPU 0 is left and its memory is held
             assert b.gpu_ids == (0,)
-            assert time.monotonic() - t0 >= 0.55
+            assert time.monotonic() - t0 >= 0.6
     assert 0 in nvml.calls
 
 
@@ -131,10 +131,11 @@ def test_first_come_first_served_so_a_big_trial_is_not_starved() -> None:
                 order.append(name)
             time.sleep(hold)
 
-    threads = [threading.Thread(target=run, args=("tp1-a", 1, 0.3, 0.0)),
-               threading.Thread(target=run, args=("tp4", 4, 0.05, 0.05)),
-               threading.Thread(target=run, args=("tp1-b", 1, 0.05, 0.1)),
-               threading.Thread(target=run, args=("tp1-c", 1, 0.05, 0.15))]
+    # requests 0.2 s apart, so that a thread woken late on a loaded machine still asks in its turn
+    threads = [threading.Thread(target=run, args=("tp1-a", 1, 1.0, 0.0)),
+               threading.Thread(target=run, args=("tp4", 4, 0.05, 0.2)),
+               threading.Thread(target=run, args=("tp1-b", 1, 0.05, 0.4)),
+               threading.Thread(target=run, args=("tp1-c", 1, 0.05, 0.6))]
     for t in threads:
         t.start()
     for t in threads:
@@ -323,8 +324,8 @@ def test_cpu_slots_run_real_servers_side_by_side(tiny_model: Path, tmp_path: Pat
         argv = load_record(Path(t.user_attrs["records"][0])).argv[0]
         ports.append(next(a for a in argv if a.startswith("--port=")))
         # both servers started and were measured; whether the tiny SLO held while two servers and two load clients
-        # share 2 cores is not what this test is about (the client self-check may reject a step there)
-        assert t.user_attrs["outcome"] in ("ok", "slo_violated"), t.user_attrs
+        # share 2 cores is not what this test is about (the client self-check may reject a step there: client_limited)
+        assert t.user_attrs["outcome"] in ("ok", "slo_violated", "client_limited"), t.user_attrs
     assert not set(expand(binds[0])) & set(expand(binds[1]))  # disjoint core sets
     assert ports[0] != ports[1]
 

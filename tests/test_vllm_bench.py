@@ -39,7 +39,8 @@ def test_both_tools_read_the_fakes_known_timing(tiny_model: Path, tmp_path: Path
         assert row["completed"] == 12 and row["failed"] == 0, (tool, row)
         assert 50.0 <= row["ttft_p50"] <= 120.0, (tool, row)  # the fake's 50 ms to the first token, plus the way
         assert 9.0 <= row["tpot_mean"] <= 25.0, (tool, row)  # its 10 ms per token
-    assert 0.8 <= got["ours_over_vllm"]["ttft_mean"] <= 1.25
+    # the medians agree (12 requests each: one stall of either client on a loaded machine moves a mean, not them)
+    assert 0.8 <= got["ours_over_vllm"]["ttft_p50"] <= 1.25, got["ours_over_vllm"]
     # the same requests: the same work, request by request, as the server counted it for each tool
     assert got["same_prompts"] and got["same_lengths"]
     # (the fake counts a prompt's words as its tokens)
