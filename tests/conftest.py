@@ -147,22 +147,28 @@ def run_sweep(sweep: Path, cwd: Path, *extra: str, timeout: float = 1500) -> sub
                           capture_output=True, timeout=timeout)
 
 
+def cpu_kv_sizing(log: str) -> tuple[float, float, float]:
+    """vLLM's CPU build's KV sizing line in a server log: (KV cache, node total, requested for the worker) in GiB."""
+    import re
+
+    # "Auto set (1.58/23.59) GiB for KV cache on node 0, with 2.36 GiB requested memory for the worker"
+    got = re.search(r"Auto set \(([\d.]+)/([\d.]+)\) GiB .* with ([\d.]+) GiB requested", log)
+    assert got is not None, log[-2000:]
+    return float(got.group(1)), float(got.group(2)), float(got.group(3))
+
+
 def cpu_kv_plan_error(model: str, settings: dict[str, Any], log: str) -> tuple[float, float]:
     """How far vLLM's CPU KV cache (from its server log) is from the planner's, in GiB, with the node total vLLM
     read. The planner is given that total: a VM's NUMA node can grow between planning and vLLM's start-up. What is
     left is the CPU worker's RSS that vLLM subtracts (the planner's 0.63 GiB was measured on one host), an error in
     GiB: a bound in GiB holds on any host, where a bound in percent depends on the node's size."""
     import dataclasses
-    import re
 
     from harness.measure.vllm_metrics import kv_capacity_from_log
     from harness.plan import detect_hardware, load_model_facts, plan_candidate
     from harness.plan.hardware import GIB
 
-    # "Auto set (1.58/23.59) GiB for KV cache on node 0, with 2.36 GiB requested memory for the worker"
-    got = re.search(r"Auto set \(([\d.]+)/([\d.]+)\) GiB", log)
-    assert got is not None, log[-2000:]
-    total = float(got.group(2))
+    _, total, _ = cpu_kv_sizing(log)
     plan = plan_candidate(load_model_facts(model), dataclasses.replace(detect_hardware("CPU"), memory_gib=total),
                           settings)
     assert plan.kv_cache_tokens and plan.kv_bytes_per_token, plan.reason()
