@@ -204,6 +204,21 @@ def test_prompt_lengths_exact_with_multiword_tokens(api: str, nosplit_tokenizer:
     assert common >= 16
 
 
+def test_the_fast_paths_proof_stays_within_the_tokenizers_maximum_length(capfd: pytest.CaptureFixture[str]) -> None:
+    """GPT-2's tokenizer says 1024 tokens at most: the additivity proof encodes no longer text (transformers warns
+    of "indexing errors" on one, in every DialoGPT sweep's log), and still proves the fast path."""
+    from conftest import make_tiny_tokenizer
+    from harness.load.prompts import _vocab
+
+    tok = make_tiny_tokenizer("bytelevel")
+    tok.model_max_length = 1024
+    capfd.readouterr()
+    assert _vocab(tok).additive
+    assert "longer than the specified maximum" not in "".join(capfd.readouterr())
+    reqs = build_requests(load_workload("tiny-cpu"), tok, 5)
+    assert all(r.prompt_tokens == len(_server_ids(tok, r)) for r in reqs)
+
+
 def test_prompts_deterministic(tiny_tokenizer: Any) -> None:
     w = load_workload("tiny-cpu")
     a = build_requests(w, tiny_tokenizer, 20)

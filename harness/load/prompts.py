@@ -155,13 +155,16 @@ def _vocab(tokenizer: Any) -> _Vocab:
         id_to_tok = {idx: tok for tok, idx in vocab.items()}
         markers = {id_to_tok[c][0] for c in kept}
         if not any(_spans_words(tok, m) for tok in vocab for m in markers):
-            # The texts must also join: decode(seq) == first piece + following mid pieces, and round-trip.
-            seq = np.random.default_rng(1).integers(0, len(ids), size=2048)
-            joined = _join(voc.first, voc.mid, seq)
-            ids_seq = ids[seq].tolist()
+            # The texts must also join: decode(seq) == first piece + following mid pieces, and round-trip. ~2048
+            # random words, in sequences no longer than the tokenizer's own maximum: transformers warns of
+            # "indexing errors" when it encodes a longer text (GPT-2's is 1024), which no prompt here is.
+            length = max(16, min(512, int(getattr(tokenizer, "model_max_length", 512))))
+            seqs = np.random.default_rng(1).integers(0, len(ids), size=(2048 // length, length))
+            joined = [_join(voc.first, voc.mid, seq) for seq in seqs]
+            ids_seqs = [ids[seq].tolist() for seq in seqs]
             voc.additive = (
-                _decode_batch(tokenizer, [ids_seq])[0] == joined
-                and list(tokenizer(joined, add_special_tokens=False)["input_ids"]) == ids_seq
+                _decode_batch(tokenizer, ids_seqs) == joined
+                and [list(e) for e in tokenizer(joined, add_special_tokens=False)["input_ids"]] == ids_seqs
             )
     try:
         _VOCAB_CACHE[tokenizer] = voc
