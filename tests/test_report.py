@@ -25,7 +25,7 @@ import pytest
 from harness.records import SLO
 from harness.study import naming
 from harness.study.confirm import Confirmation, Spread
-from harness.study.objectives import CapacityObjective, ParetoObjective
+from harness.study.objectives import CapacityObjective, Objective, ParetoObjective
 from harness.study.runner import enqueue_baselines, make_sampler, open_study
 from harness.study.storage import default_storage
 from harness.study.trials import StudyAttr, best_feasible

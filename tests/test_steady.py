@@ -8,7 +8,6 @@ built for, fast.
 from __future__ import annotations
 
 import heapq
-import math
 
 import numpy as np
 import pytest
