@@ -18,11 +18,12 @@ class Ctx:
     objective = CapacityObjective()
 
 
-def frozen(number: int, value: float, settings: dict[str, Any]) -> optuna.trial.FrozenTrial:
+def frozen(number: int, value: float, settings: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> optuna.trial.FrozenTrial:
+    attrs: dict[str, Any] = {"settings": settings} | ({"metrics": metrics} if metrics else {})
     return optuna.trial.FrozenTrial(number=number, state=optuna.trial.TrialState.COMPLETE, value=value,
                                  datetime_start=None, datetime_complete=None, params={}, distributions={},
-                                 user_attrs={"settings": settings}, system_attrs={}, intermediate_values={},
-                                 trial_id=number)
+                                 user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=number)
 
 
 def fake_evaluate(values: dict[str, list[float]], calls: list[tuple[str, float | None]]):  # type: ignore[no-untyped-def]
@@ -82,27 +83,41 @@ def test_when_the_defaults_measured_best_the_best_other_candidate_is_confirmed_a
 def test_a_baseline_that_collapses_at_the_winners_load_counts_its_own_capacity_in_the_gain(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One DialoGPT server offered 2.3x its capacity serves a fraction of it (a collapse, not its capacity): the
-    rank test still sees the measured numbers, but the gain counts such a repeat at the baseline's searched
-    capacity, so it reads as the capacities' ratio, not 15x. A baseline that held keeps its number."""
+    rank test still sees the measured numbers, but the gain counts such a repeat at what the baseline's search
+    measured at its capacity, on the repeats' own scale (goodput per GPU there, 65.4 at a capacity of 71.2: the
+    window's arrivals over first send to last completion), so it reads as the capacities' ratio, not 15x. A
+    baseline that held keeps its number."""
     def evaluate(ctx: Any, settings: dict[str, Any], label: str, *, repeat_of: list[float] | None = None,
                  prompt_set: int = 0) -> Evaluation:
         who = settings["who"]
-        value, held = {"w": (160.0, True), "b": (10.0, False), "h": (150.0, True)}[who]
+        value, held = {"w": (147.0, True), "b": (10.0, False), "h": (140.0, True),
+                       "fp8-w": (16.4, True), "fp8-b": (16.0, False)}[who]
         return Evaluation(settings=settings, values=[value], constraints=[0.0], metrics={"steady_holds": held})
 
     monkeypatch.setattr(confirm_mod, "evaluate", evaluate)
-    conf = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 71.2, {"who": "b"}), 3, "goodput")
+    winner = frozen(2, 162.6, {"who": "w"}, {"goodput_per_gpu": 147.4})
+    conf = confirm(Ctx(), winner, frozen(0, 71.2, {"who": "b"}, {"goodput_per_gpu": 65.4}), 3, "goodput")
     assert conf.recommended_trial == 2 and conf.floored == 3 and conf.baseline.mean == 10.0
-    assert conf.improvement == pytest.approx(160.0 / 71.2 - 1)
-    assert "did not hold this load in 3 of 3 repeats" in conf.verdict and "71.2 per GPU" in conf.verdict
+    assert conf.improvement == pytest.approx(147.0 / 65.4 - 1)
+    assert "did not hold this load in 3 of 3 repeats" in conf.verdict and "65.4 per GPU" in conf.verdict
     saved = confirm_mod.Confirmation.from_dict(conf.to_dict())
     assert saved.improvement == pytest.approx(conf.improvement) and saved.gain_basis() == conf.gain_basis()
-    held = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 140.0, {"who": "h"}), 3, "goodput")
-    assert held.floored == 0 and held.improvement == pytest.approx(160.0 / 150.0 - 1) and not held.gain_basis()
-    # ahead of every repeat of a baseline that did not hold, yet below the capacity it sustains: no gain, kept
-    short = confirm(Ctx(), frozen(2, 162.6, {"who": "w"}), frozen(0, 165.0, {"who": "b"}), 3, "goodput")
+    held = confirm(Ctx(), winner, frozen(0, 140.0, {"who": "h"}, {"goodput_per_gpu": 128.0}), 3, "goodput")
+    assert held.floored == 0 and held.improvement == pytest.approx(147.0 / 140.0 - 1) and not held.gain_basis()
+    # ahead of every repeat of a baseline that did not hold, yet below what it sustains: no gain, kept
+    short = confirm(Ctx(), winner, frozen(0, 165.0, {"who": "b"}, {"goodput_per_gpu": 150.0}), 3, "goodput")
     assert short.recommended_trial == 0 and short.improvement is not None and short.improvement < 0
     assert "not its capacity" in short.verdict and "the baseline is kept" in short.verdict
+    # FP8 Mistral: offered the winner's 18.4, above the defaults' bracket (17.4, 18.3), the defaults do not hold;
+    # the winner beats their every repeat and what they sustain on this scale (16.19), though not their capacity
+    # as a rate (17.4): floored at the rate, the winner would be kept out by the scales' difference alone
+    fp8 = confirm(Ctx(), frozen(1, 18.4, {"who": "fp8-w"}, {"goodput_per_gpu": 16.44}),
+                  frozen(0, 17.43, {"who": "fp8-b"}, {"goodput_per_gpu": 16.19}), 3, "goodput")
+    assert fp8.recommended_trial == 1 and fp8.floored == 3
+    assert fp8.improvement == pytest.approx(16.4 / 16.19 - 1)
+    # a trial stored without its goodput: floored at its capacity (the gain understated, never inflated)
+    old = confirm(Ctx(), winner, frozen(0, 71.2, {"who": "b"}), 3, "goodput")
+    assert old.improvement == pytest.approx(147.0 / 71.2 - 1)
 
 
 def test_baseline_is_winner(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,28 +351,51 @@ def test_a_confirmation_is_not_started_past_the_time_budget(tmp_path, tiny_model
     assert opened[0].user_attrs["config"] == "tiny.yaml"
 
 
+def _with_committed_config(study: optuna.Study, ctx: Any, target: int, parallel: int, out: Any,
+                           timeout_s: Any) -> None:
+    """`run_trials` of a study with the user's committed config: #0 vLLM's defaults (3.0), #1 the committed
+    config (4.0), #2 a sampled trial (5.0), the winner."""
+    for value, label, seqs in ((3.0, "vllm-defaults", 2), (4.0, "committed-config", 4), (5.0, None, 8)):
+        trial = study.ask()
+        trial.set_user_attr("settings", {"max_num_seqs": seqs})
+        trial.set_user_attr("baseline", label)
+        trial.set_constraint("slo", 0.0)
+        study.tell(trial, value)
+
+
+def _tune_with_committed_config(tmp_path: Any, tiny_model: Any, monkeypatch: pytest.MonkeyPatch,
+                                study_confirmation: Any, deadline: float | None = None) -> Any:
+    """The sweep's outcome for a study of `_with_committed_config`, its confirmations by `study_confirmation`."""
+    import io
+
+    from conftest import write_sweep
+
+    from harness.plan import detect_hardware
+    from harness.study import tune
+    from harness.study.sweepfile import load_sweep
+
+    sweep = load_sweep(write_sweep(tmp_path, tiny_model, trials=3, confirm=3))
+    monkeypatch.setattr(tune, "run_trials", _with_committed_config)
+    monkeypatch.setattr(tune, "study_confirmation", study_confirmation)
+    return tune.tune_model(sweep, sweep.models[0], hardware=detect_hardware("CPU"), storage_url=None, parallel=1,
+                           out=io.StringIO(), deadline=deadline)
+
+
+def _committed_config(tmp_path: Any) -> Any:
+    """The user's committed configs/tiny.yaml: max_num_seqs 4 (trial #1 of `_with_committed_config`)."""
+    from harness.emit import EmittedConfig, write_config
+
+    config = tmp_path / "configs" / "tiny.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    write_config(config, EmittedConfig(model="tiny", settings={"max_num_seqs": 4}, provenance={}, header="mine"))
+    return config
+
+
 @pytest.mark.parametrize("beats_mine", [False, True])
 def test_a_recommendation_replaces_the_committed_config_only_when_it_beats_it(
         tmp_path, tiny_model, monkeypatch, beats_mine: bool) -> None:  # type: ignore[no-untyped-def]
     # Winner #2 beats vLLM's defaults (#0); the user's committed config (#1) is then confirmed against it in the
     # same run, and the committed file is rewritten only when the winner beats that too.
-    import io
-
-    from conftest import write_sweep
-
-    from harness.emit import write_config
-    from harness.plan import detect_hardware
-    from harness.study import tune
-    from harness.study.sweepfile import load_sweep
-
-    def run_trials(study: optuna.Study, ctx: Any, target: int, parallel: int, out: Any, timeout_s: Any) -> None:
-        for value, label, seqs in ((3.0, "vllm-defaults", 2), (4.0, "committed-config", 4), (5.0, None, 8)):
-            trial = study.ask()
-            trial.set_user_attr("settings", {"max_num_seqs": seqs})
-            trial.set_user_attr("baseline", label)
-            trial.set_constraint("slo", 0.0)
-            study.tell(trial, value)
-
     asked: list[tuple[int, int | None, bool]] = []
 
     def study_confirmation(study: Any, ctx: Any, winner: Any, baseline: Any, repeats: int, out: Any,
@@ -370,15 +408,9 @@ def test_a_recommendation_replaces_the_committed_config_only_when_it_beats_it(
                                         recommended_trial=winner.number if win else baseline.number,
                                         verdict="beats" if win else "does not beat")
 
-    sweep = load_sweep(write_sweep(tmp_path, tiny_model, trials=3, confirm=3))
-    config = tmp_path / "configs" / "tiny.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    write_config(config, tune.EmittedConfig(model="tiny", settings={"max_num_seqs": 4}, provenance={}, header="mine"))
+    config = _committed_config(tmp_path)
     before = config.read_text()
-    monkeypatch.setattr(tune, "run_trials", run_trials)
-    monkeypatch.setattr(tune, "study_confirmation", study_confirmation)
-    outcome = tune.tune_model(sweep, sweep.models[0], hardware=detect_hardware("CPU"), storage_url=None, parallel=1,
-                              out=io.StringIO())
+    outcome = _tune_with_committed_config(tmp_path, tiny_model, monkeypatch, study_confirmation)
     assert asked == [(2, 0, True), (2, 1, False)]
     emitted = yaml.safe_load(config.read_text())
     if beats_mine:
@@ -386,6 +418,32 @@ def test_a_recommendation_replaces_the_committed_config_only_when_it_beats_it(
         assert "against the committed config (trial #1): beats" in outcome.message
     else:
         assert config.read_text() == before and "is left as it is" in outcome.message
+
+
+def test_the_confirmation_against_the_committed_config_is_not_started_past_the_time_budget(
+        tmp_path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The first confirmation (winner vs vLLM's defaults) used the slot's time: the one against the committed
+    # config is minutes more and counts only when it ends, so it is not started; a rerun reuses the first.
+    import time
+
+    deadline = time.monotonic() + 15.0  # time enough to reach the first confirmation on a loaded 2-core host
+    asked: list[bool] = []
+
+    def study_confirmation(study: Any, ctx: Any, winner: Any, baseline: Any, repeats: int, out: Any,
+                           primary: bool = True, cross_check: bool = False) -> confirm_mod.Confirmation:
+        asked.append(primary)
+        time.sleep(max(deadline - time.monotonic(), 0.0) + 0.05)  # it ran until the slot's end
+        w, b = confirm_mod.Spread([5.0] * 3, [True] * 3), confirm_mod.Spread([3.0] * 3, [True] * 3)
+        return confirm_mod.Confirmation(metric="capacity_rps", winner_trial=winner.number,
+                                        baseline_trial=baseline.number, winner=w, baseline=b,
+                                        recommended_trial=winner.number, verdict="beats")
+
+    config = _committed_config(tmp_path)
+    before = config.read_text()
+    outcome = _tune_with_committed_config(tmp_path, tiny_model, monkeypatch, study_confirmation, deadline=deadline)
+    assert asked == [True]
+    assert "before the one against the committed config (trial #1)" in outcome.message, outcome.message
+    assert config.read_text() == before and outcome.config_path is None
 
 
 def test_a_repeat_that_could_not_start_is_no_number(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -192,6 +192,38 @@ def test_a_study_winner_that_left_utilization_to_vllm_emits_the_share_it_ran_wit
     assert doc["provenance"]["deployment"]["gpu_memory_utilization"] == 0.92
 
 
+def test_a_rerun_reads_the_emitted_config_back_as_the_trial_it_came_from(tmp_path: Path) -> None:
+    """The emitted DialoGPT config states the utilization the trial left to vLLM (0.92, split per server); read
+    back as the committed-config baseline of a rerun it is {servers_per_gpu: 3, gpu_memory_utilization: 0.92},
+    which is trial #2 as it ran. It queued as a new trial: ~7 GPU-minutes measuring #2 again, then a confirmation
+    against it with no check of the time left. A committed config that asks for something else is queued."""
+    from harness.emit import read_config
+    from harness.study.objectives import CapacityObjective
+    from harness.study.runner import enqueue_baselines
+    from harness.study.trials import Attr
+    from harness.study.tune import emit
+
+    study = optuna.create_study(study_name="m@h200x1@chat-short@capacity", direction="maximize")
+    for settings in ({}, {"servers_per_gpu": 3}):
+        trial = study.ask()
+        trial.set_user_attr(Attr.BASELINE, "vllm-defaults" if not settings else "three-servers")
+        trial.set_user_attr(Attr.SETTINGS, settings)
+        trial.set_user_attr(Attr.PLAN, {"resolved": {"gpu_memory_utilization": 0.92, "max_num_seqs": 1024}})
+        study.tell(trial, 162.6 if settings else 71.2)
+    ctx = SimpleNamespace(workload=SimpleNamespace(to_dict=lambda: {"name": "chat-short"}),
+                          objective=CapacityObjective(), model_name="org/model")
+    h200 = SimpleNamespace(name="H200", count=1, memory_gib=139.8, arch="hopper")
+    path = emit(tmp_path / "m.yaml", study, ctx, study.trials[1], None, None, h200)
+    committed = read_config(path).settings
+    assert committed == {"servers_per_gpu": 3, "gpu_memory_utilization": 0.92}
+    enqueue_baselines(study, {"vllm-defaults": {}, "committed-config": committed, "three-servers":
+                              {"servers_per_gpu": 3}})
+    assert len(study.trials) == 2  # nothing queued: each is a trial measured already
+    enqueue_baselines(study, {"committed-config": {"servers_per_gpu": 3, "gpu_memory_utilization": 0.8}})
+    assert [t.user_attrs[Attr.SETTINGS] for t in study.trials[2:]] == [{"servers_per_gpu": 3,
+                                                                        "gpu_memory_utilization": 0.8}]
+
+
 def test_config_without_utilization_splits_vllms_default(tmp_path: Path) -> None:
     from harness.emit import EmittedConfig, read_config, write_config
 

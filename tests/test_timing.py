@@ -120,3 +120,33 @@ def test_a_confirmation_estimate_starts_each_side_with_its_own_start_up() -> Non
     assert costs.confirmation_s(2, 3, False, [245.0, 100.0]) == 2 * 245.0 + 2 * 100.0 + 6 * 60.0
     assert costs.confirmation_s(2, 3, False, [245.0, None]) == 2 * 245.0 + 2 * 100.0 + 6 * 60.0
     assert costs.confirmation_s(1, 3, False, [245.0]) == 245.0 + 3 * 60.0
+
+
+def _capacity_trial(value: float, steps: list[tuple[float, float]]) -> optuna.trial.FrozenTrial:
+    """A capacity trial: its value, and its search's steps as (offered, achieved) req/s."""
+    cap = {"capacity_lo": value, "steps": [{"offered": o, "achieved": a, "holds": a >= 0.95 * o} for o, a in steps]}
+    return optuna.trial.FrozenTrial(number=0, state=optuna.trial.TrialState.COMPLETE, value=value,
+                                    datetime_start=None, datetime_complete=None, params={}, distributions={},
+                                    user_attrs={Attr.CAPACITY: cap}, system_attrs={}, intermediate_values={},
+                                    trial_id=0)
+
+
+def test_a_repeat_past_what_the_side_sustains_is_costed_by_its_own_overloaded_steps() -> None:
+    """The DialoGPT study's confirmation offers one server 162.6 req/s, 2.3x its 71.2: its search's overloaded
+    steps served as little as 33 req/s, so a repeat's backlog drains until the per-request timeout (120 s), not in
+    a median step's 50 s. The estimate that left this out said 13.8 minutes for a confirmation of ~18, and one
+    cut off by the stretch's end is lost. A side 5% over its capacity that still served it drains in seconds."""
+    from harness.study.timing import MeasuredCosts, overload_drain_s
+
+    one_server = _capacity_trial(71.2, [(64.9, 65.0), (91.4, 37.9), (78.1, 33.2), (71.2, 71.3), (75.6, 43.0)])
+    assert overload_drain_s(one_server, 162.6, 50.0, 120.0) == 120.0
+    assert overload_drain_s(one_server, 80.0, 50.0, 1e9) == pytest.approx((80.0 / 71.2 - 33.2 / 71.2) * 50.0
+                                                                           / (33.2 / 71.2))
+    assert overload_drain_s(one_server, 71.2, 50.0, 120.0) == 0.0  # its own capacity: it holds, no backlog
+    fp8 = _capacity_trial(17.43, [(14.2, 13.8), (18.27, 17.43)])
+    assert overload_drain_s(fp8, 18.4, 47.0, 120.0) == pytest.approx((18.4 / 17.43 - 1.0) * 47.0)
+    fixed_load = optuna.trial.create_trial(value=40.0)  # no capacity search: its repeats are its own steps
+    assert overload_drain_s(fixed_load, 80.0, 50.0, 120.0) == 0.0
+    costs = MeasuredCosts(startup_s=100.0, step_s=50.0)
+    assert costs.confirmation_s(2, 2, False, [242.0, 143.0], [0.0, 120.0]) == \
+        2 * 242.0 + 143.0 + 4 * 50.0 + 2 * 120.0

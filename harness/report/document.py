@@ -211,7 +211,7 @@ def _improvement_text(imp: dict[str, Any]) -> str:
     if rel is None:
         return "-"
     text = f"{rel:+.1%}"
-    if imp.get("gain_basis"):  # a baseline repeat counted at its searched capacity: its min and max are no pairing
+    if imp.get("gain_basis"):  # a baseline repeat counted at its capacity's goodput: its min and max are no pairing
         return f"{text} ({imp['gain_basis']})"
     w_lo, w_hi, b_lo, b_hi = (imp.get(k) for k in ("winner_min", "winner_max", "baseline_min", "baseline_max"))
     if (imp.get("winner_n") or 0) > 1 and b_lo and b_hi:

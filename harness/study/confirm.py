@@ -97,7 +97,7 @@ class Confirmation:
         if not self.floored:
             return ""
         return (f"the baseline did not hold this load in {self.floored} of {len(self.baseline.valid_runs)} repeats "
-                f"(mean {self.baseline.mean:.4g}): in the gain they count as its capacity from its own search, "
+                f"(mean {self.baseline.mean:.4g}): in the gain they count as what its own search measured at its capacity, "
                 f"{self.baseline_floor:.4g}{' per GPU' if self.per_gpu else ''}, not as a collapse past it")
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,7 +264,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
                         winner_settings=pairing.winner, baseline_settings=pairing.winner if same else pairing.baseline,
                         pairing=pairing.describe(), per_gpu=ctx.objective.per_gpu, scaling=scaling,
                         cross_check=_cross_check_summary(checks, same) if cross_check else None,
-                        baseline_floor=None if same else ctx.objective.gain_floor(list(baseline.values or [])))
+                        baseline_floor=None if same else ctx.objective.gain_floor(baseline))
     if conf.gain_basis() and conf.recommended_trial == winner.number and not same:
         if (conf.improvement or 0.0) <= 0.0:  # ahead of the repeats, not of what the baseline sustains
             conf.recommended_trial = baseline.number

@@ -24,7 +24,8 @@ from harness.study.evaluate import StudyContext, evaluate
 from harness.study.objectives import Objective
 from harness.study.storage import HEARTBEAT_S, rdb
 from harness.study.trials import (Attr, StudyAttr, baseline_of, best_feasible, describe, fmt_values, outcome_of,
-                                  Outcome, record_surplus, record_trial, settings_of)
+                                  Outcome, default_settings_of, record_surplus, record_trial,
+                                  settings_of)
 from harness.study.workers import Budget, Surplus, drain, fail_dead_local_trials, worker_record
 
 # Set on Ctrl-C / SIGTERM: trials running in worker threads end as FAIL (to be run again), never as a measured
@@ -128,12 +129,21 @@ def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]])
     # twice (a committed config that is vLLM's defaults, on the first run or on a rerun)
     kept = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL and baseline_of(t)]
     present = {baseline_of(t) for t in kept}
-    seen: list[dict[str, Any]] = [settings_of(t) for t in kept]
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = [(settings_of(t), default_settings_of(t)) for t in kept]
     for label, settings in baselines.items():
-        if label in present or settings in seen:
+        if label in present or any(same_settings(settings, given, defaults) for given, defaults in seen):
             continue
-        seen.append(settings)
+        seen.append((settings, {}))
         study.enqueue_trial({}, user_attrs={Attr.BASELINE: label, Attr.SETTINGS: settings})
+
+
+def same_settings(settings: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether `settings` ask for what a trial that set `given` ran with: the same, but for settings stated at the
+    value the trial's plan resolved for one it left out (`defaults`). A committed config states such values where
+    its format needs them (a servers_per_gpu config's gpu_memory_utilization, vLLM's 0.92, split between its
+    vllm_instances); read back as a baseline, it is the trial it came from, not a new one to measure again."""
+    stated = {k: v for k, v in settings.items() if not (k not in given and k in defaults and defaults[k] == v)}
+    return stated == given
 
 
 @dataclass

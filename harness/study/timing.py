@@ -156,18 +156,39 @@ class MeasuredCosts:
     step_s: float  # warm-up, window, tail and drain of one load step
 
     def confirmation_s(self, sides: int, repeats: int, cross_check: bool,
-                       startups: Sequence[float | None] = ()) -> float:
+                       startups: Sequence[float | None] = (), drains: Sequence[float] = ()) -> float:
         """A confirmation at worst (one side at a time: a start-up per alternating block), its repeats, and with
         `cross_check` per side our client's run and vllm bench serve's (a step each, and that tool's start).
         `startups`: each side's own start-up (winner, baseline), where known: three servers sharing a GPU start in
-        turn and take three times one server's; else the median."""
+        turn and take three times one server's; else the median. `drains`: each side's extra seconds per repeat
+        past what it sustains (`overload_drain_s`)."""
         if repeats <= 0:
             return 0.0
         blocks = alternating_blocks(list(range(sides)), repeats)
         own = list(startups) + [None] * sides
         starts = sum(own[side] or self.startup_s for side, _ in blocks)
         bench = sides if cross_check else 0
-        return starts + (sides * repeats + 2 * bench) * self.step_s + bench * VLLM_BENCH_START_S
+        return (starts + (sides * repeats + 2 * bench) * self.step_s + bench * VLLM_BENCH_START_S
+                + repeats * sum(list(drains)[:sides]))
+
+
+def overload_drain_s(trial: FrozenTrial, load: float, step_s: float, cap_s: float) -> float:
+    """Extra wall seconds one confirmation repeat of `trial` spends draining when offered `load` (on its values'
+    scale) above what it sustains, by its own capacity search: the step's sends build a backlog of (load -
+    served) x step_s, which the server then works off at the rate it served its own overloaded steps. One
+    DialoGPT server offered 2.3x its capacity served about half of it: its repeats drain for minutes, as long as
+    the per-request timeout `cap_s` lets them, where a median step says under one. 0 within its capacity or
+    without a capacity search (a fixed-load objective's repeats are its trials' own steps)."""
+    cap = capacity_of(trial)
+    capacity = cap.get("capacity_lo")
+    value = trial.values[0] if trial.values else None
+    if not capacity or not value or value <= 0 or load <= value:
+        return 0.0
+    over = load / value  # offered, in units of what the trial sustains
+    served = [s["achieved"] / capacity for s in cap.get("steps") or []
+              if s.get("offered", 0.0) > capacity and s.get("achieved")]
+    rate = min([1.0] + served)  # served under overload, in the same units (its worst measured)
+    return min(cap_s, (over - rate) * step_s / max(rate, 0.05))
 
 
 def measured_costs(trials: Iterable[FrozenTrial]) -> MeasuredCosts | None:

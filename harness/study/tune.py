@@ -40,7 +40,7 @@ from harness.study.runner import enqueue_baselines, make_sampler, open_study, ru
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
-from harness.study.timing import measured_costs, time_spent
+from harness.study.timing import measured_costs, overload_drain_s, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
                                   baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
                                   default_settings_of, metric_of, per_gpu_metric, settings_of, study_ceiling)
@@ -164,21 +164,17 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
         print(f"[confirm] vLLM's defaults measured best (trial #{winner.number}); they are confirmed against the "
               f"best other candidate, trial #{rival.number}, at the defaults' load", file=out, flush=True)
         winner = rival
-    key = confirm_key(winner, baseline, sweep.confirm_repeats)
-    if deadline is not None and sweep.confirm_repeats > 0 and key not in study.user_attrs:
-        # a confirmation is minutes of servers and counts only when it ends: not started unless the study's own
-        # timings say it ends before the deadline (a cut-off one is measured again from the start)
-        need = confirmation_need_s(study.get_trials(deepcopy=False), winner, baseline, sweep)
-        left = deadline - time.monotonic()
-        if left <= 0 or (need is not None and need > left):
-            when = f"after all {trials} trials, before the confirmation" + (
-                f" (it needs ~{need / 60:.1f} min by this study's start-ups and load steps, {max(left, 0) / 60:.1f} "
-                f"min were left)" if need is not None else "")
-            return _out_of_time(entry, name, table, when, out)
+    short = no_time_for(study, winner, baseline, sweep, deadline)
+    if short:
+        return _out_of_time(entry, name, table, f"after all {trials} trials, before the confirmation{short}", out)
     conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out,
                               cross_check=sweep.confirm_cross_check)
     rec_trial = study.trials[conf.recommended_trial] if conf else winner
     mine = committed_rival(study, rec_trial) if conf is not None else None
+    short = no_time_for(study, rec_trial, mine, sweep, deadline) if mine is not None else None
+    if short:
+        return _out_of_time(entry, name, table, f"after the confirmation, before the one against the committed "
+                                                f"config (trial #{mine.number}){short}", out)
     versus = (study_confirmation(study, ctx, rec_trial, mine, sweep.confirm_repeats, out, primary=False)
               if mine is not None else None)
     msg = (conf.verdict if conf else f"trial #{winner.number} is the best feasible trial (not confirmed)")
@@ -219,6 +215,22 @@ def _out_of_time(entry: ModelEntry, name: str, table: Path, when: str, out: Any)
     return ModelOutcome(entry.model, name, None, table, None, msg)
 
 
+def no_time_for(study: optuna.Study, winner: FrozenTrial, baseline: FrozenTrial | None, sweep: Sweep,
+                deadline: float | None) -> str | None:
+    """Why this confirmation is not started before `deadline` (None: it is, or it ran before and is reused). It
+    is minutes of servers and counts only when it ends: not started unless the study's own timings say it ends
+    in time (a cut-off one is measured again from the start). The reason is a clause for the out-of-time line."""
+    if deadline is None or sweep.confirm_repeats <= 0 or confirm_key(winner, baseline, sweep.confirm_repeats) in \
+            study.user_attrs:
+        return None
+    need = confirmation_need_s(study.get_trials(deepcopy=False), winner, baseline, sweep)
+    left = deadline - time.monotonic()
+    if left > 0 and (need is None or need <= left):
+        return None
+    return (f" (it needs ~{need / 60:.1f} min by this study's start-ups and load steps, {max(left, 0) / 60:.1f} min "
+            f"were left)" if need is not None else " (no time left)")
+
+
 def confirmation_need_s(trials: list[FrozenTrial], winner: FrozenTrial, baseline: FrozenTrial | None,
                         sweep: Sweep) -> float | None:
     """Wall seconds the confirmation takes at worst (one side at a time: a start-up per alternating block), by
@@ -227,8 +239,11 @@ def confirmation_need_s(trials: list[FrozenTrial], winner: FrozenTrial, baseline
     if costs is None:
         return None
     sides = 1 if baseline is None or baseline.number == winner.number else 2
-    startups = [metric_of(t, "startup_s") for t in (winner, baseline)[:sides] if t is not None]
-    return costs.confirmation_s(sides, sweep.confirm_repeats, sweep.confirm_cross_check, startups)
+    both = [t for t in (winner, baseline)[:sides] if t is not None]
+    startups = [metric_of(t, "startup_s") for t in both]
+    load = (confirm_load(winner, baseline) or [0.0])[0]
+    drains = [overload_drain_s(t, load, costs.step_s, sweep.objective.window_spec().drain_s) for t in both]
+    return costs.confirmation_s(sides, sweep.confirm_repeats, sweep.confirm_cross_check, startups, drains)
 
 
 def challenger(trials: list[FrozenTrial], winner: FrozenTrial, baseline: FrozenTrial | None) -> FrozenTrial:
@@ -316,7 +331,7 @@ def emit(path: Path, study: optuna.Study, ctx: StudyContext, trial: FrozenTrial,
                                      "baseline_gpus": conf.baseline_gpus, "sides": conf.pairing,
                                      "winner": conf.winner.to_dict(), "baseline": conf.baseline.to_dict(),
                                      "verdict": conf.verdict}
-        if conf.gain_basis():  # a baseline repeat counted at its searched capacity, not at its collapse
+        if conf.gain_basis():  # a baseline repeat counted at its capacity's goodput, not at its collapse
             provenance["improvement"]["basis"] = conf.gain_basis()
         invalid = len(conf.winner.invalid_runs) + len(conf.baseline.invalid_runs)
         if invalid:
