@@ -45,6 +45,11 @@ HARNESS_KEYS: dict[str, HarnessKey] = {
 # Harness keys whose value is a count: a positive integer.
 COUNT_KEYS = ("replicas", "servers_per_gpu")
 
+# Settings an emitted config states at vLLM's default (as the trial's plan resolved it) where the trial left them
+# out: the vllm_instances of a servers_per_gpu config each need their share of gpu_memory_utilization. Read back,
+# such a config is still the trial it came from (`harness.study.runner.same_settings`).
+STATED_DEFAULT_KEYS = ("gpu_memory_utilization",)
+
 # Keys of older vLLM releases that users still carry in their configs, with what to do instead.
 REMOVED_KEYS: dict[str, str] = {
     "use_v2_block_manager": "delete it: the V1 engine has a single block manager (the flag was removed)",

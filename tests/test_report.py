@@ -817,3 +817,15 @@ def test_settings_rows_show_vllms_defaults_and_mark_only_real_changes() -> None:
     assert rows["kv_cache_dtype"]["baseline"] == "(vLLM default)" and not rows["kv_cache_dtype"]["changed"]
     assert "max_model_len" not in rows  # neither side set it and it is not a knob
     assert settings_rows(None, base, ["max_num_seqs"])[0]["recommended"] is None
+
+
+def test_a_study_with_settings_fixed_in_every_trial_says_so_and_what_quantized_weights_mean() -> None:
+    """The FP8 study's baseline is "vLLM defaults" with FP8 weights: the report's header says what every trial ran
+    with and that it changes the model's numerics, not only its settings table."""
+    from harness.report.document import _fixed_rows
+
+    rows = dict((k, v) for k, v in _fixed_rows({"quantization": "fp8"}))
+    assert "`quantization=fp8`" in rows["fixed in every trial"] and "baselines too" in rows["fixed in every trial"]
+    assert "weights quantized (fp8)" in rows["numerics"] and "numerics" in rows["numerics"]
+    assert list(dict(_fixed_rows({"kv_cache_dtype": "fp8"}))) == ["fixed in every trial"]
+    assert _fixed_rows({}) == []

@@ -201,7 +201,7 @@ def test_a_rerun_reads_the_emitted_config_back_as_the_trial_it_came_from(tmp_pat
     from harness.study.objectives import CapacityObjective
     from harness.study.runner import enqueue_baselines
     from harness.study.trials import Attr
-    from harness.study.tune import emit
+    from harness.study.tune import committed_rival, emit
 
     study = optuna.create_study(study_name="m@h200x1@chat-short@capacity", direction="maximize")
     for settings in ({}, {"servers_per_gpu": 3}):
@@ -209,6 +209,7 @@ def test_a_rerun_reads_the_emitted_config_back_as_the_trial_it_came_from(tmp_pat
         trial.set_user_attr(Attr.BASELINE, "vllm-defaults" if not settings else "three-servers")
         trial.set_user_attr(Attr.SETTINGS, settings)
         trial.set_user_attr(Attr.PLAN, {"resolved": {"gpu_memory_utilization": 0.92, "max_num_seqs": 1024}})
+        trial.set_constraint("slo", 0.0)
         study.tell(trial, 162.6 if settings else 71.2)
     ctx = SimpleNamespace(workload=SimpleNamespace(to_dict=lambda: {"name": "chat-short"}),
                           objective=CapacityObjective(), model_name="org/model")
@@ -219,9 +220,15 @@ def test_a_rerun_reads_the_emitted_config_back_as_the_trial_it_came_from(tmp_pat
     enqueue_baselines(study, {"vllm-defaults": {}, "committed-config": committed, "three-servers":
                               {"servers_per_gpu": 3}})
     assert len(study.trials) == 2  # nothing queued: each is a trial measured already
-    enqueue_baselines(study, {"committed-config": {"servers_per_gpu": 3, "gpu_memory_utilization": 0.8}})
-    assert [t.user_attrs[Attr.SETTINGS] for t in study.trials[2:]] == [{"servers_per_gpu": 3,
-                                                                        "gpu_memory_utilization": 0.8}]
+    # the emitted config is trial #1: the rival a recommendation of another trial must beat, none for #1 itself
+    assert committed_rival(study, study.trials[0], committed).number == 1
+    assert committed_rival(study, study.trials[1], committed) is None
+    # asking for something else, or stating a default other than the one the emitter states, is a new baseline
+    # (the plan's table of vLLM's defaults is checked against vLLM for memory, not for every setting)
+    enqueue_baselines(study, {"committed-config": {"servers_per_gpu": 3, "gpu_memory_utilization": 0.8},
+                              "mine": {"servers_per_gpu": 3, "max_num_seqs": 1024}})
+    assert [t.user_attrs[Attr.SETTINGS] for t in study.trials[2:]] == [
+        {"servers_per_gpu": 3, "gpu_memory_utilization": 0.8}, {"servers_per_gpu": 3, "max_num_seqs": 1024}]
 
 
 def test_config_without_utilization_splits_vllms_default(tmp_path: Path) -> None:

@@ -147,6 +147,16 @@ def test_a_repeat_past_what_the_side_sustains_is_costed_by_its_own_overloaded_st
     assert overload_drain_s(fp8, 18.4, 47.0, 120.0) == pytest.approx((18.4 / 17.43 - 1.0) * 47.0)
     fixed_load = optuna.trial.create_trial(value=40.0)  # no capacity search: its repeats are its own steps
     assert overload_drain_s(fixed_load, 80.0, 50.0, 120.0) == 0.0
+    # a step that served nothing is the worst collapse, not a missing number; a search that sustained nothing
+    # drains every repeat to the timeout
+    stalled = _capacity_trial(71.2, [(71.2, 71.3), (91.4, 0.0)])
+    assert overload_drain_s(stalled, 80.0, 50.0, 1e9) == pytest.approx(80.0 / 71.2 * 50.0 / 0.05)
+    assert overload_drain_s(_capacity_trial(0.0, [(10.0, 0.0)]), 80.0, 50.0, 120.0) == 120.0
     costs = MeasuredCosts(startup_s=100.0, step_s=50.0)
     assert costs.confirmation_s(2, 2, False, [242.0, 143.0], [0.0, 120.0]) == \
         2 * 242.0 + 143.0 + 4 * 50.0 + 2 * 120.0
+    # the cross-check offers each side the repeats' load twice more (our client, then vllm bench serve)
+    from harness.measure.vllm_bench import VLLM_BENCH_START_S
+
+    assert costs.confirmation_s(2, 2, True, [242.0, 143.0], [0.0, 120.0]) == \
+        2 * 242.0 + 143.0 + (4 + 4) * 50.0 + 2 * VLLM_BENCH_START_S + (2 + 2) * 120.0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.emit import numerics_note
 from harness.errors import UserError
 from harness.measure.vllm_bench import work_text
 from harness.report.figures import all_figures
@@ -238,7 +239,19 @@ def _identity_rows(r: StudyResults) -> list[list[Any]]:
                                                                               else "") + ")"],
             ["objective", objective],
             ["search space", f"{space.get('name', '?')}: {len(knobs)} knobs ({', '.join(knobs)})" if space else "-"],
+            *_fixed_rows(space.get("fixed") or {}),
             ["storage", f"`{r.storage}`"]]
+
+
+def _fixed_rows(fixed: dict[str, Any]) -> list[list[str]]:
+    """What every trial of the study ran with, baselines included ("vLLM defaults" are vLLM's defaults plus
+    these), and what that means for the model's numerics (FP8 weights: another model's outputs)."""
+    if not fixed:
+        return []
+    rows = [["fixed in every trial", ", ".join(f"`{k}={v}`" for k, v in sorted(fixed.items()))
+             + " (the baselines too: vLLM defaults here are its defaults with these)"]]
+    note = numerics_note(fixed)
+    return rows + ([["numerics", note]] if note else [])
 
 
 def _counts_text(r: StudyResults) -> str:

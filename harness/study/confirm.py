@@ -97,8 +97,8 @@ class Confirmation:
         if not self.floored:
             return ""
         return (f"the baseline did not hold this load in {self.floored} of {len(self.baseline.valid_runs)} repeats "
-                f"(mean {self.baseline.mean:.4g}): in the gain they count as what its own search measured at its capacity, "
-                f"{self.baseline_floor:.4g}{' per GPU' if self.per_gpu else ''}, not as a collapse past it")
+                f"(mean {self.baseline.mean:.4g}): in the gain they count as what its own search measured at its "
+                f"capacity, {self.baseline_floor:.4g}{' per GPU' if self.per_gpu else ''}, not as a collapse past it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "winner_trial": self.winner_trial, "baseline_trial": self.baseline_trial,
@@ -268,7 +268,7 @@ def confirm(ctx: StudyContext, winner: FrozenTrial, baseline: FrozenTrial | None
     if conf.gain_basis() and conf.recommended_trial == winner.number and not same:
         if (conf.improvement or 0.0) <= 0.0:  # ahead of the repeats, not of what the baseline sustains
             conf.recommended_trial = baseline.number
-            conf.verdict = (f"trial #{winner.number} beats the baseline's repeats but not its capacity: "
+            conf.verdict = (f"trial #{winner.number} beats the baseline's repeats but not what it sustains: "
                             f"{conf.gain_basis()}; gain {conf.improvement:+.1%}; the baseline is kept")
         else:
             conf.verdict += f"; {conf.gain_basis()}: gain {conf.improvement:+.1%}"

@@ -213,7 +213,9 @@ def describe_estimate(e: Estimate, hardware: Any, parallel: int) -> list[str]:
         "(Objective.expected_step_s: its requests at the first rate, or duration_s; a closed loop paced by the "
         "SLO's TPOT, else 50 ms, x the workload's mean output), so an upper bound for a capacity search that "
         "doubles the rate; the budget's trials all launched (rejections do not count, up to "
-        f"{PRUNED_ALLOWANCE}x the budget of them); GPUs per trial averaged over sampled feasible candidates",
+        f"{PRUNED_ALLOWANCE}x the budget of them); GPUs per trial averaged over sampled feasible candidates; a "
+        "confirmation's repeats as long as a step (once the study has run, the sweep's own estimate adds the "
+        "backlog a side offered more than it sustains drains: timing.overload_drain_s)",
     ]
 
 

@@ -401,16 +401,16 @@ class CapacityObjective(Objective):
         # 36-55 req/s offered 74-91, its capacity 71), so its goodput there would inflate the gain far beyond the
         # capacities' ratio. The floor is what the baseline's search measured at its capacity on the repeats' own
         # scale: its goodput per GPU there. A repeat's goodput counts the window's arrivals over first send to last
-        # completion, so it runs 7-11% below the window's rate, the capacity (DialoGPT 65.4 vs 71.2, FP8 Mistral
-        # 16.2 vs 17.4); flooring at the capacity itself would understate the gain by as much, and kept the
-        # baseline against a winner that beat its every repeat. A trial stored without its goodput: the capacity
-        # (conservative: the gain is understated, never inflated).
+        # completion, so it runs below the window's rate, the capacity (4-11% in the one-GPU studies: DialoGPT 65.4
+        # vs 71.2, FP8 Mistral 16.2 vs 17.4); flooring at the capacity itself would understate the gain by as much,
+        # and would have kept the baseline against a winner that beat its every repeat. Never above the capacity;
+        # a trial stored without its goodput: the capacity (the gain understated, never inflated).
         # (per GPU only: an absolute capacity is of the baseline's own GPUs, its repeats may run on others)
         values = list(baseline.values or [])
         if not self.per_gpu or not values or values[0] <= 0:
             return None
         goodput = per_gpu_metric(baseline, "goodput")
-        return goodput if goodput is not None and goodput > 0 else values[0]
+        return min(goodput, values[0]) if goodput is not None and goodput > 0 else values[0]
 
     def cross_check_rate(self, winner_values: list[float], gpus: int) -> float | None:
         return self.absolute(winner_values, gpus)[0] if winner_values and winner_values[0] > 0 else None

@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.errors import HostError, UserError
+from harness.settings import STATED_DEFAULT_KEYS
 from harness.study.evaluate import StudyContext, evaluate
 from harness.study.objectives import Objective
 from harness.study.storage import HEARTBEAT_S, rdb
@@ -138,11 +139,13 @@ def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]])
 
 
 def same_settings(settings: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]) -> bool:
-    """Whether `settings` ask for what a trial that set `given` ran with: the same, but for settings stated at the
-    value the trial's plan resolved for one it left out (`defaults`). A committed config states such values where
-    its format needs them (a servers_per_gpu config's gpu_memory_utilization, vLLM's 0.92, split between its
-    vllm_instances); read back as a baseline, it is the trial it came from, not a new one to measure again."""
-    stated = {k: v for k, v in settings.items() if not (k not in given and k in defaults and defaults[k] == v)}
+    """Whether `settings` ask for what a trial that set `given` ran with: the same, but for a setting an emitted
+    config states where the trial left it out (`STATED_DEFAULT_KEYS`), at the value the trial's plan resolved for
+    it (`defaults`). A servers_per_gpu config states vLLM's 0.92, split between its vllm_instances; read back as
+    a baseline, it is the trial it came from, not a new one to measure again. Only those keys: the plan's table
+    of vLLM's defaults is checked against vLLM for the memory it sizes, not for every setting."""
+    stated = {k: v for k, v in settings.items()
+              if not (k in STATED_DEFAULT_KEYS and k not in given and k in defaults and defaults[k] == v)}
     return stated == given
 
 

@@ -168,8 +168,9 @@ class MeasuredCosts:
         own = list(startups) + [None] * sides
         starts = sum(own[side] or self.startup_s for side, _ in blocks)
         bench = sides if cross_check else 0
+        # a side's cross-check (our client, then vllm bench serve) offers the repeats' load twice more
         return (starts + (sides * repeats + 2 * bench) * self.step_s + bench * VLLM_BENCH_START_S
-                + repeats * sum(list(drains)[:sides]))
+                + (repeats + (2 if cross_check else 0)) * sum(list(drains)[:sides]))
 
 
 def overload_drain_s(trial: FrozenTrial, load: float, step_s: float, cap_s: float) -> float:
@@ -178,15 +179,20 @@ def overload_drain_s(trial: FrozenTrial, load: float, step_s: float, cap_s: floa
     served) x step_s, which the server then works off at the rate it served its own overloaded steps. One
     DialoGPT server offered 2.3x its capacity served about half of it: its repeats drain for minutes, as long as
     the per-request timeout `cap_s` lets them, where a median step says under one. 0 within its capacity or
-    without a capacity search (a fixed-load objective's repeats are its trials' own steps)."""
+    without a capacity search (a fixed-load objective's repeats are its trials' own steps); `cap_s` for a search
+    that found no rate it sustains."""
     cap = capacity_of(trial)
+    if not cap.get("steps") or load <= 0:
+        return 0.0
     capacity = cap.get("capacity_lo")
     value = trial.values[0] if trial.values else None
-    if not capacity or not value or value <= 0 or load <= value:
+    if not capacity or not value or value <= 0:
+        return cap_s
+    if load <= value:
         return 0.0
     over = load / value  # offered, in units of what the trial sustains
-    served = [s["achieved"] / capacity for s in cap.get("steps") or []
-              if s.get("offered", 0.0) > capacity and s.get("achieved")]
+    served = [s["achieved"] / capacity for s in cap["steps"]
+              if s.get("offered", 0.0) > capacity and s.get("achieved") is not None]
     rate = min([1.0] + served)  # served under overload, in the same units (its worst measured)
     return min(cap_s, (over - rate) * step_s / max(rate, 0.05))
 

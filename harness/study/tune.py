@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from harness.cachedir import vllm_cache_root
 from harness.emit import EmittedConfig, read_config, write_config
@@ -36,14 +36,15 @@ from harness.study import naming
 from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.pergpu import fill_replicas, gpus_used, one_server
-from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials
+from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials, same_settings
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
 from harness.study.timing import measured_costs, overload_drain_s, time_spent
 from harness.study.trials import (BASELINE_COMMITTED, BASELINE_DEFAULTS, CLIENT_LIMITED_LABEL, Attr, StudyAttr,
-                                  baseline_trial, best_feasible, capacity_limit, client_of, confirm_key, is_feasible,
-                                  default_settings_of, metric_of, per_gpu_metric, settings_of, study_ceiling)
+                                  baseline_of, baseline_trial, best_feasible, capacity_limit, client_of, confirm_key,
+                                  default_settings_of, is_feasible, metric_of, per_gpu_metric, settings_of,
+                                  study_ceiling)
 from harness.study.workers import Budget, Claim, wait_for, worker_seed
 
 
@@ -170,7 +171,7 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     conf = study_confirmation(study, ctx, winner, baseline, sweep.confirm_repeats, out,
                               cross_check=sweep.confirm_cross_check)
     rec_trial = study.trials[conf.recommended_trial] if conf else winner
-    mine = committed_rival(study, rec_trial) if conf is not None else None
+    mine = committed_rival(study, rec_trial, baselines.get(BASELINE_COMMITTED)) if conf is not None else None
     short = no_time_for(study, rec_trial, mine, sweep, deadline) if mine is not None else None
     if short:
         return _out_of_time(entry, name, table, f"after the confirmation, before the one against the committed "
@@ -192,10 +193,16 @@ def tune_model(sweep: Sweep, entry: ModelEntry, *, hardware: Any, storage_url: s
     return ModelOutcome(entry.model, name, path, table, conf, msg)
 
 
-def committed_rival(study: optuna.Study, recommended: FrozenTrial) -> FrozenTrial | None:
+def committed_rival(study: optuna.Study, recommended: FrozenTrial,
+                    committed: dict[str, Any] | None = None) -> FrozenTrial | None:
     """The committed config's trial when the recommendation would replace it: measured, feasible, and another
-    trial. A committed config that failed or was pruned on this node is no rival (the table says why)."""
-    mine = baseline_trial(study.get_trials(deepcopy=False), BASELINE_COMMITTED)
+    trial. A committed config that failed or was pruned on this node is no rival (the table says why). One that
+    asks for what another baseline ran with (`committed`: its settings) was not queued again: that trial is it."""
+    trials = study.get_trials(deepcopy=False)
+    mine = baseline_trial(trials, BASELINE_COMMITTED)
+    if mine is None and committed is not None:
+        mine = next((t for t in trials if t.state == TrialState.COMPLETE and baseline_of(t)
+                     and same_settings(committed, settings_of(t), default_settings_of(t))), None)
     if mine is None or mine.number == recommended.number or not is_feasible(mine) or not mine.values:
         return None
     return mine
@@ -242,7 +249,7 @@ def confirmation_need_s(trials: list[FrozenTrial], winner: FrozenTrial, baseline
     both = [t for t in (winner, baseline)[:sides] if t is not None]
     startups = [metric_of(t, "startup_s") for t in both]
     load = (confirm_load(winner, baseline) or [0.0])[0]
-    drains = [overload_drain_s(t, load, costs.step_s, sweep.objective.window_spec().drain_s) for t in both]
+    drains = [overload_drain_s(t, load, costs.step_s, sweep.objective.drain_s) for t in both]
     return costs.confirmation_s(sides, sweep.confirm_repeats, sweep.confirm_cross_check, startups, drains)
 
 
@@ -383,9 +390,10 @@ def deployment_provenance(settings: dict[str, Any], conf: Confirmation | None, h
                     "gpu_memory_utilization_per_server": topo.server_utilization(util) if util is not None else None,
                     "servers_per_gpu_note": (
                         f"{topo.servers_per_gpu} servers share each GPU (vllm_instances lists each, with its "
-                        f"gpu_devices); gpu_memory_utilization is the GPU's share for all of them, split evenly; the "
-                        f"study measured the {topo.servers_per_gpu} servers together on one GPU, load spread over "
-                        f"them, and ranked them per GPU")})
+                        f"gpu_devices); gpu_memory_utilization is the GPU's share for all of them, split evenly; "
+                        f"start them one after another, each once the one before is ready (vLLM sizes its KV cache "
+                        f"from the GPU memory it finds at start-up); the study measured the {topo.servers_per_gpu} "
+                        f"servers together on one GPU, started so, load spread over them, and ranked them per GPU")})
     scaling = conf.scaling if conf is not None else None
     if replicas == 1:
         out["replica_count"] = "one server (as measured)" if node else "one server on the CPU host (as measured)"
