@@ -152,6 +152,9 @@ def test_a_repeat_past_what_the_side_sustains_is_costed_by_its_own_overloaded_st
     stalled = _capacity_trial(71.2, [(71.2, 71.3), (91.4, 0.0)])
     assert overload_drain_s(stalled, 80.0, 50.0, 1e9) == pytest.approx(80.0 / 71.2 * 50.0 / 0.05)
     assert overload_drain_s(_capacity_trial(0.0, [(10.0, 0.0)]), 80.0, 50.0, 120.0) == 120.0
+    old = _capacity_trial(71.2, [(91.4, 37.9)])
+    del old.user_attrs[Attr.CAPACITY]["capacity_lo"]  # a bracket stored before its ends were: no estimate
+    assert overload_drain_s(old, 162.6, 50.0, 120.0) == 0.0
     costs = MeasuredCosts(startup_s=100.0, step_s=50.0)
     assert costs.confirmation_s(2, 2, False, [242.0, 143.0], [0.0, 120.0]) == \
         2 * 242.0 + 143.0 + 4 * 50.0 + 2 * 120.0

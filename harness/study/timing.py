@@ -185,8 +185,10 @@ def overload_drain_s(trial: FrozenTrial, load: float, step_s: float, cap_s: floa
     if not cap.get("steps") or load <= 0:
         return 0.0
     capacity = cap.get("capacity_lo")
+    if capacity is None:  # a bracket stored before it had its ends: no backlog to estimate from
+        return 0.0
     value = trial.values[0] if trial.values else None
-    if not capacity or not value or value <= 0:
+    if capacity <= 0 or not value or value <= 0:
         return cap_s
     if load <= value:
         return 0.0
