@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -130,12 +130,17 @@ def enqueue_baselines(study: optuna.Study, baselines: dict[str, dict[str, Any]])
     # twice (a committed config that is vLLM's defaults, on the first run or on a rerun)
     kept = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL and baseline_of(t)]
     present = {baseline_of(t) for t in kept}
-    seen: list[tuple[dict[str, Any], dict[str, Any]]] = [(settings_of(t), default_settings_of(t)) for t in kept]
+    queued: list[dict[str, Any]] = []
     for label, settings in baselines.items():
-        if label in present or any(same_settings(settings, given, defaults) for given, defaults in seen):
+        if label in present or settings in queued or measured_as(settings, kept) is not None:
             continue
-        seen.append((settings, {}))
+        queued.append(settings)
         study.enqueue_trial({}, user_attrs={Attr.BASELINE: label, Attr.SETTINGS: settings})
+
+
+def measured_as(settings: dict[str, Any], trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """The first of `trials` that ran with what `settings` ask for (`same_settings`), None when none did."""
+    return next((t for t in trials if same_settings(settings, settings_of(t), default_settings_of(t))), None)
 
 
 def same_settings(settings: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]) -> bool:

@@ -36,7 +36,7 @@ from harness.study import naming
 from harness.study.confirm import CROSS_CHECK_SEED, Confirmation, confirm
 from harness.study.evaluate import StudyContext
 from harness.study.pergpu import fill_replicas, gpus_used, one_server
-from harness.study.runner import enqueue_baselines, make_sampler, open_study, run_trials, same_settings
+from harness.study.runner import enqueue_baselines, make_sampler, measured_as, open_study, run_trials
 from harness.study.storage import GRACE_S, HEARTBEAT_S, default_storage, make_storage, redact, study_lock
 from harness.study.sweepfile import ModelEntry, Sweep
 from harness.study.table import write_table
@@ -201,8 +201,7 @@ def committed_rival(study: optuna.Study, recommended: FrozenTrial,
     trials = study.get_trials(deepcopy=False)
     mine = baseline_trial(trials, BASELINE_COMMITTED)
     if mine is None and committed is not None:
-        mine = next((t for t in trials if t.state == TrialState.COMPLETE and baseline_of(t)
-                     and same_settings(committed, settings_of(t), default_settings_of(t))), None)
+        mine = measured_as(committed, (t for t in trials if t.state == TrialState.COMPLETE and baseline_of(t)))
     if mine is None or mine.number == recommended.number or not is_feasible(mine) or not mine.values:
         return None
     return mine
